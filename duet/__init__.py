@@ -1,0 +1,1 @@
+"""Duet's command line (`duet`). The libraries live in encoders/, registry/, service/, ..."""

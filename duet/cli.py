@@ -1,0 +1,113 @@
+"""`duet`: serve, and inspect or change the model registry.
+
+Heavy imports (torch, sentence-transformers, MLflow, FastAPI) happen inside the commands,
+so `duet --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="Duet: fine-tune contrastive encoders and serve them.", no_args_is_help=True)
+models_app = typer.Typer(help="Inspect and change the model registry.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+DataDir = Annotated[Path | None, typer.Option(help="State folder (default: $DUET_DATA_DIR or ./duet-data).")]
+
+
+def _settings(data_dir: Path | None = None, **overrides):
+    from service.settings import Settings
+
+    values = {k: v for k, v in overrides.items() if v is not None}
+    if data_dir is not None:
+        values["data_dir"] = data_dir
+    return Settings(**values)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
+    data_dir: DataDir = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
+) -> None:
+    """Start the HTTP service (registers the default models on first start)."""
+    import uvicorn
+
+    from service.app import create_app
+
+    settings = _settings(data_dir, host=host, port=port, log_level=log_level)
+    _setup_logging(settings.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=10,
+    )
+
+
+def _registry(data_dir: Path | None):
+    from service.bootstrap import register_default_models
+    from service.state import open_registry
+
+    settings = _settings(data_dir)
+    registry = open_registry(settings)
+    if settings.register_default_models:
+        register_default_models(registry, settings.data_dir)
+    return registry
+
+
+@models_app.command("list")
+def list_models(data_dir: DataDir = None) -> None:
+    """Registered models with their latest version and aliases."""
+    for summary in _registry(data_dir).list_models():
+        aliases = ", ".join(f"{a}->{v}" for a, v in sorted(summary.aliases.items())) or "-"
+        typer.echo(f"{summary.name:24} latest={summary.latest_version}  aliases: {aliases}")
+
+
+@models_app.command("show")
+def show(ref: str, data_dir: DataDir = None) -> None:
+    """The manifest of the version REF resolves to (name, name@alias or name/version)."""
+    info = _registry(data_dir).resolve(ref)
+    typer.echo(json.dumps({"ref": info.ref, "aliases": list(info.aliases), "path": str(info.path),
+                           **info.manifest.model_dump(mode="json")}, indent=2))
+
+
+@models_app.command("register")
+def register(
+    path: Annotated[Path, typer.Argument(help="A saved sentence-transformers model folder.")],
+    name: Annotated[str, typer.Option(help="Model name in the registry.")],
+    alias: Annotated[list[str] | None, typer.Option(help="Alias to point at the new version (repeatable).")] = None,
+    description: Annotated[str, typer.Option(help="What this version is.")] = "",
+    trained: Annotated[bool, typer.Option(help="Whether every part of the model is trained.")] = True,
+    data_dir: DataDir = None,
+) -> None:
+    """Register a model folder as the next version of NAME."""
+    from encoders.encoder import describe, load_sentence_transformer
+    from encoders.provenance import code_version, library_versions
+    from registry.manifest import Lineage, Manifest
+
+    contract = describe(load_sentence_transformer(path))
+    manifest = Manifest(
+        contract=contract, trained=trained, description=description,
+        lineage=Lineage(base_model=str(path), code_version=code_version(), library_versions=library_versions()),
+    )
+    info = _registry(data_dir).register(name, path, manifest, aliases=tuple(alias or ()))
+    typer.echo(f"registered {info.ref} ({contract.dimension}-d, {', '.join(contract.modalities)})")
+
+
+@models_app.command("alias")
+def set_alias(name: str, alias: str, version: int, data_dir: DataDir = None) -> None:
+    """Point ALIAS of model NAME at VERSION."""
+    _registry(data_dir).set_alias(name, alias, version)
+    typer.echo(f"{name}@{alias} -> {name}/{version}")

@@ -1,0 +1,200 @@
+"""Load and run one sentence-transformers encoder, text-only or text+image.
+
+`Encoder` is the one object the service and the trainer hold for a model: it owns the
+`SentenceTransformer`, knows the model's `VectorContract`, counts tokens the way the model
+truncates them, and embeds already-validated inputs. Hub ids and local folders load through
+the same call (sentence-transformers resolves both), so users with internet pass hub ids and
+tests pass folders.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from encoders.contract import Modality, VectorContract
+from encoders.errors import ModelLoadError, UnsupportedModalityError
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+    from sentence_transformers import SentenceTransformer
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(requested: str = "auto") -> str:
+    """`auto` means the first CUDA device when one is present, else the CPU."""
+    if requested != "auto":
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_dtype(requested: str, device: str) -> torch.dtype:
+    """`auto` means bf16 on CUDA (fp16 where bf16 is missing) and fp32 on the CPU."""
+    if requested != "auto":
+        return _DTYPES[requested]
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_sentence_transformer(source: str | Path, device: str = "cpu") -> SentenceTransformer:
+    """Load a model folder or hub id; one error type for every way it can fail."""
+    from sentence_transformers import SentenceTransformer
+
+    try:
+        return SentenceTransformer(str(source), device=device)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelLoadError(f"cannot load encoder from {source!s}: {exc}") from exc
+
+
+def _text_transformer(model: SentenceTransformer):
+    """The Transformer module that tokenises text, wherever it sits (top level or in a Router)."""
+    from sentence_transformers.base.modules.transformer import Transformer
+
+    for module in model.modules():
+        if isinstance(module, Transformer) and "text" in module.modalities and module.tokenizer is not None:
+            return module
+    return None
+
+
+def _image_transformer(model: SentenceTransformer):
+    from sentence_transformers.base.modules.transformer import Transformer
+
+    for module in model.modules():
+        if isinstance(module, Transformer) and "image" in module.modalities:
+            return module
+    return None
+
+
+def _image_size(module) -> int | None:
+    """Side of the square the image processor crops to (dicts and transformers' SizeDict)."""
+    processor = getattr(module, "processor", None)
+    for size in (getattr(processor, "crop_size", None), getattr(processor, "size", None)):
+        if size is None:
+            continue
+        get = size.get if isinstance(size, dict) else lambda key, s=size: getattr(s, key, None)
+        for key in ("height", "shortest_edge", "width"):
+            if get(key):
+                return int(get(key))
+    return None
+
+
+def describe(model: SentenceTransformer, matryoshka_dims: Sequence[int] = ()) -> VectorContract:
+    """Derive the vector contract from the loaded model itself, never from its name."""
+    from sentence_transformers.base.modules.normalize import Normalize
+
+    modalities = tuple(m for m in ("text", "image") if model.supports(m))
+    if not modalities:
+        raise ModelLoadError("model supports neither text nor image inputs")
+    text = _text_transformer(model)
+    image = _image_transformer(model)
+    preprocessing: dict[str, str] = {}
+    if text is not None:
+        preprocessing["text"] = (
+            f"{type(text.tokenizer).__name__}, truncation at {text.max_seq_length} tokens"
+        )
+    if image is not None:
+        preprocessing["image"] = (
+            f"{type(image.processor).__name__}: RGB, resize + centre crop to {_image_size(image)} px, "
+            "normalise by the processor's mean/std"
+        )
+    dimension = model.get_embedding_dimension()
+    if not dimension:
+        raise ModelLoadError("model does not report its embedding dimension")
+    return VectorContract(
+        dimension=dimension,
+        normalized=any(isinstance(m, Normalize) for m in model.children()),
+        similarity=model.similarity_fn_name,
+        modalities=modalities,
+        max_seq_length=text.max_seq_length if text is not None else None,
+        image_size=_image_size(image) if image is not None else None,
+        preprocessing=preprocessing,
+        matryoshka_dims=tuple(sorted(d for d in matryoshka_dims if 0 < d < dimension)),
+    )
+
+
+class Encoder:
+    """A loaded encoder: embeds validated inputs and reports token counts and truncation."""
+
+    def __init__(self, model: SentenceTransformer, contract: VectorContract, device: str) -> None:
+        self.model = model
+        self.contract = contract
+        self.device = device
+        self._text = _text_transformer(model)
+
+    @classmethod
+    def load(
+        cls,
+        source: str | Path,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        contract: VectorContract | None = None,
+    ) -> Encoder:
+        """Load a folder or hub id. A contract from the registry is checked against the model."""
+        device = pick_device(device)
+        model = load_sentence_transformer(source, device=device)
+        model.eval()
+        torch_dtype = pick_dtype(dtype, device)
+        if torch_dtype != torch.float32:
+            model.to(torch_dtype)
+        derived = describe(model, contract.matryoshka_dims if contract else ())
+        if contract is not None and not contract.is_compatible_with(derived):
+            raise ModelLoadError(
+                f"model at {source!s} produces {derived.dimension}-d vectors "
+                f"(normalised={derived.normalized}), but its manifest promises {contract.dimension}-d "
+                f"(normalised={contract.normalized})"
+            )
+        return cls(model, contract or derived, device)
+
+    @property
+    def max_seq_length(self) -> int | None:
+        return self._text.max_seq_length if self._text is not None else None
+
+    def count_tokens(self, texts: Sequence[str]) -> list[tuple[int, bool]]:
+        """Tokens each text will use after truncation, and whether it was truncated.
+
+        Counts include the special tokens the model adds, like the tokenizer itself does, so
+        `usage.prompt_tokens` matches what the forward pass really saw.
+        """
+        if self._text is None:
+            raise UnsupportedModalityError("this model has no text tower")
+        limit = self.max_seq_length or 10**9
+        ids = self._text.tokenizer(list(texts), add_special_tokens=True, truncation=False, verbose=False)[
+            "input_ids"
+        ]
+        return [(min(len(seq), limit), len(seq) > limit) for seq in ids]
+
+    def encode(self, inputs: Sequence[str] | Sequence[Image], modality: Modality) -> np.ndarray:
+        """Embed one batch of inputs of one modality; float32 rows in input order."""
+        if not self.contract.accepts(modality):
+            raise UnsupportedModalityError(
+                f"this model embeds {', '.join(self.contract.modalities)}, not {modality}"
+            )
+        with torch.inference_mode():
+            vectors = self.model.encode(
+                list(inputs),
+                batch_size=max(1, len(inputs)),
+                convert_to_numpy=False,
+                convert_to_tensor=True,
+                show_progress_bar=False,
+            )
+        return vectors.float().cpu().numpy()
+
+    def memory_bytes(self) -> int:
+        """Bytes held by parameters and buffers: the quantity the service's budget counts."""
+        tensors = list(self.model.parameters()) + list(self.model.buffers())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        self.model.save(str(path))
+        return path

@@ -1,0 +1,23 @@
+"""Registry errors; the service maps them to HTTP statuses in `service/errors.py`."""
+
+from __future__ import annotations
+
+
+class RegistryError(Exception):
+    """Base class for registry problems."""
+
+
+class InvalidNameError(RegistryError, ValueError):
+    """A model name, version, alias or reference that is malformed or unsafe (path traversal)."""
+
+
+class ModelNotFoundError(RegistryError, LookupError):
+    """No registered model with that name."""
+
+
+class VersionNotFoundError(RegistryError, LookupError):
+    """The model exists, but not that version or alias."""
+
+
+class IntegrityError(RegistryError):
+    """A version's files no longer hash to what was recorded when it was registered."""

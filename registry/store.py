@@ -1,0 +1,285 @@
+"""`ModelRegistry`: our thin interface over MLflow's model registry.
+
+Why MLflow: versions, aliases (`models:/name@alias`), a SQLite backend for embedded use, S3/GCS
+artifact stores and a tracking UI already exist there, and practitioners know it. What it does
+not know about embeddings (the vector contract, lineage) lives in our `Manifest`, stored
+inside each version's artifact folder and mirrored into tags.
+
+Versions are immutable: a version's files are written once, hashed, and the hash is checked
+again whenever the version is opened. Aliases are the only thing that moves.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from registry.errors import IntegrityError, ModelNotFoundError, RegistryError, VersionNotFoundError
+from registry.manifest import MANIFEST_FILE, Manifest
+from registry.names import LATEST, ModelRef, parse_model_ref, validate_alias, validate_name, validate_version
+
+logger = logging.getLogger(__name__)
+
+EXPERIMENT = "duet-model-registry"
+ARTIFACT_DIR = "model"
+
+
+@dataclass(frozen=True)
+class ModelVersionInfo:
+    """One immutable model version, with the local folder its files can be loaded from."""
+
+    name: str
+    version: int
+    path: Path
+    manifest: Manifest
+    aliases: tuple[str, ...]
+    created_at_ms: int
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}/{self.version}"
+
+
+@dataclass(frozen=True)
+class RegisteredModelSummary:
+    name: str
+    description: str
+    latest_version: int | None
+    aliases: dict[str, int]
+
+
+def _mlflow_error_code(exc: Exception) -> str | None:
+    return getattr(exc, "error_code", None)
+
+
+class ModelRegistry:
+    """Register, resolve and alias model versions. Thread-safe (MLflow's SQL store pools)."""
+
+    def __init__(self, tracking_uri: str, artifact_location: str | None = None, cache_dir: Path | None = None):
+        from mlflow import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self._client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        self._artifact_location = artifact_location
+        self._cache_dir = cache_dir
+        self._experiment_id: str | None = None
+
+    @classmethod
+    def embedded(cls, root: Path) -> ModelRegistry:
+        """SQLite database and artifact folder under `root`: no server needed."""
+        root = Path(root).resolve()
+        (root / "artifacts").mkdir(parents=True, exist_ok=True)
+        return cls(
+            tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
+            artifact_location=(root / "artifacts").as_uri(),
+            cache_dir=root / "cache",
+        )
+
+    # -- writing -----------------------------------------------------------------------
+
+    def register(
+        self,
+        name: str,
+        source_dir: Path,
+        manifest: Manifest,
+        aliases: tuple[str, ...] = (),
+    ) -> ModelVersionInfo:
+        """Copy a saved model folder into the registry as the next version of `name`."""
+        from encoders.hashing import hash_directory
+
+        validate_name(name)
+        for alias in aliases:
+            validate_alias(alias)
+        source_dir = Path(source_dir)
+        if not (source_dir / "modules.json").is_file():
+            raise RegistryError(f"{source_dir} is not a saved sentence-transformers model (no modules.json)")
+        weights_hash = hash_directory(source_dir, exclude=frozenset({MANIFEST_FILE}))
+        manifest = manifest.model_copy(
+            update={"lineage": manifest.lineage.model_copy(update={"weights_sha256": weights_hash})}
+        )
+        run_id = self._log_run(name, source_dir, manifest)
+        self._ensure_registered_model(name, manifest.description)
+        version = self._client.create_model_version(
+            name,
+            source=f"{self._client.get_run(run_id).info.artifact_uri}/{ARTIFACT_DIR}",
+            run_id=run_id,
+            tags=self._tags(manifest),
+            description=manifest.description or None,
+        )
+        number = int(version.version)
+        for alias in aliases:
+            self.set_alias(name, alias, number)
+        logger.info("registered %s/%s (sha256 %s)", name, number, weights_hash[:12])
+        return self.get_version(name, number)
+
+    def _log_run(self, name: str, source_dir: Path, manifest: Manifest) -> str:
+        run = self._client.create_run(self._experiment(), run_name=f"register-{name}")
+        run_id = run.info.run_id
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                staged = Path(tmp) / ARTIFACT_DIR
+                shutil.copytree(source_dir, staged)
+                manifest.write(staged)
+                self._client.log_artifacts(run_id, str(staged), ARTIFACT_DIR)
+            for key, value in manifest.metrics.items():
+                self._client.log_metric(run_id, key, float(value))
+            self._client.set_terminated(run_id)
+        except Exception:
+            self._client.set_terminated(run_id, status="FAILED")
+            raise
+        return run_id
+
+    def _experiment(self) -> str:
+        if self._experiment_id is None:
+            found = self._client.get_experiment_by_name(EXPERIMENT)
+            if found is not None:
+                self._experiment_id = found.experiment_id
+            else:
+                self._experiment_id = self._client.create_experiment(
+                    EXPERIMENT, artifact_location=self._artifact_location
+                )
+        return self._experiment_id
+
+    def _ensure_registered_model(self, name: str, description: str) -> None:
+        if not self.has_model(name):
+            self._client.create_registered_model(name, description=description or None)
+
+    @staticmethod
+    def _tags(manifest: Manifest) -> dict[str, str]:
+        contract = manifest.contract
+        return {
+            "duet.dimension": str(contract.dimension),
+            "duet.modalities": ",".join(contract.modalities),
+            "duet.trained": str(manifest.trained).lower(),
+            "duet.weights_sha256": manifest.lineage.weights_sha256 or "",
+        }
+
+    def set_alias(self, name: str, alias: str, version: int | str) -> None:
+        validate_name(name)
+        validate_alias(alias)
+        number = validate_version(version)
+        self.get_version(name, number)
+        self._client.set_registered_model_alias(name, alias, str(number))
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        validate_alias(alias)
+        self._require_model(name)
+        self._client.delete_registered_model_alias(name, alias)
+
+    # -- reading -----------------------------------------------------------------------
+
+    def has_model(self, name: str) -> bool:
+        validate_name(name)
+        try:
+            self._client.get_registered_model(name)
+        except Exception as exc:
+            if _mlflow_error_code(exc) == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise
+        return True
+
+    def _require_model(self, name: str):
+        validate_name(name)
+        try:
+            return self._client.get_registered_model(name)
+        except Exception as exc:
+            if _mlflow_error_code(exc) == "RESOURCE_DOES_NOT_EXIST":
+                raise ModelNotFoundError(f"no model named {name!r}; GET /v1/models lists them") from None
+            raise
+
+    def resolve(self, ref: ModelRef | str) -> ModelVersionInfo:
+        """Turn `name`, `name@alias` or `name/version` into one concrete version."""
+        if isinstance(ref, str):
+            ref = parse_model_ref(ref)
+        registered = self._require_model(ref.name)
+        if ref.version is not None:
+            return self.get_version(ref.name, ref.version)
+        if ref.alias == LATEST:
+            latest = self._latest_version(ref.name)
+            if latest is None:
+                raise VersionNotFoundError(f"model {ref.name!r} has no versions yet")
+            return self.get_version(ref.name, latest)
+        aliases = dict(registered.aliases or {})
+        if ref.alias not in aliases:
+            known = ", ".join(sorted(aliases)) or "none"
+            raise VersionNotFoundError(f"model {ref.name!r} has no alias {ref.alias!r} (aliases: {known})")
+        return self.get_version(ref.name, int(aliases[ref.alias]))
+
+    def get_version(self, name: str, version: int | str, verify: bool = False) -> ModelVersionInfo:
+        """One version's record; `verify=True` also re-hashes its files (do it before loading)."""
+        validate_name(name)
+        number = validate_version(version)
+        self._require_model(name)
+        try:
+            found = self._client.get_model_version(name, str(number))
+        except Exception as exc:
+            if _mlflow_error_code(exc) in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise VersionNotFoundError(f"model {name!r} has no version {number}") from None
+            raise
+        path = self._local_path(name, number, found.source)
+        manifest = Manifest.read(path)
+        info = ModelVersionInfo(
+            name=name,
+            version=number,
+            path=path,
+            manifest=manifest,
+            aliases=tuple(sorted(found.aliases or ())),
+            created_at_ms=int(found.creation_timestamp or 0),
+        )
+        if verify:
+            self.verify(info)
+        return info
+
+    def _local_path(self, name: str, version: int, source: str) -> Path:
+        from mlflow.artifacts import download_artifacts
+
+        if source.startswith("file:") or "://" not in source:
+            return Path(download_artifacts(artifact_uri=source, tracking_uri=self.tracking_uri))
+        if self._cache_dir is None:
+            raise RegistryError("a remote artifact store needs a local cache directory")
+        target = self._cache_dir / name / str(version)
+        if not (target / ARTIFACT_DIR / MANIFEST_FILE).is_file():
+            target.mkdir(parents=True, exist_ok=True)
+            download_artifacts(artifact_uri=source, dst_path=str(target), tracking_uri=self.tracking_uri)
+        return target / ARTIFACT_DIR
+
+    @staticmethod
+    def verify(info: ModelVersionInfo) -> None:
+        """Raise `IntegrityError` if the version's files changed since it was registered."""
+        from encoders.hashing import hash_directory
+
+        recorded = info.manifest.lineage.weights_sha256
+        actual = hash_directory(info.path, exclude=frozenset({MANIFEST_FILE}))
+        if recorded and actual != recorded:
+            raise IntegrityError(
+                f"{info.ref} was modified after registration (sha256 {actual[:12]} != {recorded[:12]})"
+            )
+
+    def _latest_version(self, name: str) -> int | None:
+        versions = self._client.search_model_versions(f"name='{name}'")
+        return max((int(v.version) for v in versions), default=None)
+
+    def list_models(self) -> list[RegisteredModelSummary]:
+        summaries = []
+        for model in self._client.search_registered_models(order_by=["name ASC"]):
+            summaries.append(
+                RegisteredModelSummary(
+                    name=model.name,
+                    description=model.description or "",
+                    latest_version=self._latest_version(model.name),
+                    aliases={alias: int(v) for alias, v in (model.aliases or {}).items()},
+                )
+            )
+        return summaries
+
+    def aliases(self, name: str) -> dict[str, int]:
+        registered = self._require_model(name)
+        return {alias: int(v) for alias, v in (registered.aliases or {}).items()}
+
+    def list_versions(self, name: str) -> list[ModelVersionInfo]:
+        self._require_model(name)
+        versions = self._client.search_model_versions(f"name='{name}'")
+        return [self.get_version(name, n) for n in sorted(int(v.version) for v in versions)]

@@ -1,0 +1,45 @@
+"""`create_app()`: builds the FastAPI app. It only wires; the parts live in their modules."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.errors import install_error_handlers
+from service.middleware import BodyLimitMiddleware, MetricsMiddleware
+from service.routes import embeddings, health, models
+from service.settings import Settings
+from service.state import ServiceState
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = await ServiceState.start(settings)
+        app.state.duet = state
+        try:
+            yield
+        finally:
+            await state.close()
+
+    app = FastAPI(
+        title="Duet",
+        summary="Contrastive text+image embeddings: OpenAI-compatible serving with a model registry.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.add_middleware(MetricsMiddleware, metrics_getter=lambda: _metrics_of(app))
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    install_error_handlers(app)
+    for module in (embeddings, models, health):
+        app.include_router(module.router)
+    return app
+
+
+def _metrics_of(app: FastAPI):
+    state = getattr(app.state, "duet", None)
+    return state.metrics if state is not None else None

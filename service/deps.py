@@ -1,0 +1,55 @@
+"""Dependency aliases: routes receive the lifespan's objects through these, never globals."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from registry.store import ModelRegistry
+from service.errors import ApiError
+from service.metrics import Metrics
+from service.model_pool import ModelPool
+from service.settings import Settings
+from service.state import ServiceState
+
+
+def get_state(request: Request) -> ServiceState:
+    return request.app.state.duet
+
+
+StateDep = Annotated[ServiceState, Depends(get_state)]
+
+
+def get_pool(state: StateDep) -> ModelPool:
+    return state.pool
+
+
+def get_registry(state: StateDep) -> ModelRegistry:
+    return state.registry
+
+
+def get_settings(state: StateDep) -> Settings:
+    return state.settings
+
+
+def get_metrics(state: StateDep) -> Metrics:
+    return state.metrics
+
+
+PoolDep = Annotated[ModelPool, Depends(get_pool)]
+RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+
+
+def require_json(request: Request) -> None:
+    """415 for bodies that are not JSON, before FastAPI tries to parse them."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";")[0].strip().lower() != "application/json":
+        raise ApiError(
+            415,
+            f"content type {content_type or '(none)'} is not supported; send JSON with "
+            "'Content-Type: application/json'",
+            code="unsupported_media_type",
+        )

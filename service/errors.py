@@ -1,0 +1,136 @@
+"""Every error the API returns, in one shape, mapped from domain errors in one place.
+
+Shape (OpenAI's, so its clients show the message):
+    {"error": {"message": "...", "type": "invalid_request_error", "code": "...", "param": "..."}}
+
+Routes raise `ApiError` or let domain errors from `encoders`/`registry` propagate; nothing
+else catches broadly, and an unexpected exception becomes a 500 that names no internals.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from encoders.errors import EncoderError, ImageDecodeError, ModelLoadError, UnsupportedModalityError
+from registry.errors import (
+    IntegrityError,
+    InvalidNameError,
+    ModelNotFoundError,
+    RegistryError,
+    VersionNotFoundError,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An error with its HTTP status; raised by routes and service components."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.headers = headers
+
+
+def _error_type(status: int) -> str:
+    if status == 429:
+        return "rate_limit_error"
+    if status in (401, 403):
+        return "authentication_error"
+    return "invalid_request_error" if status < 500 else "server_error"
+
+
+def error_response(
+    status: int, message: str, code: str, param: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    body = {"error": {"message": message, "type": _error_type(status), "code": code, "param": param}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+# Domain error -> (status, code). Order matters: the first matching class wins.
+_DOMAIN_ERRORS: list[tuple[type[Exception], int, str]] = [
+    (InvalidNameError, 400, "invalid_model_reference"),
+    (ModelNotFoundError, 404, "model_not_found"),
+    (VersionNotFoundError, 404, "model_version_not_found"),
+    (IntegrityError, 500, "model_integrity_error"),
+    (RegistryError, 500, "registry_error"),
+    (UnsupportedModalityError, 400, "unsupported_modality"),
+    (ImageDecodeError, 400, "invalid_image"),
+    (ModelLoadError, 503, "model_load_failed"),
+    (EncoderError, 500, "encoder_error"),
+]
+
+
+def domain_status(exc: Exception) -> tuple[int, str]:
+    for cls, status, code in _DOMAIN_ERRORS:
+        if isinstance(exc, cls):
+            return status, code
+    return 500, "internal_error"
+
+
+def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    parts = []
+    for err in errors[:5]:
+        location = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        parts.append(f"{location or 'body'}: {err.get('msg', 'invalid')}")
+    first = errors[0].get("loc", ()) if errors else ()
+    param = next((str(p) for p in first if p != "body"), None)
+    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    return "; ".join(parts) + more, param
+
+
+def _count(request: Request, code: str) -> None:
+    state = getattr(request.app.state, "duet", None)
+    if state is not None:
+        state.metrics.errors.labels(code).inc()
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        _count(request, exc.code)
+        return error_response(exc.status, exc.message, exc.code, exc.param, exc.headers)
+
+    @app.exception_handler(RegistryError)
+    @app.exception_handler(EncoderError)
+    async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
+        status, code = domain_status(exc)
+        if status >= 500:
+            logger.error("%s: %s", code, exc)
+        _count(request, code)
+        return error_response(status, str(exc), code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(list(exc.errors()))
+        _count(request, "invalid_request_body")
+        return error_response(422, message, "invalid_request_body", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        _count(request, code)
+        return error_response(exc.status_code, str(exc.detail), code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        _count(request, "internal_error")
+        return error_response(500, "internal error; the server log has the details", "internal_error")

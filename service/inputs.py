@@ -1,0 +1,174 @@
+"""Turn the `input` of an embeddings request into validated text and image items.
+
+All checks that can fail because of what the client sent happen here, before anything is
+queued, so a bad input is a 4xx naming the offending index and never reaches a batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import anyio
+
+from encoders.contract import Modality, VectorContract
+from encoders.errors import ImageDecodeError
+from encoders.images import decode_data_uri, decode_image, is_image_data_uri
+from service.errors import ApiError
+from service.settings import Settings
+
+ModalityHint = Literal["auto", "text", "image"]
+# Below this many characters in a request, tokenising on the event loop is cheaper than a
+# thread hop; above it, it would stall other requests.
+_INLINE_CHARS = 20_000
+
+
+@dataclass
+class ModalityGroup:
+    """The inputs of one modality, with their positions in the request."""
+
+    indices: list[int] = field(default_factory=list)
+    payloads: list[Any] = field(default_factory=list)
+    costs: list[int] = field(default_factory=list)
+
+
+@dataclass
+class PreparedInputs:
+    count: int
+    groups: dict[Modality, ModalityGroup]
+    tokens: list[int]
+    truncated: list[bool]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(self.tokens)
+
+
+def _bad(message: str, index: int | None = None, code: str = "invalid_input") -> ApiError:
+    param = "input" if index is None else f"input[{index}]"
+    return ApiError(400, message, code=code, param=param)
+
+
+def split_inputs(raw: Any, hint: ModalityHint, settings: Settings) -> list[tuple[Modality, str]]:
+    """Validate shapes and sizes; decide each item's modality. No decoding yet."""
+    items = [raw] if isinstance(raw, str) else raw
+    if not isinstance(items, list):
+        raise _bad("input must be a string or a list of strings")
+    if not items:
+        raise _bad("input is an empty list; send at least one string")
+    if len(items) > settings.max_inputs_per_request:
+        raise _bad(
+            f"input has {len(items)} items; at most {settings.max_inputs_per_request} per request "
+            "(DUET_MAX_INPUTS_PER_REQUEST): split it into several requests",
+            code="too_many_inputs",
+        )
+    result: list[tuple[Modality, str]] = []
+    for index, item in enumerate(items):
+        if isinstance(item, (int, list)) and not isinstance(item, bool):
+            raise _bad(
+                "token-id arrays are not supported: send the text itself (tokenisation happens on "
+                "the server with the model's own tokenizer)",
+                index,
+            )
+        if not isinstance(item, str):
+            raise _bad(f"input[{index}] must be a string (text or data:image/... URI), got {type(item).__name__}", index)
+        if item == "":
+            raise _bad(f"input[{index}] is an empty string; remove it or send some text", index)
+        result.append((_modality_of(item, hint, index, settings), item))
+    return result
+
+
+def _modality_of(item: str, hint: ModalityHint, index: int, settings: Settings) -> Modality:
+    is_url = item.startswith(("http://", "https://"))
+    if hint == "text" or (hint == "auto" and not is_image_data_uri(item)):
+        if len(item) > settings.max_input_chars:
+            raise _bad(
+                f"input[{index}] has {len(item)} characters; the limit is {settings.max_input_chars} "
+                "(DUET_MAX_INPUT_CHARS). Text under the limit but over the model's token limit is "
+                "truncated, not refused: send a shorter excerpt",
+                index,
+                code="input_too_long",
+            )
+        return "text"
+    if not (is_image_data_uri(item) or is_url):
+        raise _bad(
+            f"input[{index}] is not an image: with modality 'image' send 'data:image/<type>;base64,...' URIs",
+            index,
+        )
+    if is_url and not settings.allow_remote_images:
+        raise _bad(
+            f"input[{index}] is a URL, and fetching remote images is off (DUET_ALLOW_REMOTE_IMAGES); "
+            "send the image inline as a data:image/...;base64 URI",
+            index,
+            code="remote_images_disabled",
+        )
+    return "image"
+
+
+def check_modalities(items: list[tuple[Modality, str]], contract: VectorContract, model_ref: str) -> None:
+    for index, (modality, _) in enumerate(items):
+        if not contract.accepts(modality):
+            raise ApiError(
+                400,
+                f"input[{index}] is {'an image' if modality == 'image' else 'text'}, but model {model_ref} "
+                f"embeds only "
+                f"{', '.join(contract.modalities)}; use a text+image model such as minilm-dual",
+                code="unsupported_modality",
+                param=f"input[{index}]",
+            )
+
+
+async def prepare(items: list[tuple[Modality, str]], encoder: Any, settings: Settings) -> PreparedInputs:
+    """Tokenise texts (for counts and truncation flags) and decode images."""
+    groups: dict[Modality, ModalityGroup] = {}
+    for index, (modality, value) in enumerate(items):
+        group = groups.setdefault(modality, ModalityGroup())
+        group.indices.append(index)
+        group.payloads.append(value)
+    tokens = [0] * len(items)
+    truncated = [False] * len(items)
+    if "text" in groups:
+        texts = groups["text"]
+        if sum(len(t) for t in texts.payloads) <= _INLINE_CHARS:
+            counts = encoder.count_tokens(texts.payloads)
+        else:
+            counts = await anyio.to_thread.run_sync(encoder.count_tokens, texts.payloads)
+        texts.costs = [n for n, _ in counts]
+        for index, (n, cut) in zip(texts.indices, counts):
+            tokens[index], truncated[index] = n, cut
+    if "image" in groups:
+        images = groups["image"]
+        images.payloads = await anyio.to_thread.run_sync(_decode_all, images.indices, images.payloads, settings)
+        images.costs = [1] * len(images.payloads)
+    return PreparedInputs(count=len(items), groups=groups, tokens=tokens, truncated=truncated)
+
+
+def _decode_all(indices: list[int], values: list[str], settings: Settings) -> list[Any]:
+    decoded = []
+    for index, value in zip(indices, values):
+        try:
+            data = _fetch(value, settings) if not is_image_data_uri(value) else decode_data_uri(value)
+            decoded.append(decode_image(data, max_pixels=settings.max_image_pixels, max_side=settings.max_image_side))
+        except ImageDecodeError as exc:
+            raise _bad(f"input[{index}]: {exc}", index, code="invalid_image") from None
+    return decoded
+
+
+def _fetch(url: str, settings: Settings) -> bytes:
+    """Download an image URL within a size and time limit (only when remote images are allowed)."""
+    import httpx
+
+    limit = settings.remote_image_max_bytes
+    try:
+        with httpx.stream("GET", url, timeout=settings.remote_image_timeout_seconds, follow_redirects=False) as r:
+            if r.status_code != 200:
+                raise ImageDecodeError(f"fetching {url} answered HTTP {r.status_code}")
+            chunks, size = [], 0
+            for chunk in r.iter_bytes():
+                size += len(chunk)
+                if size > limit:
+                    raise ImageDecodeError(f"image at {url} is larger than {limit} bytes")
+                chunks.append(chunk)
+    except httpx.HTTPError as exc:
+        raise ImageDecodeError(f"cannot fetch {url}: {exc}") from None
+    return b"".join(chunks)

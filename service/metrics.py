@@ -1,0 +1,45 @@
+"""Prometheus metrics, registered on a per-app `CollectorRegistry`.
+
+A private registry (not prometheus_client's global one) keeps two apps in one process,
+as tests build them, from colliding, and keeps imports free of side effects.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+_TOKEN_BUCKETS = (64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "duet_requests_total", "HTTP requests by route and status", ["route", "status"], registry=r
+        )
+        self.request_latency = Histogram(
+            "duet_request_latency_seconds", "HTTP request latency", ["route"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.errors = Counter("duet_errors_total", "Errors returned, by kind (error code)", ["kind"], registry=r)
+        self.queue_depth = Gauge("duet_queue_depth", "Inputs waiting for a forward pass", ["model"], registry=r)
+        self.batch_size = Histogram(
+            "duet_batch_size", "Inputs per forward pass", ["model", "modality"], buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.batch_tokens = Histogram(
+            "duet_batch_padded_tokens", "Padded tokens per text forward pass", ["model"],
+            buckets=_TOKEN_BUCKETS, registry=r,
+        )
+        self.inference_latency = Histogram(
+            "duet_inference_latency_seconds", "Forward pass time per batch", ["model", "modality"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.inputs = Counter("duet_inputs_total", "Inputs embedded", ["model", "modality"], registry=r)
+        self.truncated = Counter("duet_truncated_inputs_total", "Texts cut to the model's limit", ["model"], registry=r)
+        self.models_loaded = Gauge("duet_models_loaded", "Model versions in memory", registry=r)
+        self.model_memory = Gauge("duet_model_memory_bytes", "Parameter bytes of loaded models", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

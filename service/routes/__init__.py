@@ -1,0 +1,1 @@
+"""One thin router per resource; `service.app.create_app()` wires them."""

@@ -1,0 +1,78 @@
+"""GET /v1/models (OpenAI shape) and the registry's versions and aliases."""
+
+from __future__ import annotations
+
+import anyio
+from fastapi import APIRouter, Depends
+
+from registry.store import ModelVersionInfo
+from service.deps import PoolDep, RegistryDep, require_json
+from service.schemas import AliasUpdate, ModelCard, ModelList, VersionCard, VersionList
+
+router = APIRouter(tags=["models"])
+
+
+def _version_card(info: ModelVersionInfo, loaded: bool) -> VersionCard:
+    manifest = info.manifest
+    return VersionCard(
+        name=info.name,
+        version=info.version,
+        ref=info.ref,
+        aliases=list(info.aliases),
+        created=info.created_at_ms // 1000,
+        trained=manifest.trained,
+        description=manifest.description,
+        contract=manifest.contract,
+        lineage=manifest.lineage.model_dump(mode="json"),
+        metrics=manifest.metrics,
+        loaded=loaded,
+    )
+
+
+@router.get("/v1/models", response_model=ModelList, summary="List registered models")
+async def list_models(registry: RegistryDep) -> ModelList:
+    summaries = await anyio.to_thread.run_sync(registry.list_models)
+    return ModelList(
+        data=[
+            ModelCard(
+                id=s.name, created=0, description=s.description, latest_version=s.latest_version, aliases=s.aliases
+            )
+            for s in summaries
+        ]
+    )
+
+
+@router.get("/v1/models/{name}", response_model=VersionCard, summary="The version a reference resolves to")
+async def get_model(name: str, registry: RegistryDep, pool: PoolDep) -> VersionCard:
+    """`name`, `name@alias` (URL-encode '@' as %40 if your client needs to) or `name/version`."""
+    info = await anyio.to_thread.run_sync(registry.resolve, name)
+    return _version_card(info, info.ref in pool.loaded)
+
+
+@router.get("/v1/models/{name}/versions", response_model=VersionList, summary="All versions of a model")
+async def list_versions(name: str, registry: RegistryDep, pool: PoolDep) -> VersionList:
+    versions = await anyio.to_thread.run_sync(registry.list_versions, name)
+    return VersionList(data=[_version_card(v, v.ref in pool.loaded) for v in versions])
+
+
+@router.get("/v1/models/{name}/versions/{version}", response_model=VersionCard, summary="One version's manifest")
+async def get_version(name: str, version: str, registry: RegistryDep, pool: PoolDep) -> VersionCard:
+    info = await anyio.to_thread.run_sync(registry.get_version, name, version)
+    return _version_card(info, info.ref in pool.loaded)
+
+
+@router.get("/v1/models/{name}/aliases", response_model=dict[str, int], summary="A model's aliases")
+async def list_aliases(name: str, registry: RegistryDep) -> dict[str, int]:
+    return await anyio.to_thread.run_sync(registry.aliases, name)
+
+
+@router.put(
+    "/v1/models/{name}/aliases/{alias}",
+    response_model=VersionCard,
+    dependencies=[Depends(require_json)],
+    summary="Point an alias at a version",
+)
+async def set_alias(name: str, alias: str, body: AliasUpdate, registry: RegistryDep, pool: PoolDep) -> VersionCard:
+    await anyio.to_thread.run_sync(registry.set_alias, name, alias, body.version)
+    info = await anyio.to_thread.run_sync(registry.get_version, name, body.version)
+    return _version_card(info, info.ref in pool.loaded)

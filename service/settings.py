@@ -1,0 +1,75 @@
+"""All service configuration, in one typed place.
+
+Every field can be set from the environment with the `DUET_` prefix (`DUET_DATA_DIR`,
+`DUET_MAX_BATCH_TOKENS`, ...). Settings are built by `create_app()` or the CLI, never at
+import time, so tests can construct as many differently-configured apps as they need.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DUET_", extra="ignore")
+
+    # Where all state lives.
+    data_dir: Path = Field(default=Path("./duet-data"), description="Root folder for all state.")
+    registry_uri: str | None = Field(
+        default=None,
+        description="MLflow tracking/registry URI (e.g. http://mlflow:5000). Default: SQLite under data_dir.",
+    )
+    artifact_uri: str | None = Field(
+        default=None, description="Artifact store for new versions (e.g. s3://bucket/duet). Default: data_dir."
+    )
+
+    # HTTP.
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, gt=0, description="Larger request bodies get 413.")
+    max_inputs_per_request: int = Field(default=2048, gt=0, description="Most items in one embeddings request.")
+    max_input_chars: int = Field(
+        default=200_000,
+        gt=0,
+        description="Longest single text accepted; text under it but over the model's token limit is "
+        "truncated and reported, text over it is refused.",
+    )
+
+    # Models.
+    default_model: str = Field(default="minilm", description="Model used when a request names none.")
+    preload_models: list[str] = Field(default_factory=lambda: ["minilm"], description="Loaded and warmed at start.")
+    register_default_models: bool = Field(default=True, description="Register minilm + minilm-dual on first start.")
+    device: str = Field(default="auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="'auto' is bf16 (or fp16) on CUDA and fp32 on the CPU."
+    )
+    model_memory_budget_mb: int = Field(
+        default=4096, gt=0, description="Parameters of all loaded models together; least recently used unload."
+    )
+    alias_refresh_seconds: float = Field(
+        default=5.0, ge=0, description="How long a resolved alias is trusted before the registry is asked again."
+    )
+    warmup: bool = True
+
+    # Batching.
+    max_batch_tokens: int = Field(default=16384, gt=0, description="Padded tokens in one forward pass.")
+    max_batch_size: int = Field(default=256, gt=0, description="Most inputs in one forward pass.")
+    max_batch_images: int = Field(default=64, gt=0, description="Most images in one forward pass.")
+    max_queue_items: int = Field(default=8192, gt=0, description="Pending inputs per model before 429.")
+
+    # Images.
+    max_image_pixels: int = Field(default=40_000_000, gt=0, description="Declared width x height above this is refused.")
+    max_image_side: int = Field(default=1024, gt=0, description="Decoded images are shrunk to this side at once.")
+    allow_remote_images: bool = Field(default=False, description="Fetch http(s) image URLs (an SSRF risk).")
+    remote_image_timeout_seconds: float = Field(default=5.0, gt=0)
+    remote_image_max_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
+
+    log_level: str = "info"
+
+    @property
+    def registry_dir(self) -> Path:
+        return self.data_dir / "registry"

@@ -1,0 +1,64 @@
+"""What the app's lifespan owns: registry, model pool, metrics, readiness."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import anyio
+
+from registry.store import ModelRegistry
+from service.bootstrap import register_default_models
+from service.metrics import Metrics
+from service.model_pool import ModelPool
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def open_registry(settings: Settings) -> ModelRegistry:
+    """The embedded registry under the data dir, or the configured remote one."""
+    if settings.registry_uri:
+        return ModelRegistry(
+            settings.registry_uri, artifact_location=settings.artifact_uri, cache_dir=settings.registry_dir / "cache"
+        )
+    return ModelRegistry.embedded(settings.registry_dir)
+
+
+@dataclass
+class ServiceState:
+    settings: Settings
+    registry: ModelRegistry
+    metrics: Metrics
+    pool: ModelPool
+    ready: bool = False
+    startup_error: str | None = None
+    _preload: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    @classmethod
+    async def start(cls, settings: Settings) -> ServiceState:
+        """Open the registry and register defaults (blocking start-up), then preload in the background."""
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        registry = await anyio.to_thread.run_sync(open_registry, settings)
+        if settings.register_default_models:
+            await anyio.to_thread.run_sync(register_default_models, registry, settings.data_dir)
+        metrics = Metrics()
+        state = cls(settings=settings, registry=registry, metrics=metrics, pool=ModelPool(registry, settings, metrics))
+        state._preload = asyncio.create_task(state._preload_models())
+        return state
+
+    async def _preload_models(self) -> None:
+        try:
+            for ref in self.settings.preload_models:
+                await self.pool.get(ref)
+            self.ready = True
+            logger.info("ready: %s", ", ".join(self.pool.loaded) or "no models preloaded")
+        except Exception as exc:
+            self.startup_error = f"preloading failed: {exc}"
+            logger.exception("preloading models failed")
+
+    async def close(self) -> None:
+        if self._preload is not None and not self._preload.done():
+            self._preload.cancel()
+        await self.pool.close()
