@@ -79,8 +79,17 @@ def list_models(data_dir: DataDir = None) -> None:
 def show(ref: str, data_dir: DataDir = None) -> None:
     """The manifest of the version REF resolves to (name, name@alias or name/version)."""
     info = _registry(data_dir).resolve(ref)
-    typer.echo(json.dumps({"ref": info.ref, "aliases": list(info.aliases), "path": str(info.path),
-                           **info.manifest.model_dump(mode="json")}, indent=2))
+    typer.echo(
+        json.dumps(
+            {
+                "ref": info.ref,
+                "aliases": list(info.aliases),
+                "path": str(info.path),
+                **info.manifest.model_dump(mode="json"),
+            },
+            indent=2,
+        )
+    )
 
 
 @models_app.command("register")
@@ -99,7 +108,9 @@ def register(
 
     contract = describe(load_sentence_transformer(path))
     manifest = Manifest(
-        contract=contract, trained=trained, description=description,
+        contract=contract,
+        trained=trained,
+        description=description,
         lineage=Lineage(base_model=str(path), code_version=code_version(), library_versions=library_versions()),
     )
     info = _registry(data_dir).register(name, path, manifest, aliases=tuple(alias or ()))

@@ -98,9 +98,7 @@ def describe(model: SentenceTransformer, matryoshka_dims: Sequence[int] = ()) ->
     image = _image_transformer(model)
     preprocessing: dict[str, str] = {}
     if text is not None:
-        preprocessing["text"] = (
-            f"{type(text.tokenizer).__name__}, truncation at {text.max_seq_length} tokens"
-        )
+        preprocessing["text"] = f"{type(text.tokenizer).__name__}, truncation at {text.max_seq_length} tokens"
     if image is not None:
         preprocessing["image"] = (
             f"{type(image.processor).__name__}: RGB, resize + centre crop to {_image_size(image)} px, "
@@ -168,17 +166,13 @@ class Encoder:
         if self._text is None:
             raise UnsupportedModalityError("this model has no text tower")
         limit = self.max_seq_length or 10**9
-        ids = self._text.tokenizer(list(texts), add_special_tokens=True, truncation=False, verbose=False)[
-            "input_ids"
-        ]
+        ids = self._text.tokenizer(list(texts), add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
         return [(min(len(seq), limit), len(seq) > limit) for seq in ids]
 
     def encode(self, inputs: Sequence[str] | Sequence[Image], modality: Modality) -> np.ndarray:
         """Embed one batch of inputs of one modality; float32 rows in input order."""
         if not self.contract.accepts(modality):
-            raise UnsupportedModalityError(
-                f"this model embeds {', '.join(self.contract.modalities)}, not {modality}"
-            )
+            raise UnsupportedModalityError(f"this model embeds {', '.join(self.contract.modalities)}, not {modality}")
         with torch.inference_mode():
             vectors = self.model.encode(
                 list(inputs),

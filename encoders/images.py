@@ -31,10 +31,8 @@ def decode_data_uri(uri: str) -> bytes:
     """Return the bytes of a `data:image/...;base64,` URI, or raise with what is wrong."""
     match = _DATA_URI.match(uri[:200])
     if match is None:
-        raise ImageDecodeError(
-            "not a base64 image data URI: expected 'data:image/<type>;base64,<data>'"
-        )
-    payload = uri[match.end():]
+        raise ImageDecodeError("not a base64 image data URI: expected 'data:image/<type>;base64,<data>'")
+    payload = uri[match.end() :]
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as exc:

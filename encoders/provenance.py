@@ -25,7 +25,10 @@ def code_version() -> str:
     try:
         out = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-            capture_output=True, text=True, timeout=5, check=True,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         )
         return f"git:{out.stdout.strip()}"
     except (OSError, subprocess.SubprocessError):

@@ -33,9 +33,7 @@ def validate_name(name: str) -> str:
 
 def validate_alias(alias: str) -> str:
     if not isinstance(alias, str) or not _ALIAS.match(alias):
-        raise InvalidNameError(
-            f"invalid alias {alias!r}: use 1-64 letters, digits, '_' or '-', starting with a letter"
-        )
+        raise InvalidNameError(f"invalid alias {alias!r}: use 1-64 letters, digits, '_' or '-', starting with a letter")
     if _RESERVED_ALIAS.match(alias):
         raise InvalidNameError(f"alias {alias!r} is reserved (it reads as a version); pick another name")
     return alias

@@ -17,6 +17,7 @@ turns false only if the thread dies, which `/health` reports.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import threading
@@ -230,10 +231,8 @@ class Batcher:
         for item, result in zip(batch, results):
             by_loop.setdefault(item.loop, []).append((item.future, result))
         for loop, pairs in by_loop.items():
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop closed (app shut down): nobody waits
                 loop.call_soon_threadsafe(_settle, pairs)
-            except RuntimeError:  # the loop closed (app shut down): nobody is waiting
-                pass
 
 
 def _settle(pairs: list[tuple[asyncio.Future, Any]]) -> None:

@@ -71,7 +71,9 @@ def split_inputs(raw: Any, hint: ModalityHint, settings: Settings) -> list[tuple
                 index,
             )
         if not isinstance(item, str):
-            raise _bad(f"input[{index}] must be a string (text or data:image/... URI), got {type(item).__name__}", index)
+            raise _bad(
+                f"input[{index}] must be a string (text or data:image/... URI), got {type(item).__name__}", index
+            )
         if item == "":
             raise _bad(f"input[{index}] is an empty string; remove it or send some text", index)
         result.append((_modality_of(item, hint, index, settings), item))

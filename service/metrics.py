@@ -29,12 +29,18 @@ class Metrics:
             "duet_batch_size", "Inputs per forward pass", ["model", "modality"], buckets=_BATCH_BUCKETS, registry=r
         )
         self.batch_tokens = Histogram(
-            "duet_batch_padded_tokens", "Padded tokens per text forward pass", ["model"],
-            buckets=_TOKEN_BUCKETS, registry=r,
+            "duet_batch_padded_tokens",
+            "Padded tokens per text forward pass",
+            ["model"],
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
         )
         self.inference_latency = Histogram(
-            "duet_inference_latency_seconds", "Forward pass time per batch", ["model", "modality"],
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "duet_inference_latency_seconds",
+            "Forward pass time per batch",
+            ["model", "modality"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.inputs = Counter("duet_inputs_total", "Inputs embedded", ["model", "modality"], registry=r)
         self.truncated = Counter("duet_truncated_inputs_total", "Texts cut to the model's limit", ["model"], registry=r)

@@ -119,7 +119,10 @@ class ModelPool:
         batcher = Batcher(name=info.ref, encode=encoder.encode, limits=self._limits, metrics=self.metrics)
         batcher.start()
         logger.info(
-            "loaded %s on %s in %.1fs (%s)", info.ref, encoder.device, time.perf_counter() - started,
+            "loaded %s on %s in %.1fs (%s)",
+            info.ref,
+            encoder.device,
+            time.perf_counter() - started,
             "trained" if info.manifest.trained else "UNTRAINED",
         )
         return LoadedModel(info=info, encoder=encoder, batcher=batcher, memory_bytes=encoder.memory_bytes())

@@ -31,7 +31,8 @@ class EmbeddingRequest(BaseModel):
     user: str | None = Field(default=None, max_length=256, description="End-user id; accepted for compatibility.")
     modality: Literal["auto", "text", "image"] = Field(
         default="auto",
-        description="'auto': data:image URIs are images, everything else text. 'text' forces text, 'image' forces images.",
+        description="'auto': data:image URIs are images, everything else text. "
+        "'text' forces text, 'image' forces images.",
     )
 
 

@@ -62,7 +62,9 @@ class Settings(BaseSettings):
     max_queue_items: int = Field(default=8192, gt=0, description="Pending inputs per model before 429.")
 
     # Images.
-    max_image_pixels: int = Field(default=40_000_000, gt=0, description="Declared width x height above this is refused.")
+    max_image_pixels: int = Field(
+        default=40_000_000, gt=0, description="Declared width x height above this is refused."
+    )
     max_image_side: int = Field(default=1024, gt=0, description="Decoded images are shrunk to this side at once.")
     allow_remote_images: bool = Field(default=False, description="Fetch http(s) image URLs (an SSRF risk).")
     remote_image_timeout_seconds: float = Field(default=5.0, gt=0)

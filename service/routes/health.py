@@ -14,7 +14,11 @@ router = APIRouter(tags=["operations"])
 @router.get("/health", summary="Liveness: red when a batch worker thread has died")
 async def health(state: StateDep) -> JSONResponse:
     dead = state.pool.dead_workers()
-    body = {"status": "ok" if not dead else "unhealthy", "loaded_models": sorted(state.pool.loaded), "dead_workers": dead}
+    body = {
+        "status": "ok" if not dead else "unhealthy",
+        "loaded_models": sorted(state.pool.loaded),
+        "dead_workers": dead,
+    }
     return JSONResponse(body, status_code=200 if not dead else 503)
 
 
