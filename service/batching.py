@@ -43,6 +43,10 @@ class QueueFullError(Exception):
         self.retry_after = retry_after
 
 
+class WorkerStoppedError(RuntimeError):
+    """The worker thread is gone (stopped, or died); `/health` is red."""
+
+
 class ItemError(Exception):
     """One input failed inside the model; `index` is its position in the submitted list."""
 
@@ -150,7 +154,7 @@ class Batcher:
         items = [_Item(p, modality, c, loop.create_future(), loop) for p, c in zip(payloads, costs)]
         with self._cond:
             if self._stopping or not self.alive:
-                raise RuntimeError(f"batch worker for {self.name} is not running")
+                raise WorkerStoppedError(f"the batch worker for {self.name} is not running")
             if self._pending + len(items) > self.limits.max_queue_items:
                 raise QueueFullError(self._pending, self.limits.max_queue_items, self.retry_after(len(items)))
             self._pending += len(items)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -71,6 +71,15 @@ class Settings(BaseSettings):
     remote_image_max_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
 
     log_level: str = "info"
+
+    @model_validator(mode="after")
+    def _queue_holds_a_request(self) -> Settings:
+        if self.max_queue_items < self.max_inputs_per_request:
+            raise ValueError(
+                f"DUET_MAX_QUEUE_ITEMS ({self.max_queue_items}) must be at least DUET_MAX_INPUTS_PER_REQUEST "
+                f"({self.max_inputs_per_request}), or a full-size request could never be queued"
+            )
+        return self
 
     @property
     def registry_dir(self) -> Path:

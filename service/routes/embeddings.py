@@ -9,7 +9,7 @@ import orjson
 from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 
-from service.batching import ItemError, QueueFullError
+from service.batching import ItemError, QueueFullError, WorkerStoppedError
 from service.deps import PoolDep, SettingsDep, require_json
 from service.errors import ApiError, domain_status
 from service.inputs import PreparedInputs, check_modalities, prepare, split_inputs
@@ -64,6 +64,8 @@ async def _embed(model: LoadedModel, prepared: PreparedInputs) -> np.ndarray:
                 code="queue_full",
                 headers={"Retry-After": str(exc.retry_after)},
             ) from None
+        except WorkerStoppedError as exc:
+            raise ApiError(503, f"{exc}; the service needs a restart (see /health)", code="worker_dead") from None
         except ItemError as exc:
             index = group.indices[exc.index]
             status, code = domain_status(exc.cause)

