@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -56,6 +58,19 @@ def serve(
     )
 
 
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Registry and model errors are the user's to fix: one line, exit code 1, no traceback."""
+    from encoders.errors import EncoderError
+    from registry.errors import RegistryError
+
+    try:
+        yield
+    except (RegistryError, EncoderError) as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+
+
 def _registry(data_dir: Path | None):
     from service.bootstrap import register_default_models
     from service.state import open_registry
@@ -70,7 +85,9 @@ def _registry(data_dir: Path | None):
 @models_app.command("list")
 def list_models(data_dir: DataDir = None) -> None:
     """Registered models with their latest version and aliases."""
-    for summary in _registry(data_dir).list_models():
+    with _user_errors():
+        summaries = _registry(data_dir).list_models()
+    for summary in summaries:
         aliases = ", ".join(f"{a}->{v}" for a, v in sorted(summary.aliases.items())) or "-"
         typer.echo(f"{summary.name:24} latest={summary.latest_version}  aliases: {aliases}")
 
@@ -78,7 +95,8 @@ def list_models(data_dir: DataDir = None) -> None:
 @models_app.command("show")
 def show(ref: str, data_dir: DataDir = None) -> None:
     """The manifest of the version REF resolves to (name, name@alias or name/version)."""
-    info = _registry(data_dir).resolve(ref)
+    with _user_errors():
+        info = _registry(data_dir).resolve(ref)
     typer.echo(
         json.dumps(
             {
@@ -106,19 +124,22 @@ def register(
     from encoders.provenance import code_version, library_versions
     from registry.manifest import Lineage, Manifest
 
-    contract = describe(load_sentence_transformer(path))
+    with _user_errors():
+        contract = describe(load_sentence_transformer(path))
     manifest = Manifest(
         contract=contract,
         trained=trained,
         description=description,
         lineage=Lineage(base_model=str(path), code_version=code_version(), library_versions=library_versions()),
     )
-    info = _registry(data_dir).register(name, path, manifest, aliases=tuple(alias or ()))
+    with _user_errors():
+        info = _registry(data_dir).register(name, path, manifest, aliases=tuple(alias or ()))
     typer.echo(f"registered {info.ref} ({contract.dimension}-d, {', '.join(contract.modalities)})")
 
 
 @models_app.command("alias")
 def set_alias(name: str, alias: str, version: int, data_dir: DataDir = None) -> None:
     """Point ALIAS of model NAME at VERSION."""
-    _registry(data_dir).set_alias(name, alias, version)
+    with _user_errors():
+        _registry(data_dir).set_alias(name, alias, version)
     typer.echo(f"{name}@{alias} -> {name}/{version}")

@@ -68,8 +68,12 @@ def tiny_model_dir(tmp_path_factory, minilm_path) -> Path:
     raw = folder / "raw"
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_path))
     config = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=128,
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
     )
     BertModel(config).save_pretrained(raw)
     tokenizer.save_pretrained(raw)

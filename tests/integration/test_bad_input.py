@@ -41,24 +41,34 @@ CASES = [
     (
         "invalid base64",
         {"input": "data:image/png;base64,!!notbase64!!", "model": "minilm-dual"},
-        400, "invalid_image", "invalid base64",
+        400,
+        "invalid_image",
+        "invalid base64",
     ),
     (
         "corrupt image",
-        {"input": "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\nbroken").decode(),
-         "model": "minilm-dual"},
-        400, "invalid_image", "input[0]",
+        {
+            "input": "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\nbroken").decode(),
+            "model": "minilm-dual",
+        },
+        400,
+        "invalid_image",
+        "input[0]",
     ),
     ("decompression bomb", {"input": _bomb_uri(), "model": "minilm-dual"}, 400, "invalid_image", "400000000 pixels"),
     (
         "remote url while disabled",
         {"input": "https://example.com/cat.png", "model": "minilm-dual", "modality": "image"},
-        400, "remote_images_disabled", "data:image",
+        400,
+        "remote_images_disabled",
+        "data:image",
     ),
     (
         "text forced to image",
         {"input": "just words", "model": "minilm-dual", "modality": "image"},
-        400, "invalid_input", "not an image",
+        400,
+        "invalid_input",
+        "not an image",
     ),
 ]
 

@@ -87,9 +87,7 @@ def test_images_and_text_in_one_request_to_the_dual_encoder(http, reference_mode
 
 
 def test_modality_text_embeds_a_data_uri_as_text(http):
-    response = http.post(
-        "/v1/embeddings", json={"input": png_data_uri(), "model": "minilm", "modality": "text"}
-    )
+    response = http.post("/v1/embeddings", json={"input": png_data_uri(), "model": "minilm", "modality": "text"})
     assert response.status_code == 200 and response.json()["data"][0]["truncated"] in (True, False)
 
 
@@ -118,8 +116,12 @@ def test_health_ready_metrics(http):
     http.post("/v1/embeddings", json={"input": ["a", "b"], "model": "minilm"})
     metrics = http.get("/metrics").text
     for name in (
-        "duet_queue_depth", "duet_batch_size_bucket", "duet_request_latency_seconds_bucket",
-        "duet_inference_latency_seconds_bucket", "duet_errors_total", "duet_models_loaded",
+        "duet_queue_depth",
+        "duet_batch_size_bucket",
+        "duet_request_latency_seconds_bucket",
+        "duet_inference_latency_seconds_bucket",
+        "duet_errors_total",
+        "duet_models_loaded",
     ):
         assert name in metrics
     assert 'duet_requests_total{route="/v1/embeddings",status="200"}' in metrics

@@ -110,7 +110,9 @@ def test_several_versions_are_served_side_by_side(bootstrapped_data_dir, tmp_pat
         # Moving the alias over HTTP changes what the bare name serves (alias cache is 0 s here).
         moved = httpx.put(f"{running.url}/v1/models/tiny/aliases/production", json={"version": 2})
         assert moved.status_code == 200 and moved.json()["aliases"] == ["production"]
-        assert httpx.post(f"{running.url}/v1/embeddings", json={"input": "x", "model": "tiny"}).json()["model"] == "tiny/2"
+        assert (
+            httpx.post(f"{running.url}/v1/embeddings", json={"input": "x", "model": "tiny"}).json()["model"] == "tiny/2"
+        )
         bad = httpx.put(f"{running.url}/v1/models/tiny/aliases/v3", json={"version": 2})
         assert bad.status_code == 400
 

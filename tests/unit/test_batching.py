@@ -28,7 +28,11 @@ def test_plan_caps_batch_size_and_separates_modalities():
     limits = BatchLimits(max_batch_tokens=10_000, max_batch_size=3, max_batch_images=2)
     batches = plan_batches(_items([1] * 7) + _items([1] * 3, "image"), limits)
     assert [(b[0].modality, len(b)) for b in batches] == [
-        ("text", 3), ("text", 3), ("text", 1), ("image", 2), ("image", 1),
+        ("text", 3),
+        ("text", 3),
+        ("text", 1),
+        ("image", 2),
+        ("image", 1),
     ]
 
 

@@ -18,7 +18,11 @@ def minilm(minilm_path) -> Encoder:
 def test_contract_is_derived_from_the_model(minilm):
     c = minilm.contract
     assert (c.dimension, c.normalized, c.similarity, c.modalities, c.max_seq_length) == (
-        384, True, "cosine", ("text",), 256,
+        384,
+        True,
+        "cosine",
+        ("text",),
+        256,
     )
     assert "256 tokens" in c.preprocessing["text"]
 

@@ -22,8 +22,25 @@ def test_parse_valid_references(ref, expected):
 
 @pytest.mark.parametrize(
     "ref",
-    ["", "../etc/passwd", "..", "a/../b", "minilm/0", "minilm/-1", "minilm/1.5", "minilm/x", "a b", "/abs",
-     "minilm@", "minilm@v2", "minilm@../x", "mini\\lm", "name\x00", "x" * 101, ".hidden"],
+    [
+        "",
+        "../etc/passwd",
+        "..",
+        "a/../b",
+        "minilm/0",
+        "minilm/-1",
+        "minilm/1.5",
+        "minilm/x",
+        "a b",
+        "/abs",
+        "minilm@",
+        "minilm@v2",
+        "minilm@../x",
+        "mini\\lm",
+        "name\x00",
+        "x" * 101,
+        ".hidden",
+    ],
 )
 def test_parse_rejects_malformed_and_unsafe_references(ref):
     with pytest.raises(InvalidNameError):

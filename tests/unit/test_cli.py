@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from duet.cli import app
+
+runner = CliRunner()
+
+
+def test_models_list_and_show(bootstrapped_data_dir):
+    listed = runner.invoke(app, ["models", "list", "--data-dir", str(bootstrapped_data_dir)])
+    assert listed.exit_code == 0, listed.output
+    assert "minilm-dual" in listed.output and "production->1" in listed.output
+    shown = runner.invoke(app, ["models", "show", "minilm-dual", "--data-dir", str(bootstrapped_data_dir)])
+    assert shown.exit_code == 0 and '"trained": false' in shown.output
+
+
+def test_register_and_alias_a_model_folder(tmp_path, tiny_model_dir):
+    data = str(tmp_path / "data")
+    env = {"DUET_REGISTER_DEFAULT_MODELS": "false"}
+    registered = runner.invoke(
+        app,
+        ["models", "register", str(tiny_model_dir), "--name", "tiny", "--alias", "staging", "--data-dir", data],
+        env=env,
+    )
+    assert registered.exit_code == 0, registered.output
+    assert "registered tiny/1 (32-d, text)" in registered.output
+    moved = runner.invoke(app, ["models", "alias", "tiny", "production", "1", "--data-dir", data], env=env)
+    assert moved.exit_code == 0 and "tiny@production -> tiny/1" in moved.output
+
+
+def test_user_errors_are_one_line_and_exit_1(bootstrapped_data_dir):
+    result = runner.invoke(app, ["models", "alias", "minilm", "staging", "7", "--data-dir", str(bootstrapped_data_dir)])
+    assert result.exit_code == 1
+    assert "has no version 7" in result.output and "Traceback" not in result.output
