@@ -38,6 +38,7 @@ class PreparedInputs:
     groups: dict[Modality, ModalityGroup]
     tokens: list[int]
     truncated: list[bool]
+    labels: list[str]  # how error messages name each input: "input[3]", "items[7].image"
 
     @property
     def prompt_tokens(self) -> int:
@@ -107,21 +108,26 @@ def _modality_of(item: str, hint: ModalityHint, index: int, settings: Settings) 
     return "image"
 
 
-def check_modalities(items: list[tuple[Modality, str]], contract: VectorContract, model_ref: str) -> None:
+def check_modalities(
+    items: list[tuple[Modality, str]], contract: VectorContract, model_ref: str, labels: list[str] | None = None
+) -> None:
     for index, (modality, _) in enumerate(items):
         if not contract.accepts(modality):
+            name = labels[index] if labels else f"input[{index}]"
             raise ApiError(
                 400,
-                f"input[{index}] is {'an image' if modality == 'image' else 'text'}, but model {model_ref} "
-                f"embeds only "
+                f"{name} is {'an image' if modality == 'image' else 'text'}, but model {model_ref} embeds only "
                 f"{', '.join(contract.modalities)}; use a text+image model such as minilm-dual",
                 code="unsupported_modality",
-                param=f"input[{index}]",
+                param=name,
             )
 
 
-async def prepare(items: list[tuple[Modality, str]], encoder: Any, settings: Settings) -> PreparedInputs:
+async def prepare(
+    items: list[tuple[Modality, str]], encoder: Any, settings: Settings, labels: list[str] | None = None
+) -> PreparedInputs:
     """Tokenise texts (for counts and truncation flags) and decode images."""
+    labels = labels or [f"input[{i}]" for i in range(len(items))]
     groups: dict[Modality, ModalityGroup] = {}
     for index, (modality, value) in enumerate(items):
         group = groups.setdefault(modality, ModalityGroup())
@@ -140,19 +146,20 @@ async def prepare(items: list[tuple[Modality, str]], encoder: Any, settings: Set
             tokens[index], truncated[index] = n, cut
     if "image" in groups:
         images = groups["image"]
-        images.payloads = await anyio.to_thread.run_sync(_decode_all, images.indices, images.payloads, settings)
+        names = [labels[i] for i in images.indices]
+        images.payloads = await anyio.to_thread.run_sync(_decode_all, names, images.payloads, settings)
         images.costs = [1] * len(images.payloads)
-    return PreparedInputs(count=len(items), groups=groups, tokens=tokens, truncated=truncated)
+    return PreparedInputs(count=len(items), groups=groups, tokens=tokens, truncated=truncated, labels=labels)
 
 
-def _decode_all(indices: list[int], values: list[str], settings: Settings) -> list[Any]:
+def _decode_all(names: list[str], values: list[str], settings: Settings) -> list[Any]:
     decoded = []
-    for index, value in zip(indices, values):
+    for name, value in zip(names, values):
         try:
             data = _fetch(value, settings) if not is_image_data_uri(value) else decode_data_uri(value)
             decoded.append(decode_image(data, max_pixels=settings.max_image_pixels, max_side=settings.max_image_side))
         except ImageDecodeError as exc:
-            raise _bad(f"input[{index}]: {exc}", index, code="invalid_image") from None
+            raise ApiError(400, f"{name}: {exc}", code="invalid_image", param=name) from None
     return decoded
 
 

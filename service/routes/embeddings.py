@@ -9,11 +9,10 @@ import orjson
 from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 
-from service.batching import ItemError, QueueFullError, WorkerStoppedError
 from service.deps import PoolDep, SettingsDep, require_json
-from service.errors import ApiError, domain_status
+from service.embedding import embed_prepared
+from service.errors import ApiError
 from service.inputs import PreparedInputs, check_modalities, prepare, split_inputs
-from service.model_pool import LoadedModel
 from service.schemas import EmbeddingRequest, EmbeddingResponse
 
 router = APIRouter(tags=["embeddings"])
@@ -38,7 +37,7 @@ async def create_embeddings(body: EmbeddingRequest, pool: PoolDep, settings: Set
             param="dimensions",
         )
     prepared = await prepare(items, model.encoder, settings)
-    vectors = await _embed(model, prepared)
+    vectors = await embed_prepared(model, prepared)
     if body.dimensions is not None and body.dimensions < contract.dimension:
         vectors = truncate_and_normalize(vectors, body.dimensions)
     headers = {} if model.info.manifest.trained else {"X-Duet-Warning": f"{model.ref} is untrained"}
@@ -50,31 +49,6 @@ async def create_embeddings(body: EmbeddingRequest, pool: PoolDep, settings: Set
         media_type="application/json",
         headers=headers,
     )
-
-
-async def _embed(model: LoadedModel, prepared: PreparedInputs) -> np.ndarray:
-    vectors = np.empty((prepared.count, model.info.manifest.contract.dimension), dtype=np.float32)
-    for modality, group in prepared.groups.items():
-        try:
-            rows = await model.batcher.embed(group.payloads, modality, group.costs)
-        except QueueFullError as exc:
-            raise ApiError(
-                429,
-                f"{model.ref} is at capacity; retry after {exc.retry_after}s",
-                code="queue_full",
-                headers={"Retry-After": str(exc.retry_after)},
-            ) from None
-        except WorkerStoppedError as exc:
-            raise ApiError(503, f"{exc}; the service needs a restart (see /health)", code="worker_dead") from None
-        except ItemError as exc:
-            index = group.indices[exc.index]
-            status, code = domain_status(exc.cause)
-            status = status if status != 500 else 422
-            raise ApiError(
-                status, f"input[{index}] could not be embedded: {exc.cause}", code=code, param=f"input[{index}]"
-            ) from None
-        vectors[group.indices] = rows
-    return vectors
 
 
 def truncate_and_normalize(vectors: np.ndarray, dimensions: int) -> np.ndarray:
