@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from service.errors import install_error_handlers
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
-from service.routes import embeddings, health, models
+from service.routes import collections, embeddings, health, models
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -35,7 +35,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics_getter=lambda: _metrics_of(app))
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     install_error_handlers(app)
-    for module in (embeddings, models, health):
+    for module in (embeddings, models, collections, health):
         app.include_router(module.router)
     return app
 

@@ -18,6 +18,16 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from encoders.errors import EncoderError, ImageDecodeError, ModelLoadError, UnsupportedModalityError
+from index.errors import (
+    CollectionExistsError,
+    CollectionNotFoundError,
+    FilterError,
+    IndexError_,
+    InvalidCollectionError,
+    InvalidVectorError,
+    ItemNotFoundError,
+    PayloadError,
+)
 from registry.errors import (
     IntegrityError,
     InvalidNameError,
@@ -75,6 +85,14 @@ _DOMAIN_ERRORS: list[tuple[type[Exception], int, str]] = [
     (ImageDecodeError, 400, "invalid_image"),
     (ModelLoadError, 503, "model_load_failed"),
     (EncoderError, 500, "encoder_error"),
+    (CollectionNotFoundError, 404, "collection_not_found"),
+    (CollectionExistsError, 409, "collection_exists"),
+    (ItemNotFoundError, 404, "item_not_found"),
+    (InvalidVectorError, 400, "invalid_vector"),
+    (FilterError, 400, "invalid_filter"),
+    (PayloadError, 400, "invalid_payload"),
+    (InvalidCollectionError, 400, "invalid_collection_request"),
+    (IndexError_, 500, "index_error"),
 ]
 
 
@@ -110,6 +128,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RegistryError)
     @app.exception_handler(EncoderError)
+    @app.exception_handler(IndexError_)
     async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
         status, code = domain_status(exc)
         if status >= 500:

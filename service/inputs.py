@@ -75,23 +75,31 @@ def split_inputs(raw: Any, hint: ModalityHint, settings: Settings) -> list[tuple
             raise _bad(
                 f"input[{index}] must be a string (text or data:image/... URI), got {type(item).__name__}", index
             )
-        if item == "":
-            raise _bad(f"input[{index}] is an empty string; remove it or send some text", index)
         result.append((_modality_of(item, hint, index, settings), item))
     return result
+
+
+def check_text(text: str, label: str, settings: Settings) -> None:
+    """Refuse empty text and text over the character cap (text under it is truncated, not refused)."""
+    if text == "":
+        raise ApiError(
+            400, f"{label} is an empty string; remove it or send some text", code="invalid_input", param=label
+        )
+    if len(text) > settings.max_input_chars:
+        raise ApiError(
+            400,
+            f"{label} has {len(text)} characters; the limit is {settings.max_input_chars} "
+            "(DUET_MAX_INPUT_CHARS). Text under the limit but over the model's token limit is "
+            "truncated, not refused: send a shorter excerpt",
+            code="input_too_long",
+            param=label,
+        )
 
 
 def _modality_of(item: str, hint: ModalityHint, index: int, settings: Settings) -> Modality:
     is_url = item.startswith(("http://", "https://"))
     if hint == "text" or (hint == "auto" and not is_image_data_uri(item)):
-        if len(item) > settings.max_input_chars:
-            raise _bad(
-                f"input[{index}] has {len(item)} characters; the limit is {settings.max_input_chars} "
-                "(DUET_MAX_INPUT_CHARS). Text under the limit but over the model's token limit is "
-                "truncated, not refused: send a shorter excerpt",
-                index,
-                code="input_too_long",
-            )
+        check_text(item, f"input[{index}]", settings)
         return "text"
     if not (is_image_data_uri(item) or is_url):
         raise _bad(

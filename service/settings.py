@@ -70,6 +70,14 @@ class Settings(BaseSettings):
     remote_image_timeout_seconds: float = Field(default=5.0, gt=0)
     remote_image_max_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
 
+    # Collections.
+    snapshot_interval_seconds: float = Field(
+        default=30.0, gt=0, description="How often changed FAISS indexes are snapshotted (the store is always durable)."
+    )
+    max_search_k: int = Field(default=1000, gt=0, description="Largest k a search may ask for.")
+    max_search_queries: int = Field(default=256, gt=0, description="Most queries in one batched search.")
+    faiss_gpu: bool = Field(default=True, description="Clone indexes to the GPU for search when FAISS has GPU support.")
+
     log_level: str = "info"
 
     @model_validator(mode="after")
@@ -84,3 +92,7 @@ class Settings(BaseSettings):
     @property
     def registry_dir(self) -> Path:
         return self.data_dir / "registry"
+
+    @property
+    def collections_dir(self) -> Path:
+        return self.data_dir / "collections"

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import anyio
 
+from index.collection import CollectionManager
 from registry.store import ModelRegistry
 from service.bootstrap import register_default_models
 from service.metrics import Metrics
@@ -32,9 +33,11 @@ class ServiceState:
     registry: ModelRegistry
     metrics: Metrics
     pool: ModelPool
+    collections: CollectionManager
     ready: bool = False
     startup_error: str | None = None
     _preload: asyncio.Task[None] | None = field(default=None, repr=False)
+    _snapshots: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @classmethod
     async def start(cls, settings: Settings) -> ServiceState:
@@ -44,9 +47,27 @@ class ServiceState:
         if settings.register_default_models:
             await anyio.to_thread.run_sync(register_default_models, registry, settings.data_dir)
         metrics = Metrics()
-        state = cls(settings=settings, registry=registry, metrics=metrics, pool=ModelPool(registry, settings, metrics))
+        collections = CollectionManager(settings.collections_dir, use_gpu=settings.faiss_gpu)
+        await anyio.to_thread.run_sync(collections.open_all)  # replays each index from its store
+        state = cls(
+            settings=settings,
+            registry=registry,
+            metrics=metrics,
+            pool=ModelPool(registry, settings, metrics),
+            collections=collections,
+        )
         state._preload = asyncio.create_task(state._preload_models())
+        state._snapshots = asyncio.create_task(state._snapshot_loop())
         return state
+
+    async def _snapshot_loop(self) -> None:
+        """Snapshot changed indexes now and then, so a restart replays little."""
+        while True:
+            await asyncio.sleep(self.settings.snapshot_interval_seconds)
+            try:
+                await anyio.to_thread.run_sync(self.collections.snapshot_dirty)
+            except Exception:
+                logger.exception("snapshotting collections failed; will retry")
 
     async def _preload_models(self) -> None:
         try:
@@ -59,6 +80,8 @@ class ServiceState:
             logger.exception("preloading models failed")
 
     async def close(self) -> None:
-        if self._preload is not None and not self._preload.done():
-            self._preload.cancel()
+        for task in (self._preload, self._snapshots):
+            if task is not None and not task.done():
+                task.cancel()
         await self.pool.close()
+        await anyio.to_thread.run_sync(self.collections.close)

@@ -1,0 +1,2 @@
+"""Collections: a durable SQLite store per collection (the truth) and a FAISS index derived
+from it (snapshotted, replayed forward on start). Imports numpy, faiss and sqlite3 only."""

@@ -1,0 +1,458 @@
+"""A collection: its durable store, its FAISS index, and the rules that keep them in step.
+
+Writers are serialised by one lock per collection: a write commits to the store first (that
+is the acknowledgement), then applies to the index. If the process dies in between, the
+store's sequence numbers tell the next start what to replay. Searches run concurrently with
+writes (the index's readers-writer lock keeps FAISS from seeing both at once).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from index.engine import FaissIndex, IndexSpec, as_matrix
+from index.errors import (
+    CollectionExistsError,
+    CollectionNotFoundError,
+    FilterError,
+    InvalidCollectionError,
+    ItemNotFoundError,
+)
+from index.filters import compile_filter
+from index.store import CollectionStore, StoredItem
+
+logger = logging.getLogger(__name__)
+
+Metric = Literal["cosine", "dot"]
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
+_ID = re.compile(r"^[^\x00-\x1f]{1,256}$")
+SNAPSHOT_FILE = "index.snapshot"
+STORE_FILE = "store.sqlite"
+CONFIG_FILE = "collection.json"
+# Below this many filter matches, an approximate index is bypassed for an exact scan of
+# just the matches: exact, and cheaper than a selective ANN search that may miss them.
+EXACT_SUBSET_LIMIT = 20_000
+MODALITIES = ("text", "image", "vector")
+
+
+def validate_collection_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise InvalidCollectionError(
+            f"invalid collection name {name!r}: use 1-100 letters, digits, '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+def validate_item_id(item_id: Any) -> str:
+    if not isinstance(item_id, str) or not _ID.match(item_id):
+        raise InvalidCollectionError(f"invalid item id {item_id!r}: ids are 1-256 characters, no control characters")
+    return item_id
+
+
+@dataclass(frozen=True)
+class CollectionConfig:
+    name: str
+    dim: int
+    metric: Metric = "cosine"
+    index: IndexSpec = field(default_factory=IndexSpec)
+    model: str | None = None  # the pinned model version, "name/version"; None for vector-only
+    modalities: tuple[str, ...] = ("text",)
+    modality_gap_correction: bool = False
+    created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    def __post_init__(self) -> None:
+        validate_collection_name(self.name)
+        if self.metric not in ("cosine", "dot"):
+            raise InvalidCollectionError(f"unknown metric {self.metric!r}: use cosine or dot")
+        if not 1 <= self.dim <= 65536:
+            raise InvalidCollectionError(f"dimension must be between 1 and 65536, got {self.dim}")
+
+    def to_json(self) -> dict[str, Any]:
+        data = self.__dict__.copy()
+        data["index"] = self.index.as_dict()
+        data["modalities"] = list(self.modalities)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CollectionConfig:
+        data = dict(data)
+        data["index"] = IndexSpec(**data["index"])
+        data["modalities"] = tuple(data["modalities"])
+        return cls(**data)
+
+
+@dataclass
+class Hit:
+    id: str
+    score: float
+    payload: dict[str, Any]
+    modality: str
+    content: str | None
+
+
+class Collection:
+    def __init__(self, folder: Path, config: CollectionConfig, use_gpu: bool = False) -> None:
+        self.folder = folder
+        self.config = config
+        self.use_gpu = use_gpu
+        self.store = CollectionStore(folder / STORE_FILE, config.dim)
+        self._writer = threading.Lock()
+        self._centroids: dict[str, np.ndarray] = {}
+        self._set_index(self._open_index())
+
+    def _set_index(self, index: FaissIndex) -> None:
+        """Install a (re)built index; with GPU search on, clone it to the GPU as well."""
+        self.index = index
+        if self.use_gpu and index.enable_gpu():
+            logger.info("collection %s: searching on the GPU", self.name)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    # -- index life cycle --------------------------------------------------------------
+
+    def _open_index(self) -> FaissIndex:
+        path = self.folder / SNAPSHOT_FILE
+        if path.exists():
+            try:
+                index = FaissIndex.read_snapshot(path, self.config.index)
+            except Exception as exc:  # any damage means: rebuild from the store, keep serving
+                logger.warning("collection %s: snapshot unusable (%s); rebuilding from the store", self.name, exc)
+            else:
+                self._centroids = self._load_centroids()
+                self._replay(index)
+                return index
+        return self._build()
+
+    def _replay(self, index: FaissIndex) -> None:
+        removed = self.store.tombstones_after(index.applied_seq)
+        index.remove(removed)
+        added = 0
+        for vids, vectors, modalities in self.store.iter_vectors(after_seq=index.applied_seq):
+            index.add(vids, self._for_index(vectors, modalities))
+            added += len(vids)
+        index.applied_seq = self.store.seq
+        if added or len(removed):
+            logger.info("collection %s: replayed %d adds, %d removals", self.name, added, len(removed))
+
+    def _build(self) -> FaissIndex:
+        """A fresh index from every row in the store (also recomputes modality centroids)."""
+        count = self.store.count()
+        factory = self._factory(count)
+        index = FaissIndex(self.config.dim, factory, self.config.index)
+        self._centroids = self._compute_centroids() if self.config.modality_gap_correction else {}
+        self.store.set_meta("centroids", {m: c.tolist() for m, c in self._centroids.items()})
+        if not index.is_trained:
+            index.train(self._for_index(self.store.sample_vectors(min(count, 256 * _nlist(factory))), None))
+        for vids, vectors, modalities in self.store.iter_vectors():
+            index.add(vids, self._for_index(vectors, modalities))
+        index.applied_seq = self.store.seq
+        logger.info("collection %s: built %s over %d vectors", self.name, factory, count)
+        return index
+
+    def _factory(self, count: int) -> str:
+        factory = self.config.index.factory(self.config.dim, count)
+        nlist = _nlist(factory)
+        if nlist and count < 39 * nlist:  # too few vectors to train the coarse quantizer well
+            return "IDMap2,Flat"
+        return factory
+
+    def rebuild(self) -> str:
+        with self._writer:
+            self._set_index(self._build())
+            self.snapshot_locked()
+        return self.index.factory
+
+    def snapshot(self) -> None:
+        with self._writer:
+            self.snapshot_locked()
+
+    def snapshot_locked(self) -> None:
+        self.index.write_snapshot(self.folder / SNAPSHOT_FILE)
+        self.store.prune_tombstones(self.index.applied_seq)
+
+    @property
+    def dirty(self) -> bool:
+        path = self.folder / SNAPSHOT_FILE
+        return not path.exists() or self.index.applied_seq != self._snapshot_seq(path)
+
+    @staticmethod
+    def _snapshot_seq(path: Path) -> int | None:
+        try:
+            with open(path, "rb") as handle:
+                head = handle.read(8 + 8)
+                size = int.from_bytes(head[8:], "little")
+                return int(json.loads(handle.read(size))["applied_seq"])
+        except Exception:
+            return None
+
+    def close(self) -> None:
+        with self._writer:
+            if self.dirty:
+                self.snapshot_locked()
+            self.store.close()
+
+    # -- modality gap ------------------------------------------------------------------
+
+    def _compute_centroids(self) -> dict[str, np.ndarray]:
+        return {m: (total / n).astype(np.float32) for m, (total, n) in self.store.modality_sums().items()}
+
+    def _load_centroids(self) -> dict[str, np.ndarray]:
+        stored = self.store.get_meta("centroids", {})
+        return {m: np.asarray(v, dtype=np.float32) for m, v in stored.items()}
+
+    def _for_index(self, vectors: np.ndarray, modalities: list[str] | None) -> np.ndarray:
+        """Per-modality mean removal (+ re-normalisation) when the collection asks for it."""
+        if not self._centroids or modalities is None:
+            return vectors
+        shifted = vectors.copy()
+        for modality, centroid in self._centroids.items():
+            mask = np.array([m == modality for m in modalities])
+            if mask.any():
+                shifted[mask] -= centroid
+        norms = np.linalg.norm(shifted, axis=1, keepdims=True)
+        return (shifted / np.maximum(norms, 1e-12)).astype(np.float32)
+
+    def modality_gap(self) -> float | None:
+        """Distance between the text and image centroids of the stored (normalised) vectors."""
+        centroids = self._compute_centroids()
+        if "text" not in centroids or "image" not in centroids:
+            return None
+        return float(np.linalg.norm(centroids["text"] - centroids["image"]))
+
+    # -- writes ------------------------------------------------------------------------
+
+    def prepare_vectors(self, vectors: Any) -> np.ndarray:
+        return as_matrix(vectors, self.config.dim, normalize=self.config.metric == "cosine")
+
+    def upsert(self, items: list[StoredItem]) -> int:
+        """Store then index; returns the write's sequence number. Last item wins on duplicate ids."""
+        unique = list({validate_item_id(item.id): item for item in items}.values())
+        if not unique:
+            raise InvalidCollectionError("no items to upsert")
+        with self._writer:
+            seq, replaced = self.store.upsert(unique)
+            self.index.remove(replaced)
+            vectors = np.stack([item.vector for item in unique])
+            self.index.add(
+                np.array([item.vid for item in unique], dtype=np.int64),
+                self._for_index(vectors, [item.modality for item in unique]),
+            )
+            self.index.applied_seq = seq
+            self._maybe_grow()
+        return seq
+
+    def _maybe_grow(self) -> None:
+        """`auto` collections switch from exact to IVF once they are big enough to train it."""
+        if self.index.factory == "IDMap2,Flat" and self._factory(self.store.count()) != "IDMap2,Flat":
+            self._set_index(self._build())
+            self.snapshot_locked()
+
+    def delete(self, ids: list[str] | None = None, filter: dict[str, Any] | None = None) -> tuple[int, list[str]]:
+        if ids is None and filter is None:
+            raise InvalidCollectionError('delete needs "ids" or "filter"')
+        clauses, params = [], []
+        if ids is not None:
+            clean = [validate_item_id(i) for i in ids]
+            if not clean:
+                raise InvalidCollectionError('"ids" is empty')
+            clauses.append(f"id IN ({','.join('?' * len(clean))})")
+            params.extend(clean)
+        if filter is not None:
+            where, args = compile_filter(filter, self.store.schema)
+            clauses.append(f"({where})")
+            params.extend(args)
+        with self._writer:
+            seq, vids, deleted = self.store.delete(" AND ".join(clauses), params)
+            self.index.remove(vids)
+            self.index.applied_seq = seq
+        return seq, deleted
+
+    # -- reads -------------------------------------------------------------------------
+
+    def get(self, item_id: str) -> StoredItem:
+        item = self.store.get(validate_item_id(item_id))
+        if item is None:
+            raise ItemNotFoundError(f"no item '{item_id}' in collection '{self.name}'")
+        return item
+
+    def page(self, cursor: str | None, limit: int, filter: dict[str, Any] | None) -> list[StoredItem]:
+        where, params = compile_filter(filter, self.store.schema) if filter else (None, [])
+        return self.store.page(cursor, limit, where, params)
+
+    def _candidates(self, filter: dict[str, Any] | None, modality: str | None) -> np.ndarray | None:
+        clauses, params = [], []
+        if filter:
+            where, args = compile_filter(filter, self.store.schema)
+            clauses.append(where)
+            params.extend(args)
+        if modality is not None:
+            if modality not in MODALITIES:
+                raise FilterError(f"unknown modality filter {modality!r}: use text, image or vector")
+            clauses.append("modality = ?")
+            params.append(modality)
+        if not clauses:
+            return None
+        return self.store.matching_vids(" AND ".join(clauses), params)
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        *,
+        query_modalities: list[str] | None = None,
+        filter: dict[str, Any] | None = None,
+        modality: str | None = None,
+        nprobe: int | None = None,
+        exclude: list[str | None] | None = None,
+    ) -> list[list[Hit]]:
+        """Top-k hits per query (queries validated and normalised like stored vectors).
+
+        `query_modalities` lets modality-gap correction shift each query by its own centroid;
+        `exclude[i]` drops one id from query i's results (a query by item id skips itself).
+        """
+        if self._centroids and query_modalities is not None:
+            queries = self._for_index(queries, query_modalities)
+        allowed = self._candidates(filter, modality)
+        if allowed is not None and len(allowed) == 0:
+            return [[] for _ in range(len(queries))]
+        fetch = k + (1 if exclude and any(exclude) else 0)
+        if allowed is not None and len(allowed) <= EXACT_SUBSET_LIMIT and self.index.factory != "IDMap2,Flat":
+            scores, vids = self._exact(queries, allowed, fetch)
+        else:
+            scores, vids = self.index.search(queries, fetch, allowed, nprobe)
+        return self._hits(scores, vids, k, exclude or [None] * len(queries))
+
+    def _exact(self, queries: np.ndarray, allowed: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        items = self.store.by_vids([int(v) for v in allowed])
+        vids = np.array(list(items), dtype=np.int64)
+        vectors = self._for_index(
+            np.stack([items[int(v)].vector for v in vids]), [items[int(v)].modality for v in vids]
+        )
+        scores = queries @ vectors.T
+        k = min(k, len(vids))
+        top = np.argsort(-scores, axis=1)[:, :k]
+        return np.take_along_axis(scores, top, axis=1), vids[top]
+
+    def _hits(self, scores: np.ndarray, vids: np.ndarray, k: int, exclude: list[str | None]) -> list[list[Hit]]:
+        wanted = sorted({int(v) for v in vids.ravel() if v >= 0})
+        items = self.store.by_vids(wanted)
+        results = []
+        for row_scores, row_vids, skip in zip(scores, vids, exclude):
+            hits = []
+            for score, vid in zip(row_scores, row_vids):
+                item = items.get(int(vid))
+                if item is None or item.id == skip:
+                    continue  # -1 padding, or deleted between search and lookup
+                hits.append(Hit(item.id, float(score), item.payload, item.modality, item.content))
+                if len(hits) == k:
+                    break
+            results.append(hits)
+        return results
+
+    def stats(self) -> dict[str, Any]:
+        counts = self.store.modality_counts()
+        return {
+            "count": sum(counts.values()),
+            "by_modality": counts,
+            "seq": self.store.seq,
+            "index": {
+                "factory": self.index.factory,
+                "kind": self.config.index.kind,
+                "vectors": int(self.index.index.ntotal),
+                "tombstones": len(self.index.deleted),
+                "snapshot_current": not self.dirty,
+                "gpu": self.index.on_gpu,
+            },
+            "payload_fields": self.store.schema,
+            "modality_gap": self.modality_gap() if len(counts) > 1 else None,
+            "modality_gap_correction": self.config.modality_gap_correction,
+        }
+
+
+def _nlist(factory: str) -> int:
+    match = re.search(r"IVF(\d+)", factory)
+    return int(match.group(1)) if match else 0
+
+
+class CollectionManager:
+    """All collections under one folder: create, open (replaying), list, drop, close."""
+
+    def __init__(self, root: Path, use_gpu: bool = False) -> None:
+        self.root = root
+        self.use_gpu = use_gpu
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._open: dict[str, Collection] = {}
+        self._lock = threading.Lock()
+
+    def _folder(self, name: str) -> Path:
+        return self.root / validate_collection_name(name)
+
+    def create(self, config: CollectionConfig) -> Collection:
+        with self._lock:
+            folder = self._folder(config.name)
+            if folder.exists():
+                raise CollectionExistsError(f"collection '{config.name}' already exists")
+            tmp = self.root / f".creating-{config.name}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            (tmp / CONFIG_FILE).write_text(json.dumps(config.to_json(), indent=2))
+            os.replace(tmp, folder)  # a collection appears whole or not at all
+            collection = Collection(folder, config, self.use_gpu)
+            self._open[config.name] = collection
+            return collection
+
+    def get(self, name: str) -> Collection:
+        with self._lock:
+            if name in self._open:
+                return self._open[name]
+            folder = self._folder(name)
+            if not (folder / CONFIG_FILE).is_file():
+                raise CollectionNotFoundError(f"no collection named '{name}'; GET /v1/collections lists them")
+            config = CollectionConfig.from_json(json.loads((folder / CONFIG_FILE).read_text()))
+            collection = self._open[name] = Collection(folder, config, self.use_gpu)
+            return collection
+
+    def names(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if (p / CONFIG_FILE).is_file())
+
+    def open_all(self) -> None:
+        for name in self.names():
+            self.get(name)
+
+    def drop(self, name: str) -> None:
+        collection = self.get(name)
+        with self._lock:
+            self._open.pop(name, None)
+            collection.store.close()
+            trash = self.root / f".dropping-{name}"
+            os.replace(collection.folder, trash)  # gone at once, even if the delete below is cut short
+            shutil.rmtree(trash, ignore_errors=True)
+
+    def snapshot_dirty(self) -> list[str]:
+        """Snapshot changed indexes (and refresh stale GPU copies); returns the names done."""
+        done = []
+        for collection in list(self._open.values()):
+            if collection.dirty:
+                collection.snapshot()
+                done.append(collection.name)
+            collection.index.refresh_gpu()
+        return done
+
+    def close(self) -> None:
+        with self._lock:
+            for collection in self._open.values():
+                collection.close()
+            self._open.clear()

@@ -1,0 +1,271 @@
+"""The FAISS side of a collection: build, mutate, search, snapshot.
+
+Validated at the boundary (float32, C-contiguous, 2-D, right dimension); the index factory
+string is stored with every snapshot so the index can be rebuilt from the store alone.
+FAISS is not safe for add/remove during search, so mutations take the write side of a
+readers-writer lock and searches the read side.
+
+Kinds:
+- flat:  `IDMap2,Flat`, exact inner product. The default.
+- ivf:   `IVF{nlist},Flat`, trained on a sample; `nprobe` per query.
+- ivfpq: `IVF{nlist},PQ{m}` for memory (about m bytes per vector).
+- hnsw:  `IDMap2,HNSW{M}`. FAISS cannot remove from HNSW, so deletions are tombstones
+         excluded at search time; append-mostly collections only.
+- auto:  flat, rebuilt as ivf once the collection passes `auto_ivf_threshold` vectors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+import threading
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import faiss
+import numpy as np
+
+from index.errors import InvalidCollectionError, InvalidVectorError
+
+IndexKind = Literal["auto", "flat", "ivf", "ivfpq", "hnsw"]
+_MAGIC = b"DUETIDX1"
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    kind: IndexKind = "auto"
+    auto_ivf_threshold: int = 100_000
+    nlist: int | None = None
+    pq_m: int = 16
+    hnsw_m: int = 32
+    nprobe: int = 16
+    ef_search: int = 128
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("auto", "flat", "ivf", "ivfpq", "hnsw"):
+            raise InvalidCollectionError(f"unknown index kind {self.kind!r}: use auto, flat, ivf, ivfpq or hnsw")
+        if self.nprobe < 1 or self.ef_search < 1 or self.pq_m < 1 or self.hnsw_m < 2:
+            raise InvalidCollectionError("nprobe, ef_search, pq_m must be >= 1 and hnsw_m >= 2")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def effective_kind(self, count: int) -> str:
+        if self.kind == "auto":
+            return "ivf" if count >= self.auto_ivf_threshold else "flat"
+        return self.kind
+
+    def factory(self, dim: int, count: int) -> str:
+        kind = self.effective_kind(count)
+        nlist = self.nlist or max(16, min(65536, int(4 * math.sqrt(max(count, 1)))))
+        if kind == "flat":
+            return "IDMap2,Flat"
+        if kind == "hnsw":
+            return f"IDMap2,HNSW{self.hnsw_m}"
+        if kind == "ivf":
+            return f"IVF{nlist},Flat"
+        if dim % self.pq_m:
+            raise InvalidCollectionError(f"pq_m={self.pq_m} must divide the dimension {dim}")
+        return f"IVF{nlist},PQ{self.pq_m}"
+
+
+def as_matrix(vectors: Any, dim: int, *, normalize: bool) -> np.ndarray:
+    """Validate and convert to the float32, C-contiguous (n, dim) array FAISS needs."""
+    try:
+        matrix = np.asarray(vectors, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise InvalidVectorError("vectors must be lists of numbers") from None
+    if matrix.ndim == 1:
+        matrix = matrix[None, :]
+    if matrix.ndim != 2 or matrix.shape[1] != dim:
+        got = matrix.shape[-1] if matrix.ndim >= 1 and matrix.size else 0
+        raise InvalidVectorError(f"vectors must have {dim} dimensions; got {got}")
+    if not np.isfinite(matrix).all():
+        raise InvalidVectorError("vectors contain NaN or infinity")
+    if normalize:
+        norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+        if (norms == 0).any():
+            raise InvalidVectorError("a zero vector has no direction; cosine similarity is undefined for it")
+        matrix = matrix / norms
+    return np.ascontiguousarray(matrix, dtype=np.float32)
+
+
+class RWLock:
+    """Many readers or one writer; writers are not starved by a stream of readers."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._waiting_writers = 0
+
+    @contextmanager
+    def read(self):
+        with self._cond:
+            while self._writer or self._waiting_writers:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def write(self):
+        with self._cond:
+            self._waiting_writers += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._waiting_writers -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+class FaissIndex:
+    """One FAISS index plus what it needs to be snapshotted and replayed."""
+
+    def __init__(self, dim: int, factory: str, spec: IndexSpec) -> None:
+        self.dim = dim
+        self.factory = factory
+        self.spec = spec
+        self.index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        self.applied_seq = 0
+        self.deleted: set[int] = set()  # HNSW tombstones only
+        self.lock = RWLock()
+        self._gpu: Any = None
+        self._gpu_dirty = True
+
+    @property
+    def is_hnsw(self) -> bool:
+        return "HNSW" in self.factory
+
+    @property
+    def is_trained(self) -> bool:
+        return bool(self.index.is_trained)
+
+    @property
+    def live_count(self) -> int:
+        return int(self.index.ntotal) - len(self.deleted)
+
+    def train(self, sample: np.ndarray) -> None:
+        if not self.index.is_trained:
+            self.index.train(np.ascontiguousarray(sample, dtype=np.float32))
+
+    def add(self, vids: np.ndarray, vectors: np.ndarray) -> None:
+        if len(vids) == 0:
+            return
+        with self.lock.write():
+            self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), vids.astype(np.int64))
+            self._gpu_dirty = True
+
+    def remove(self, vids: np.ndarray) -> None:
+        if len(vids) == 0:
+            return
+        with self.lock.write():
+            if self.is_hnsw:
+                self.deleted.update(int(v) for v in vids)
+            else:
+                self.index.remove_ids(faiss.IDSelectorBatch(vids.astype(np.int64)))
+            self._gpu_dirty = True
+
+    def _params(self, selector: Any, nprobe: int | None) -> Any:
+        if "IVF" in self.factory:
+            return faiss.SearchParametersIVF(sel=selector, nprobe=nprobe or self.spec.nprobe)
+        if self.is_hnsw:
+            return faiss.SearchParametersHNSW(sel=selector, efSearch=max(self.spec.ef_search, 1))
+        return faiss.SearchParameters(sel=selector) if selector is not None else None
+
+    def search(
+        self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None, nprobe: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, vids) per query; `allowed` restricts candidates *before* ranking."""
+        with self.lock.read():
+            if allowed is not None and self.deleted:
+                allowed = np.setdiff1d(allowed, np.fromiter(self.deleted, dtype=np.int64))
+            selector = None
+            if allowed is not None:
+                selector = faiss.IDSelectorBatch(allowed.astype(np.int64))
+            elif self.deleted:
+                selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.fromiter(self.deleted, dtype=np.int64)))
+            params = self._params(selector, nprobe)
+            if selector is None and self._gpu is not None and not self._gpu_dirty:
+                return self._gpu.search(queries, k)
+            return self.index.search(queries, k, params=params)
+
+    # -- GPU -----------------------------------------------------------------------------
+
+    def enable_gpu(self) -> bool:
+        """Clone to the GPU for unfiltered searches; the CPU index stays the persisted truth."""
+        if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1 or self.is_hnsw:
+            return False
+        with self.lock.write():
+            self._gpu_resources = getattr(self, "_gpu_resources", None) or faiss.StandardGpuResources()
+            self._gpu = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self.index)
+            self._gpu_dirty = False
+        return True
+
+    @property
+    def on_gpu(self) -> bool:
+        return self._gpu is not None
+
+    def refresh_gpu(self) -> None:
+        if self._gpu is not None and self._gpu_dirty:
+            self.enable_gpu()
+
+    # -- snapshots -----------------------------------------------------------------------
+
+    def write_snapshot(self, path: Path) -> None:
+        """Atomic: write a temp file, fsync it, rename over the old one, fsync the folder."""
+        with self.lock.read():
+            blob = faiss.serialize_index(self.index).tobytes()
+            header = json.dumps(
+                {
+                    "factory": self.factory,
+                    "dim": self.dim,
+                    "applied_seq": self.applied_seq,
+                    "deleted": sorted(self.deleted),
+                    "sha256": hashlib.sha256(blob).hexdigest(),
+                }
+            ).encode()
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as handle:
+            handle.write(_MAGIC + struct.pack("<Q", len(header)) + header)
+            handle.write(blob)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    @classmethod
+    def read_snapshot(cls, path: Path, spec: IndexSpec) -> FaissIndex:
+        """Load a snapshot; raises ValueError if it is truncated, corrupt or not ours."""
+        data = path.read_bytes()
+        if not data.startswith(_MAGIC) or len(data) < len(_MAGIC) + 8:
+            raise ValueError("not a Duet index snapshot")
+        (size,) = struct.unpack("<Q", data[len(_MAGIC) : len(_MAGIC) + 8])
+        start = len(_MAGIC) + 8
+        header = json.loads(data[start : start + size])
+        blob = data[start + size :]
+        if hashlib.sha256(blob).hexdigest() != header["sha256"]:
+            raise ValueError("snapshot checksum mismatch")
+        loaded = cls(header["dim"], header["factory"], spec)
+        loaded.index = faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8))
+        loaded.applied_seq = int(header["applied_seq"])
+        loaded.deleted = set(header["deleted"])
+        return loaded

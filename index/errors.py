@@ -1,0 +1,35 @@
+"""Errors of the collections package; mapped to HTTP statuses in `service/errors.py`."""
+
+from __future__ import annotations
+
+
+class IndexError_(Exception):
+    """Base class (named with a trailing underscore so it never shadows the builtin)."""
+
+
+class InvalidCollectionError(IndexError_, ValueError):
+    """A malformed collection name, option, or item."""
+
+
+class CollectionNotFoundError(IndexError_, LookupError):
+    pass
+
+
+class CollectionExistsError(IndexError_):
+    pass
+
+
+class ItemNotFoundError(IndexError_, LookupError):
+    pass
+
+
+class InvalidVectorError(IndexError_, ValueError):
+    """Wrong dimension, NaN/inf, zero norm, or not a list of numbers."""
+
+
+class FilterError(IndexError_, ValueError):
+    """A filter on an unknown field, with a wrong-typed value, or malformed."""
+
+
+class PayloadError(IndexError_, ValueError):
+    """A payload that is not a JSON object or whose field types clash with the collection's."""

@@ -1,0 +1,90 @@
+"""Payload filters, compiled to SQL over the store, so they apply *before* ranking.
+
+Grammar (all conditions AND-ed):
+    {"field": value}                      equality (string, number or bool)
+    {"field": {"$in": [v1, v2, ...]}}     membership
+    {"field": {"$gt"|"$gte"|"$lt"|"$lte": number, ...}}   ranges (numbers only)
+    {"field": {"$ne": value}}             inequality
+Fields are top-level payload keys whose type the collection has seen ("number", "string",
+"bool"); filtering on a field it has never seen, or with a value of another type, is an
+error that names the known fields, never an empty result that hides the typo.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from index.errors import FilterError
+
+FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_RANGE_OPS = {"$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
+MAX_IN = 10_000
+
+
+def value_type(value: Any) -> str | None:
+    """The filterable type of a payload value, or None for values that are not filterable."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return None
+
+
+def _column(field: str) -> str:
+    return f"json_extract(payload, '$.\"{field}\"')"
+
+
+def _sql_value(value: Any) -> Any:
+    return int(value) if isinstance(value, bool) else value  # SQLite's JSON stores bools as 0/1
+
+
+def _check_value(field: str, expected: str, value: Any) -> Any:
+    actual = value_type(value)
+    if actual != expected:
+        raise FilterError(f"filter on '{field}' expects a {expected}, got {type(value).__name__} {value!r}")
+    return _sql_value(value)
+
+
+def compile_filter(spec: Any, schema: dict[str, str]) -> tuple[str, list[Any]]:
+    """Return a SQL boolean expression over the `payload` column and its parameters."""
+    if not isinstance(spec, dict) or not spec:
+        raise FilterError('filter must be a non-empty object like {"field": value}')
+    clauses: list[str] = []
+    params: list[Any] = []
+    for field, condition in spec.items():
+        if not isinstance(field, str) or not FIELD.match(field):
+            raise FilterError(f"invalid filter field {field!r}")
+        if field not in schema:
+            known = ", ".join(sorted(schema)) or "none yet"
+            raise FilterError(f"unknown filter field '{field}' (filterable fields: {known})")
+        expected = schema[field]
+        column = _column(field)
+        if not isinstance(condition, dict):
+            clauses.append(f"{column} = ?")
+            params.append(_check_value(field, expected, condition))
+            continue
+        if not condition:
+            raise FilterError(f"filter on '{field}' has an empty condition")
+        for op, operand in condition.items():
+            if op in _RANGE_OPS:
+                if expected != "number":
+                    raise FilterError(f"range operator {op} needs a number field; '{field}' is a {expected}")
+                clauses.append(f"{column} {_RANGE_OPS[op]} ?")
+                params.append(_check_value(field, expected, operand))
+            elif op == "$in":
+                if not isinstance(operand, list) or not operand or len(operand) > MAX_IN:
+                    raise FilterError(f"$in on '{field}' needs a list of 1 to {MAX_IN} values")
+                clauses.append(f"{column} IN ({','.join('?' * len(operand))})")
+                params.extend(_check_value(field, expected, v) for v in operand)
+            elif op == "$ne":
+                clauses.append(f"({column} IS NULL OR {column} != ?)")
+                params.append(_check_value(field, expected, operand))
+            elif op == "$eq":
+                clauses.append(f"{column} = ?")
+                params.append(_check_value(field, expected, operand))
+            else:
+                raise FilterError(f"unknown filter operator {op!r} (use $eq, $ne, $in, $gt, $gte, $lt, $lte)")
+    return " AND ".join(clauses), params

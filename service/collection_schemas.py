@@ -1,0 +1,163 @@
+"""Bodies of the collections API (kept apart from the OpenAI-shaped embeddings schemas)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+IndexKind = Literal["auto", "flat", "ivf", "ivfpq", "hnsw"]
+
+
+class IndexOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: IndexKind = Field(default="auto", description="auto = exact until big enough for IVF, then IVF.")
+    nprobe: int = Field(default=16, ge=1, le=2048, description="IVF lists visited per query (overridable per search).")
+    auto_ivf_threshold: int = Field(default=100_000, ge=1000, description="Size at which `auto` switches to IVF.")
+    nlist: int | None = Field(default=None, ge=1, le=65536, description="IVF lists; default 4*sqrt(n).")
+    pq_m: int = Field(default=16, ge=1, description="Sub-quantizers for ivfpq (about pq_m bytes per vector).")
+    hnsw_m: int = Field(default=32, ge=2, le=256)
+    ef_search: int = Field(default=128, ge=1, le=4096)
+
+
+class CollectionCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="1-100 letters, digits, '_' or '-'.")
+    model: str | None = Field(
+        default=None,
+        description="Model reference, resolved now and pinned to that exact version. Default: the server's "
+        "default model. Omit it and give `dimension` for a vector-only collection.",
+    )
+    dimension: int | None = Field(default=None, ge=1, le=65536, description="Only for vector-only collections.")
+    metric: Literal["cosine", "dot"] = "cosine"
+    index: IndexOptions | IndexKind = Field(default_factory=IndexOptions)
+    modality_gap_correction: bool = Field(
+        default=False, description="Remove each modality's mean vector (and re-normalise) at index and query time."
+    )
+
+
+class CollectionInfo(BaseModel):
+    name: str
+    model: str | None
+    dimension: int
+    metric: str
+    modalities: list[str]
+    index: dict[str, Any]
+    modality_gap_correction: bool
+    created_at: str
+    count: int
+    stats: dict[str, Any]
+
+
+class CollectionList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[CollectionInfo]
+
+
+class ItemIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=256)
+    text: str | None = None
+    image: str | None = Field(default=None, description="data:image/<type>;base64,... URI")
+    vector: list[float] | None = None
+    modality: Literal["text", "image"] | None = Field(
+        default=None, description="For raw vectors: which modality they came from (for the modality gap)."
+    )
+    payload: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_content(self) -> ItemIn:
+        given = [k for k in ("text", "image", "vector") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"item '{self.id}' needs exactly one of text, image or vector (got {given or 'none'})")
+        return self
+
+
+class UpsertRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[ItemIn] = Field(min_length=1)
+    model: str | None = Field(default=None, description="If given, must resolve to the collection's pinned version.")
+
+
+class UpsertResponse(BaseModel):
+    upserted: int
+    seq: int = Field(description="Sequence number of this write in the collection's store.")
+    truncated: list[str] = Field(default_factory=list, description="Ids whose text was cut to the token limit.")
+
+
+class ItemOut(BaseModel):
+    id: str
+    modality: str
+    payload: dict[str, Any]
+    content: str | None = None
+    vector: list[float] | None = None
+
+
+class ItemPage(BaseModel):
+    items: list[ItemOut]
+    next_cursor: str | None
+
+
+class DeleteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[str] | None = None
+    filter: dict[str, Any] | None = None
+
+
+class DeleteResponse(BaseModel):
+    deleted: int
+    ids: list[str]
+    seq: int
+
+
+class Query(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str | None = None
+    image: str | None = None
+    vector: list[float] | None = None
+    id: str | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Query:
+        given = [k for k in ("text", "image", "vector", "id") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"a query needs exactly one of text, image, vector or id (got {given or 'none'})")
+        return self
+
+
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    query: Query | None = None
+    queries: list[Query] | None = None
+    k: int = 10
+    filter: dict[str, Any] | None = None
+    modality: Literal["text", "image", "vector"] | None = Field(default=None, description="Only items of this kind.")
+    nprobe: int | None = Field(default=None, ge=1, le=2048)
+    model: str | None = Field(default=None, description="If given, must resolve to the collection's pinned version.")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> SearchRequest:
+        if (self.query is None) == (self.queries is None):
+            raise ValueError('give either "query" or "queries"')
+        return self
+
+
+class SearchHit(BaseModel):
+    id: str
+    score: float
+    payload: dict[str, Any]
+    modality: str
+    content: str | None = None
+
+
+class SearchResponse(BaseModel):
+    results: list[SearchHit] | list[list[SearchHit]]
+    model: str | None
+    collection: str

@@ -1,0 +1,343 @@
+"""Collections: create/list/drop, upsert/get/page/delete items, cross-modal search.
+
+A collection is pinned to the exact model version that resolved when it was created; texts
+and images are embedded with that version, and a request that names another version is
+refused (409), because another version's vectors live in another space.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import anyio
+import numpy as np
+from fastapi import APIRouter, Depends
+from fastapi import Query as QueryParam
+
+from encoders.contract import Modality
+from index.collection import Collection, CollectionConfig
+from index.engine import IndexSpec
+from index.errors import InvalidVectorError
+from index.store import StoredItem
+from service.collection_schemas import (
+    CollectionCreate,
+    CollectionInfo,
+    CollectionList,
+    DeleteRequest,
+    DeleteResponse,
+    ItemIn,
+    ItemOut,
+    ItemPage,
+    Query,
+    SearchHit,
+    SearchRequest,
+    SearchResponse,
+    UpsertRequest,
+    UpsertResponse,
+)
+from service.deps import PoolDep, SettingsDep, StateDep, require_json
+from service.embedding import embed_prepared
+from service.errors import ApiError
+from service.inputs import check_modalities, check_text, prepare
+from service.model_pool import ModelPool
+from service.settings import Settings
+
+router = APIRouter(tags=["collections"])
+JSON = [Depends(require_json)]
+
+
+def _info(collection: Collection) -> CollectionInfo:
+    config = collection.config
+    stats = collection.stats()
+    return CollectionInfo(
+        name=config.name,
+        model=config.model,
+        dimension=config.dim,
+        metric=config.metric,
+        modalities=list(config.modalities),
+        index=config.index.as_dict(),
+        modality_gap_correction=config.modality_gap_correction,
+        created_at=config.created_at,
+        count=stats["count"],
+        stats=stats,
+    )
+
+
+async def _collection(state, name: str) -> Collection:
+    return await anyio.to_thread.run_sync(state.collections.get, name)
+
+
+@router.post("/v1/collections", response_model=CollectionInfo, status_code=201, dependencies=JSON)
+async def create_collection(body: CollectionCreate, state: StateDep, pool: PoolDep) -> CollectionInfo:
+    """Create a collection pinned to one model version (or a vector-only one)."""
+    model_ref, dim, modalities = None, body.dimension, ("vector",)
+    if body.model is not None or body.dimension is None:
+        info = await pool.resolve(body.model)
+        contract = info.manifest.contract
+        if body.dimension is not None and body.dimension != contract.dimension:
+            raise ApiError(
+                400,
+                f"dimension {body.dimension} does not match {info.ref}'s {contract.dimension}; omit it",
+                code="invalid_dimensions",
+                param="dimension",
+            )
+        model_ref, dim, modalities = info.ref, contract.dimension, contract.modalities
+    options = {"kind": body.index} if isinstance(body.index, str) else body.index.model_dump()
+    config = CollectionConfig(
+        name=body.name,
+        dim=dim,
+        metric=body.metric,
+        index=IndexSpec(**options),
+        model=model_ref,
+        modalities=tuple(modalities),
+        modality_gap_correction=body.modality_gap_correction,
+    )
+    collection = await anyio.to_thread.run_sync(state.collections.create, config)
+    return _info(collection)
+
+
+@router.get("/v1/collections", response_model=CollectionList)
+async def list_collections(state: StateDep) -> CollectionList:
+    names = await anyio.to_thread.run_sync(state.collections.names)
+    return CollectionList(data=[_info(await _collection(state, n)) for n in names])
+
+
+@router.get("/v1/collections/{name}", response_model=CollectionInfo)
+async def get_collection(name: str, state: StateDep) -> CollectionInfo:
+    return _info(await _collection(state, name))
+
+
+@router.delete("/v1/collections/{name}")
+async def drop_collection(name: str, state: StateDep) -> dict[str, Any]:
+    await anyio.to_thread.run_sync(state.collections.drop, name)
+    return {"deleted": name}
+
+
+@router.post("/v1/collections/{name}/rebuild", response_model=CollectionInfo)
+async def rebuild_collection(name: str, state: StateDep) -> CollectionInfo:
+    """Rebuild the index from the store (retrains IVF, recomputes modality centroids)."""
+    collection = await _collection(state, name)
+    await anyio.to_thread.run_sync(collection.rebuild)
+    return _info(collection)
+
+
+# -- items ---------------------------------------------------------------------------
+
+
+async def _check_model(pool: ModelPool, collection: Collection, ref: str | None) -> None:
+    if ref is None:
+        return
+    info = await pool.resolve(ref)
+    if info.ref != collection.config.model:
+        raise ApiError(
+            409,
+            f"collection '{collection.name}' holds vectors of {collection.config.model or 'a vector-only space'}; "
+            f"{info.ref}'s vectors live in a different space. Use {collection.config.model} or re-embed the "
+            "collection into a new one",
+            code="model_version_mismatch",
+            param="model",
+        )
+
+
+async def _embed_contents(
+    pool: ModelPool,
+    collection: Collection,
+    settings: Settings,
+    contents: list[tuple[Modality, str]],
+    labels: list[str],
+) -> tuple[np.ndarray, list[bool]]:
+    """Embed texts/images with the collection's pinned version; (vectors, truncated flags)."""
+    if collection.config.model is None:
+        raise ApiError(
+            400,
+            f"collection '{collection.name}' is vector-only (no model): send vectors, not {labels[0]}",
+            code="no_model",
+            param=labels[0],
+        )
+    for (modality, value), label in zip(contents, labels):
+        if modality == "text":
+            check_text(value, label, settings)
+    model = await pool.get(collection.config.model)
+    check_modalities(contents, model.info.manifest.contract, model.ref, labels)
+    prepared = await prepare(contents, model.encoder, settings, labels)
+    return await embed_prepared(model, prepared), prepared.truncated
+
+
+def _vector(collection: Collection, values: list[float], label: str) -> np.ndarray:
+    try:
+        return collection.prepare_vectors(values)[0]
+    except InvalidVectorError as exc:
+        raise ApiError(400, f"{label}: {exc}", code="invalid_vector", param=label) from None
+
+
+@router.put("/v1/collections/{name}/items", response_model=UpsertResponse, dependencies=JSON)
+async def upsert_items(
+    name: str, body: UpsertRequest, state: StateDep, pool: PoolDep, settings: SettingsDep
+) -> UpsertResponse:
+    """Insert or replace items by id. The reply comes after the write is durable."""
+    if len(body.items) > settings.max_inputs_per_request:
+        raise ApiError(
+            400,
+            f"{len(body.items)} items in one request; at most {settings.max_inputs_per_request} "
+            "(DUET_MAX_INPUTS_PER_REQUEST): send them in batches (duet index import does)",
+            code="too_many_items",
+            param="items",
+        )
+    collection = await _collection(state, name)
+    await _check_model(pool, collection, body.model)
+    vectors: list[np.ndarray | None] = [None] * len(body.items)
+    contents, labels, positions = [], [], []
+    for i, item in enumerate(body.items):
+        if item.vector is not None:
+            vectors[i] = _vector(collection, item.vector, f"items[{i}].vector")
+        else:
+            kind: Modality = "text" if item.text is not None else "image"
+            contents.append((kind, item.text if kind == "text" else item.image))
+            labels.append(f"items[{i}].{kind}")
+            positions.append(i)
+    truncated_ids = []
+    if contents:
+        embedded, truncated = await _embed_contents(pool, collection, settings, contents, labels)
+        rows = collection.prepare_vectors(embedded)
+        for row, position, cut in zip(rows, positions, truncated):
+            vectors[position] = row
+            if cut:
+                truncated_ids.append(body.items[position].id)
+    stored = [
+        StoredItem(
+            id=item.id,
+            modality=_item_modality(item),
+            vector=vectors[i],
+            payload=item.payload,
+            content=item.text if item.text is not None else item.image,
+        )
+        for i, item in enumerate(body.items)
+    ]
+    seq = await anyio.to_thread.run_sync(collection.upsert, stored)
+    return UpsertResponse(upserted=len({item.id for item in body.items}), seq=seq, truncated=truncated_ids)
+
+
+def _item_modality(item: ItemIn) -> str:
+    if item.vector is not None:
+        return item.modality or "vector"
+    return "text" if item.text is not None else "image"
+
+
+def _item_out(item: StoredItem, with_vector: bool) -> ItemOut:
+    return ItemOut(
+        id=item.id,
+        modality=item.modality,
+        payload=item.payload,
+        content=item.content,
+        vector=item.vector.tolist() if with_vector else None,
+    )
+
+
+@router.get("/v1/collections/{name}/items/{item_id}", response_model=ItemOut)
+async def get_item(name: str, item_id: str, state: StateDep, with_vector: bool = False) -> ItemOut:
+    collection = await _collection(state, name)
+    return _item_out(await anyio.to_thread.run_sync(collection.get, item_id), with_vector)
+
+
+def _parse_filter(raw: str | None) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    try:
+        parsed = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ApiError(400, f"filter is not valid JSON: {exc}", code="invalid_filter", param="filter") from None
+    return parsed
+
+
+@router.get("/v1/collections/{name}/items", response_model=ItemPage)
+async def list_items(
+    name: str,
+    state: StateDep,
+    cursor: str | None = None,
+    limit: Annotated[int, QueryParam(ge=1, le=1000)] = 100,
+    filter: Annotated[str | None, QueryParam(description="JSON filter, as in search")] = None,
+    with_vector: bool = False,
+) -> ItemPage:
+    """Items in id order; pass `next_cursor` back as `cursor` for the next page."""
+    collection = await _collection(state, name)
+    items = await anyio.to_thread.run_sync(collection.page, cursor, limit + 1, _parse_filter(filter))
+    more = len(items) > limit
+    items = items[:limit]
+    return ItemPage(
+        items=[_item_out(i, with_vector) for i in items], next_cursor=items[-1].id if more and items else None
+    )
+
+
+@router.post("/v1/collections/{name}/items/delete", response_model=DeleteResponse, dependencies=JSON)
+async def delete_items(name: str, body: DeleteRequest, state: StateDep) -> DeleteResponse:
+    collection = await _collection(state, name)
+    seq, ids = await anyio.to_thread.run_sync(lambda: collection.delete(ids=body.ids, filter=body.filter))
+    return DeleteResponse(deleted=len(ids), ids=ids, seq=seq)
+
+
+# -- search --------------------------------------------------------------------------
+
+
+async def _query_vectors(
+    queries: list[Query], collection: Collection, pool: ModelPool, settings: Settings
+) -> tuple[np.ndarray, list[str], list[str | None]]:
+    """(vectors, modality of each query, id each query excludes)."""
+    rows: list[np.ndarray | None] = [None] * len(queries)
+    modalities: list[str] = ["vector"] * len(queries)
+    exclude: list[str | None] = [None] * len(queries)
+    contents, labels, positions = [], [], []
+    for i, query in enumerate(queries):
+        if query.vector is not None:
+            rows[i] = _vector(collection, query.vector, f"queries[{i}].vector")
+        elif query.id is not None:
+            item = await anyio.to_thread.run_sync(collection.get, query.id)
+            rows[i], modalities[i], exclude[i] = item.vector, item.modality, item.id
+        else:
+            kind: Modality = "text" if query.text is not None else "image"
+            contents.append((kind, query.text if kind == "text" else query.image))
+            labels.append(f"queries[{i}].{kind}")
+            positions.append(i)
+            modalities[i] = kind
+    if contents:
+        embedded, _ = await _embed_contents(pool, collection, settings, contents, labels)
+        for row, position in zip(collection.prepare_vectors(embedded), positions):
+            rows[position] = row
+    return np.stack(rows), modalities, exclude
+
+
+@router.post("/v1/collections/{name}/search", response_model=SearchResponse, dependencies=JSON)
+async def search(name: str, body: SearchRequest, state: StateDep, pool: PoolDep, settings: SettingsDep):
+    """Nearest neighbours of a text, an image, a vector or a stored item, across modalities."""
+    if not 1 <= body.k <= settings.max_search_k:
+        raise ApiError(
+            400, f"k must be between 1 and {settings.max_search_k}, got {body.k}", code="invalid_k", param="k"
+        )
+    queries = [body.query] if body.query is not None else body.queries or []
+    if not 1 <= len(queries) <= settings.max_search_queries:
+        raise ApiError(
+            400,
+            f"queries must hold 1 to {settings.max_search_queries} queries, got {len(queries)}",
+            code="invalid_queries",
+            param="queries",
+        )
+    collection = await _collection(state, name)
+    await _check_model(pool, collection, body.model)
+    vectors, modalities, exclude = await _query_vectors(queries, collection, pool, settings)
+    hits = await anyio.to_thread.run_sync(
+        lambda: collection.search(
+            vectors,
+            body.k,
+            query_modalities=modalities,
+            filter=body.filter,
+            modality=body.modality,
+            nprobe=body.nprobe,
+            exclude=exclude,
+        )
+    )
+    results = [[SearchHit(**h.__dict__) for h in row] for row in hits]
+    return SearchResponse(
+        results=results[0] if body.query is not None else results,
+        model=collection.config.model,
+        collection=collection.name,
+    )
