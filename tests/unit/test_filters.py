@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from index.errors import FilterError
+from index.filters import compile_filter
+
+SCHEMA = {"lang": "string", "year": "number", "draft": "bool"}
+ROWS = [
+    '{"lang": "en", "year": 2020, "draft": false}',
+    '{"lang": "de", "year": 2019, "draft": true}',
+    '{"lang": "fr", "year": 2023}',
+]
+
+
+def _select(spec) -> list[int]:
+    where, params = compile_filter(spec, SCHEMA)
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE TABLE items (n INTEGER, payload TEXT)")
+    conn.executemany("INSERT INTO items VALUES (?, ?)", list(enumerate(ROWS)))
+    return [r[0] for r in conn.execute(f"SELECT n FROM items WHERE {where} ORDER BY n", params)]
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ({"lang": "en"}, [0]),
+        ({"year": {"$gte": 2020}}, [0, 2]),
+        ({"year": {"$gt": 2019, "$lt": 2023}}, [0]),
+        ({"lang": {"$in": ["de", "fr"]}}, [1, 2]),
+        ({"lang": {"$ne": "en"}}, [1, 2]),
+        ({"draft": True}, [1]),
+        ({"draft": {"$ne": True}}, [0, 2]),
+        ({"lang": "en", "year": 2019}, []),
+        ({"year": {"$eq": 2023}}, [2]),
+    ],
+)
+def test_filters_select_the_right_rows(spec, expected):
+    assert _select(spec) == expected
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        ({"colour": "red"}, "unknown filter field 'colour' (filterable fields: draft, lang, year)"),
+        ({"year": "2020"}, "expects a number"),
+        ({"lang": 3}, "expects a string"),
+        ({"lang": {"$gt": "a"}}, "needs a number field"),
+        ({"year": {"$regex": "x"}}, "unknown filter operator"),
+        ({"year": {}}, "empty condition"),
+        ({"lang": {"$in": []}}, "$in"),
+        ({"lang": {"$in": "en"}}, "$in"),
+        ([], "non-empty object"),
+        ({}, "non-empty object"),
+        ({"bad field": 1}, "invalid filter field"),
+        ({"x') OR 1=1 --": 1}, "invalid filter field"),
+    ],
+)
+def test_bad_filters_say_what_is_wrong(spec, words):
+    with pytest.raises(FilterError) as error:
+        compile_filter(spec, SCHEMA)
+    assert words in str(error.value)
