@@ -15,9 +15,12 @@ from typing import Annotated
 
 import typer
 
+from duet.index_cli import index_app
+
 app = typer.Typer(help="Duet: fine-tune contrastive encoders and serve them.", no_args_is_help=True)
 models_app = typer.Typer(help="Inspect and change the model registry.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+app.add_typer(index_app, name="index")
 
 DataDir = Annotated[Path | None, typer.Option(help="State folder (default: $DUET_DATA_DIR or ./duet-data).")]
 
