@@ -44,6 +44,7 @@ CONFIG_FILE = "collection.json"
 # just the matches: exact, and cheaper than a selective ANN search that may miss them.
 EXACT_SUBSET_LIMIT = 20_000
 MODALITIES = ("text", "image", "vector")
+RACE_MARGIN = 8
 
 
 def validate_collection_name(name: str) -> str:
@@ -255,8 +256,11 @@ class Collection:
         return seq
 
     def _maybe_grow(self) -> None:
-        """`auto` collections switch from exact to IVF once they are big enough to train it."""
-        if self.index.factory == "IDMap2,Flat" and self._factory(self.store.count()) != "IDMap2,Flat":
+        """Rebuild when the index no longer fits the data: `auto` collections switch from exact
+        to IVF once big enough to train it, and HNSW compacts once a quarter is tombstones."""
+        grown = self.index.factory == "IDMap2,Flat" and self._factory(self.store.count()) != "IDMap2,Flat"
+        bloated = self.index.is_hnsw and len(self.index.deleted) > max(1000, self.index.index.ntotal // 4)
+        if grown or bloated:
             self._set_index(self._build())
             self.snapshot_locked()
 
@@ -278,6 +282,7 @@ class Collection:
             seq, vids, deleted = self.store.delete(" AND ".join(clauses), params)
             self.index.remove(vids)
             self.index.applied_seq = seq
+            self._maybe_grow()
         return seq, deleted
 
     # -- reads -------------------------------------------------------------------------
@@ -328,7 +333,9 @@ class Collection:
         allowed = self._candidates(filter, modality)
         if allowed is not None and len(allowed) == 0:
             return [[] for _ in range(len(queries))]
-        fetch = k + (1 if exclude and any(exclude) else 0)
+        # A few extra candidates cover items deleted between the FAISS search and the row
+        # lookup (writes commit to the store before they reach the index), and self-exclusion.
+        fetch = k + RACE_MARGIN + (1 if exclude and any(exclude) else 0)
         if allowed is not None and len(allowed) <= EXACT_SUBSET_LIMIT and self.index.factory != "IDMap2,Flat":
             scores, vids = self._exact(queries, allowed, fetch)
         else:

@@ -194,3 +194,43 @@ def test_manager_names_and_errors(manager):
     assert manager.names() == ["one"]
     manager.drop("one")
     assert manager.names() == []
+
+
+def test_hnsw_compacts_when_a_quarter_is_tombstones(manager):
+    c = manager.create(CollectionConfig(name="c", dim=DIM, index=IndexSpec(kind="hnsw")))
+    c.upsert(items(clustered(4000)))
+    c.delete(filter={"n": {"$lt": 900}})
+    assert len(c.index.deleted) == 900  # under the threshold: still tombstones
+    c.delete(filter={"n": {"$lt": 1100}})
+    assert len(c.index.deleted) == 0 and c.index.index.ntotal == 2900  # rebuilt without them
+
+
+def test_searches_run_concurrently_with_writes(manager):
+    import threading
+
+    c = manager.create(CollectionConfig(name="c", dim=DIM))
+    vectors = clustered(3000)
+    c.upsert(items(vectors[:1000]))
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def searcher():
+        while not stop.is_set():
+            try:
+                for hits in c.search(vectors[:8], 5):
+                    assert len(hits) == 5 and all(h.id.startswith("i") for h in hits)
+            except BaseException as exc:  # noqa: BLE001 - collected and re-raised below
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=searcher) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for start in range(1000, 3000, 100):
+        c.upsert(items(vectors[start : start + 100], start=start))
+        c.delete(ids=[f"i{start}"])
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert c.store.count() == c.index.index.ntotal == 2980
