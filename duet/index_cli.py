@@ -8,11 +8,9 @@ Imports stream the file in batches, so a file of millions of rows never sits in 
 from __future__ import annotations
 
 import base64
-import csv
 import json
 import mimetypes
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,14 +18,11 @@ import httpx
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from trainer.tables import CONTENT_KEYS, RowError, count_rows, read_rows
+
 index_app = typer.Typer(help="Import, export and inspect collections (through the running service).")
 
 Url = Annotated[str, typer.Option(envvar="DUET_URL", help="The service's base URL.")]
-CONTENT_KEYS = ("text", "image", "vector")
-
-
-class RowError(ValueError):
-    """A row that cannot become an item; names the file and line."""
 
 
 def _image_uri(value: str, base: Path) -> str:
@@ -65,60 +60,6 @@ def to_item(row: dict[str, Any], line: int, base: Path, source: str) -> dict[str
         payload = json.loads(payload)
     item["payload"] = {**(payload or {}), **row}
     return item
-
-
-def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, row) from JSONL, CSV or Parquet, read lazily."""
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson", ".json"):
-        with path.open() as handle:
-            for line, text in enumerate(handle, 1):
-                if text.strip():
-                    try:
-                        yield line, json.loads(text)
-                    except json.JSONDecodeError as exc:
-                        raise RowError(f"{path}:{line}: not valid JSON ({exc})") from None
-    elif suffix in (".csv", ".tsv"):
-        with path.open(newline="") as handle:
-            for line, row in enumerate(csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ","), 2):
-                yield line, {key: _typed(value) if key not in CONTENT_KEYS else value for key, value in row.items()}
-    elif suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise RowError("reading Parquet needs pyarrow: pip install pyarrow") from None
-        line = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-            for row in batch.to_pylist():
-                line += 1
-                yield line, row
-    else:
-        raise RowError(f"{path}: unknown format {suffix!r}; use .jsonl, .csv, .tsv or .parquet")
-
-
-def _typed(value: str | None) -> Any:
-    """CSV has no types: numbers become numbers (so range filters work), the rest stays text."""
-    if value is None:
-        return None
-    for kind in (int, float):
-        try:
-            return kind(value)
-        except ValueError:
-            continue
-    return value
-
-
-def count_rows(path: Path) -> int | None:
-    if path.suffix.lower() == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-
-            return pq.ParquetFile(path).metadata.num_rows
-        except ImportError:
-            return None
-    with path.open("rb") as handle:
-        lines = sum(1 for line in handle if line.strip())
-    return lines - 1 if path.suffix.lower() in (".csv", ".tsv") else lines
 
 
 def _fail(message: str) -> typer.Exit:

@@ -1,0 +1,204 @@
+"""The one typed training config: a YAML or JSON file, or the body of the jobs API.
+
+Validated once, before any work starts, and never mutated. Every problem is collected and
+reported together (`ConfigError.problems`), so a user fixes a config in one go instead of
+discovering its mistakes one run at a time. Derived values (paths resolved relative to the
+config file, the run name) live in `ResolvedConfig`, not in the config itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+DatasetKind = Literal["pairs", "triplets", "graded", "texts"]
+LossName = Literal["infonce", "sigmoid", "debiased", "cosent"]
+# Which losses accept which data: graded pairs need a regression-style loss; the contrastive
+# losses need (anchor, positive[, negatives...]) rows. "texts" become SimCSE pairs (t, t).
+LOSSES_FOR_KIND: dict[str, tuple[str, ...]] = {
+    "pairs": ("infonce", "sigmoid", "debiased"),
+    "triplets": ("infonce", "sigmoid", "debiased"),
+    "texts": ("infonce", "sigmoid", "debiased"),
+    "graded": ("cosent",),
+}
+
+
+class ConfigError(ValueError):
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid training config:\n" + "\n".join(f"  - {p}" for p in problems))
+        self.problems = problems
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetSpec(_Strict):
+    """One data file. Columns are mapped onto roles: anchor, positive, negative(s), score."""
+
+    path: str = Field(description="JSONL, CSV/TSV, Parquet, or an STS-benchmark file; relative to the config.")
+    kind: DatasetKind = "pairs"
+    format: Literal["auto", "jsonl", "csv", "tsv", "parquet", "sts"] = "auto"
+    anchor: str = Field(default="anchor", description="Column of the anchor (query, caption, sentence 1).")
+    positive: str = Field(default="positive", description="Column of the positive (document, image, sentence 2).")
+    negatives: list[str] = Field(default_factory=list, description="Columns of explicit hard negatives.")
+    score: str = Field(default="score", description="Column of the graded score (graded pairs only).")
+    score_max: float | None = Field(default=None, gt=0, description="Scores are divided by this (STS: 5).")
+    limit: int | None = Field(default=None, gt=0, description="Use only the first N rows.")
+    skip_bad_rows: bool = Field(default=False, description="Count and skip bad rows instead of failing.")
+    name: str | None = Field(default=None, description="Name in metric keys; default: the file stem.")
+
+
+class LossSpec(_Strict):
+    name: LossName = "infonce"
+    temperature: float = Field(default=0.05, gt=0, le=1, description="Initial temperature (1 / logit scale).")
+    learnable_temperature: bool = True
+    max_logit_scale: float = Field(default=100.0, gt=1)
+    symmetric: bool = Field(default=True, description="InfoNCE in both directions (CLIP).")
+    tau_plus: float = Field(default=0.1, ge=0, lt=1, description="Debiased loss: class prior of false negatives.")
+    sigmoid_bias: float = -10.0
+    cached: bool = Field(default=False, description="GradCache: large effective batches in little memory.")
+    mini_batch_size: int = Field(default=32, gt=0, description="Chunk size of the cached forward passes.")
+    gather_across_devices: bool = Field(default=False, description="Negatives from every process, with gradients.")
+    matryoshka_dims: list[int] = Field(default_factory=list, description="Also train these prefix lengths.")
+
+
+class MiningSpec(_Strict):
+    """Hard-negative mining: embed the corpus with the model, take top non-positives."""
+
+    enabled: bool = False
+    negatives_per_anchor: int = Field(default=1, ge=1, le=16)
+    candidates: int = Field(default=30, ge=2, description="Nearest neighbours looked at per anchor.")
+    false_negative_margin: float = Field(
+        default=0.95, gt=0, le=1, description="Drop candidates scoring above margin x the positive's score."
+    )
+
+
+class PromoteSpec(_Strict):
+    alias: str = "production"
+    metric: str = Field(description="Metric key that must improve, e.g. 'sts-dev/spearman'.")
+    min_improvement: float = Field(default=0.0, ge=0)
+
+
+class OutputSpec(_Strict):
+    name: str = Field(description="Registry model name of the new version.")
+    aliases: list[str] = Field(default_factory=list, description="Aliases moved to the new version regardless.")
+    promote: PromoteSpec | None = None
+    description: str = ""
+
+
+class TrainConfig(_Strict):
+    base_model: str = Field(description="Registry reference (name, name@alias, name/version), hub id, or path.")
+    train: list[DatasetSpec] = Field(min_length=1)
+    eval: list[DatasetSpec] = Field(default_factory=list)
+    loss: LossSpec = Field(default_factory=LossSpec)
+    mining: MiningSpec = Field(default_factory=MiningSpec)
+    output: OutputSpec
+    batch_size: int = Field(default=64, gt=0)
+    epochs: float = Field(default=1.0, gt=0)
+    max_steps: int | None = Field(default=None, gt=0, description="Stop after this many steps (overrides epochs).")
+    learning_rate: float = Field(default=2e-5, gt=0, lt=1)
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    weight_decay: float = Field(default=0.01, ge=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(default="auto", description="auto: bf16 on CUDA.")
+    seed: int = 42
+    freeze: list[Literal["text", "image"]] = Field(
+        default_factory=list, description="Towers kept frozen (LiT: train the image tower into the text space)."
+    )
+    checkpoint_every_steps: int = Field(default=500, gt=0)
+    log_every_steps: int = Field(default=10, gt=0)
+    max_seq_length: int | None = Field(default=None, gt=0)
+
+    def fingerprint(self) -> str:
+        """Stable hash of the config: names the run folder, so re-running resumes it."""
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    location = ".".join(str(p) for p in err.get("loc", ()))
+    return f"{location}: {err.get('msg', 'invalid')}"
+
+
+def _combination_problems(config: TrainConfig) -> list[str]:
+    """Rules across fields: which losses fit which data, and options that exclude each other."""
+    problems = []
+    for i, spec in enumerate(config.train):
+        if config.loss.name not in LOSSES_FOR_KIND[spec.kind]:
+            allowed = ", ".join(LOSSES_FOR_KIND[spec.kind])
+            problems.append(f"train[{i}]: {spec.kind} data needs loss {allowed}, not {config.loss.name}")
+        if spec.kind == "graded" and config.mining.enabled:
+            problems.append(f"train[{i}]: hard-negative mining needs pairs, not graded data")
+    if config.loss.cached and config.loss.mini_batch_size > config.batch_size:
+        problems.append("loss.mini_batch_size must not exceed batch_size")
+    if config.loss.cached and config.loss.name != "infonce":
+        problems.append("loss.cached is available for infonce only")
+    if config.output.promote and config.output.promote.alias in config.output.aliases:
+        problems.append("output.promote.alias is also in output.aliases: it would move unconditionally")
+    return problems
+
+
+def _name_problems(config: TrainConfig) -> list[str]:
+    from registry.names import validate_alias, validate_name
+
+    checks = [(validate_name, config.output.name, "output.name")]
+    checks += [(validate_alias, alias, "output.aliases") for alias in config.output.aliases]
+    if config.output.promote:
+        checks.append((validate_alias, config.output.promote.alias, "output.promote.alias"))
+    problems = []
+    for check, value, where in checks:
+        try:
+            check(value)
+        except ValueError as exc:
+            problems.append(f"{where}: {exc}")
+    return problems
+
+
+def _file_problems(config: TrainConfig, base_dir: Path | None) -> list[str]:
+    problems = []
+    for section in ("train", "eval"):
+        for i, spec in enumerate(getattr(config, section)):
+            path = resolve_path(spec.path, base_dir)
+            if not path.is_file():
+                problems.append(f"{section}[{i}].path: no such file {path}")
+    return problems
+
+
+def parse_config(data: Any, base_dir: Path | None = None) -> TrainConfig:
+    """Validate a config dict; raise `ConfigError` listing every problem found.
+
+    Shape and type errors come first (all of them); once the shape is right, the rules across
+    fields, the names and the data files are checked together.
+    """
+    try:
+        config = TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError([_format_error(err) for err in exc.errors()]) from None
+    problems = _combination_problems(config) + _name_problems(config) + _file_problems(config, base_dir)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def load_config(path: Path) -> TrainConfig:
+    """Read YAML or JSON from a file and validate it (paths inside resolve against its folder)."""
+    text = path.read_text()
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # yaml and json raise different types; both mean "not parseable"
+        raise ConfigError([f"{path}: cannot parse: {exc}"]) from None
+    return parse_config(data, path.parent)
+
+
+def resolve_path(value: str, base_dir: Path | None) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() or base_dir is None else (base_dir / path)
