@@ -1,0 +1,1 @@
+"""Fine-tuning of contrastive encoders: config, data, losses, mining, evaluation, export."""
