@@ -85,6 +85,57 @@ def _registry(data_dir: Path | None):
     return registry
 
 
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Training config (YAML or JSON).")],
+    data_dir: DataDir = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the run's last checkpoint if there is one.")] = True,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
+) -> None:
+    """Fine-tune a model as CONFIG says, evaluate before and after, register the result.
+
+    Several processes: `torchrun --nproc_per_node N --no-python duet train CONFIG`.
+    """
+    from trainer.config import ConfigError
+    from trainer.tables import RowError
+
+    _setup_logging(log_level)
+    try:
+        from trainer.run import train_from_file
+
+        settings = _settings(data_dir)
+        with _user_errors():
+            registry = _registry(data_dir)
+            result = train_from_file(config, runs_dir=settings.data_dir / "runs", registry=registry, resume=resume)
+    except (ConfigError, RowError) as exc:
+        typer.secho(str(exc), fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    if result.report:
+        typer.echo(result.report)
+    if result.version is not None:
+        typer.echo(f"registered {result.version.ref} (aliases: {', '.join(result.version.aliases) or 'none'})")
+    if result.promotion is not None:
+        typer.echo(f"promotion: {result.promotion.reason}")
+
+
+data_app = typer.Typer(help="Datasets that ship with Duet.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("synthetic")
+def synthetic(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write images/, train.jsonl, test.jsonl into.")],
+    n_train: Annotated[int, typer.Option(help="Training images.")] = 2000,
+    n_test: Annotated[int, typer.Option(help="Test images (unseen colour-shape combinations).")] = 500,
+    seed: Annotated[int, typer.Option(help="Same seed, same bytes.")] = 0,
+) -> None:
+    """Generate the synthetic captioned-shapes set (no download)."""
+    from trainer.synthetic import SyntheticSpec, generate
+
+    result = generate(out_dir, SyntheticSpec(n_train=n_train, n_test=n_test, seed=seed))
+    typer.echo(f"wrote {result}")
+
+
 @models_app.command("list")
 def list_models(data_dir: DataDir = None) -> None:
     """Registered models with their latest version and aliases."""

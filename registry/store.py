@@ -69,14 +69,25 @@ class ModelRegistry:
 
     @classmethod
     def embedded(cls, root: Path) -> ModelRegistry:
-        """SQLite database and artifact folder under `root`: no server needed."""
+        """SQLite database and artifact folder under `root`: no server needed.
+
+        MLflow creates and migrates the database on first use; several processes opening a
+        fresh one at once (torchrun ranks, server workers) would race in that migration, so
+        the first use happens under a file lock.
+        """
+        from filelock import FileLock
+
         root = Path(root).resolve()
         (root / "artifacts").mkdir(parents=True, exist_ok=True)
-        return cls(
-            tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
-            artifact_location=(root / "artifacts").as_uri(),
-            cache_dir=root / "cache",
-        )
+        with FileLock(str(root / "init.lock"), timeout=300):
+            registry = cls(
+                tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
+                artifact_location=(root / "artifacts").as_uri(),
+                cache_dir=root / "cache",
+            )
+            registry._client.search_experiments(max_results=1)  # tracking store: creates/migrates
+            registry._client.search_registered_models(max_results=1)  # registry store: the same
+        return registry
 
     # -- writing -----------------------------------------------------------------------
 
@@ -86,8 +97,13 @@ class ModelRegistry:
         source_dir: Path,
         manifest: Manifest,
         aliases: tuple[str, ...] = (),
+        run_id: str | None = None,
     ) -> ModelVersionInfo:
-        """Copy a saved model folder into the registry as the next version of `name`."""
+        """Copy a saved model folder into the registry as the next version of `name`.
+
+        `run_id`: an MLflow run (e.g. the training run) to attach the artifact to, so the
+        version links to its loss curves; by default a registration run is created.
+        """
         from encoders.hashing import hash_directory
 
         validate_name(name)
@@ -100,7 +116,7 @@ class ModelRegistry:
         manifest = manifest.model_copy(
             update={"lineage": manifest.lineage.model_copy(update={"weights_sha256": weights_hash})}
         )
-        run_id = self._log_run(name, source_dir, manifest)
+        run_id = self._log_run(name, source_dir, manifest, run_id)
         self._ensure_registered_model(name, manifest.description)
         version = self._client.create_model_version(
             name,
@@ -115,9 +131,10 @@ class ModelRegistry:
         logger.info("registered %s/%s (sha256 %s)", name, number, weights_hash[:12])
         return self.get_version(name, number)
 
-    def _log_run(self, name: str, source_dir: Path, manifest: Manifest) -> str:
-        run = self._client.create_run(self._experiment(), run_name=f"register-{name}")
-        run_id = run.info.run_id
+    def _log_run(self, name: str, source_dir: Path, manifest: Manifest, run_id: str | None) -> str:
+        own_run = run_id is None
+        if run_id is None:
+            run_id = self._client.create_run(self._experiment(), run_name=f"register-{name}").info.run_id
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 staged = Path(tmp) / ARTIFACT_DIR
@@ -125,10 +142,12 @@ class ModelRegistry:
                 manifest.write(staged)
                 self._client.log_artifacts(run_id, str(staged), ARTIFACT_DIR)
             for key, value in manifest.metrics.items():
-                self._client.log_metric(run_id, key, float(value))
-            self._client.set_terminated(run_id)
+                self._client.log_metric(run_id, key.replace("@", "_at_"), float(value))
+            if own_run:
+                self._client.set_terminated(run_id)
         except Exception:
-            self._client.set_terminated(run_id, status="FAILED")
+            if own_run:
+                self._client.set_terminated(run_id, status="FAILED")
             raise
         return run_id
 

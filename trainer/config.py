@@ -51,6 +51,11 @@ class DatasetSpec(_Strict):
     limit: int | None = Field(default=None, gt=0, description="Use only the first N rows.")
     skip_bad_rows: bool = Field(default=False, description="Count and skip bad rows instead of failing.")
     name: str | None = Field(default=None, description="Name in metric keys; default: the file stem.")
+    same_content: list[str] = Field(
+        default_factory=list,
+        description="Evaluation: rows equal in these columns describe the same thing, so their items count as "
+        "relevant to each other (e.g. colour, shape, size, position of the synthetic set).",
+    )
 
 
 class LossSpec(_Strict):

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from trainer.config import ConfigError, load_config, parse_config
+
+GOOD = {
+    "base_model": "minilm",
+    "train": [{"path": "train.jsonl"}],
+    "output": {"name": "tuned"},
+}
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"anchor": "a", "positive": "b"}\n')
+    return tmp_path
+
+
+def test_a_good_config_parses_with_defaults(folder):
+    config = parse_config(GOOD, folder)
+    assert config.loss.name == "infonce" and config.batch_size == 64 and config.seed == 42
+    assert config.fingerprint() == parse_config(GOOD, folder).fingerprint()
+
+
+def test_every_problem_is_listed_at_once(folder):
+    bad = {
+        **GOOD,
+        "train": [{"path": "missing.csv", "kind": "graded"}],
+        "loss": {"name": "infonce", "cached": True, "mini_batch_size": 500},
+        "output": {"name": "../escape", "aliases": ["v2"]},
+    }
+    with pytest.raises(ConfigError) as error:
+        parse_config(bad, folder)
+    problems = error.value.problems
+    assert len(problems) == 5, problems
+    text = "\n".join(problems)
+    for words in ("graded data needs loss cosent", "mini_batch_size", "invalid model name", "reserved", "no such file"):
+        assert words in text
+
+
+def test_shape_errors_are_all_reported(folder):
+    with pytest.raises(ConfigError) as error:
+        parse_config({"train": [], "batch_size": 0, "surprise": True}, folder)
+    text = "\n".join(error.value.problems)
+    for words in ("base_model", "output", "train", "batch_size", "surprise"):
+        assert words in text
+
+
+def test_yaml_and_json_files_resolve_paths_against_their_folder(folder):
+    (folder / "config.json").write_text(json.dumps(GOOD))
+    (folder / "config.yaml").write_text("base_model: minilm\ntrain:\n  - path: train.jsonl\noutput:\n  name: tuned\n")
+    assert load_config(folder / "config.json") == load_config(folder / "config.yaml")
+    (folder / "broken.yaml").write_text("base_model: [unclosed\n")
+    with pytest.raises(ConfigError, match="cannot parse"):
+        load_config(folder / "broken.yaml")

@@ -1,0 +1,193 @@
+"""Training and evaluation data: rows of (anchor, positive[, negatives]) or graded pairs,
+each side a text or an image, read from a file into a `datasets.Dataset`.
+
+Every row is checked while the file is read (empty text, missing or unreadable image), and a
+bad row is reported by file and line, or counted and skipped when the spec says so. Images
+stay paths in the dataset and are decoded only when a batch needs them (`set_transform`),
+so an image set larger than memory trains fine. The content hash (file bytes, plus the bytes
+of every image it references) goes into the trained model's lineage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from trainer.config import DatasetSpec, resolve_path
+from trainer.tables import RowError, read_rows
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+@dataclass
+class LoadedData:
+    """One dataset, ready for the sentence-transformers trainer or the evaluator."""
+
+    name: str
+    kind: str
+    columns: list[str]  # role columns in order: anchor, positive, negative_1.. | anchor, positive, score
+    rows: list[dict[str, Any]]
+    modalities: dict[str, str]  # column -> "text" | "image"
+    sha256: str
+    skipped: int = 0
+    bad_rows: list[str] = field(default_factory=list)
+    content_keys: list[tuple] | None = None  # from `same_content`: rows with equal keys match each other
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def to_hf(self):
+        """A `datasets.Dataset` whose image columns decode lazily on access."""
+        from datasets import Dataset
+
+        dataset = Dataset.from_list(self.rows)
+        image_columns = [c for c, m in self.modalities.items() if m == "image"]
+        if image_columns:
+            dataset.set_transform(_image_loader(image_columns))
+        return dataset
+
+    def column(self, name: str) -> list[Any]:
+        return [row[name] for row in self.rows]
+
+    def load(self, name: str) -> list[Any]:
+        """A column's values with images decoded (for evaluation and mining)."""
+        values = self.column(name)
+        return [load_image(v) for v in values] if self.modalities.get(name) == "image" else values
+
+
+def _image_loader(columns: list[str]):
+    def transform(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for column in columns:
+            if column in batch:
+                batch[column] = [load_image(path) for path in batch[column]]
+        return batch
+
+    return transform
+
+
+def load_image(path: str) -> Image.Image:
+    from encoders.images import decode_image
+
+    return decode_image(Path(path).read_bytes())
+
+
+def _is_image_ref(value: Any) -> bool:
+    return isinstance(value, str) and (value.startswith("data:image/") or value.lower().endswith(IMAGE_SUFFIXES))
+
+
+def _check_image(value: str, base: Path) -> str:
+    """Resolve and check an image reference now (header only); decode later."""
+    if value.startswith("data:image/"):
+        raise RowError("inline data URIs are not supported in training files; save the images and reference paths")
+    path = resolve_path(value, base)
+    if not path.is_file():
+        raise RowError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise RowError(f"unreadable image {path}: {exc}") from None
+    return str(path.resolve())
+
+
+def _roles(spec: DatasetSpec) -> list[tuple[str, str]]:
+    """(output column, source column) pairs for the dataset's kind."""
+    if spec.kind == "texts":
+        return [("anchor", spec.anchor)]
+    roles = [("anchor", spec.anchor), ("positive", spec.positive)]
+    if spec.kind == "triplets":
+        if not spec.negatives:
+            roles.append(("negative_1", "negative"))
+        roles += [(f"negative_{i + 1}", column) for i, column in enumerate(spec.negatives)]
+    elif spec.negatives:
+        roles += [(f"negative_{i + 1}", column) for i, column in enumerate(spec.negatives)]
+    return roles
+
+
+def _convert(spec: DatasetSpec, row: dict[str, Any], base: Path, modalities: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for role, source in _roles(spec):
+        value = row.get(source)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise RowError(f"column '{source}' is empty or missing")
+        if not isinstance(value, str):
+            value = str(value)
+        modality = "image" if _is_image_ref(value) else "text"
+        known = modalities.setdefault(role, modality)
+        if known != modality:
+            raise RowError(f"column '{source}' holds {modality} here but {known} in earlier rows")
+        out[role] = _check_image(value, base) if modality == "image" else value
+    if spec.kind == "texts":
+        out["positive"] = out["anchor"]  # unsupervised SimCSE: the text is its own positive
+        modalities["positive"] = modalities["anchor"]
+    if spec.kind == "graded":
+        out["score"] = _score(row.get(spec.score), spec)
+    return out
+
+
+def _score(value: Any, spec: DatasetSpec) -> float:
+    try:
+        score = float(value)
+    except (TypeError, ValueError):
+        raise RowError(f"score column '{spec.score}' is not a number: {value!r}") from None
+    return score / spec.score_max if spec.score_max else score
+
+
+def load_data(spec: DatasetSpec, base_dir: Path | None = None) -> LoadedData:
+    """Read and check one dataset file; `RowError` names the file and line of a bad row."""
+    path = resolve_path(spec.path, base_dir)
+    fmt = spec.format
+    if fmt == "auto" and path.suffix.lower() == ".csv" and path.name.startswith("sts-"):
+        fmt = "sts"
+    if fmt == "sts" and spec.kind == "graded" and spec.score_max is None:
+        spec = spec.model_copy(update={"score_max": 5.0, "anchor": "sentence1", "positive": "sentence2"})
+    elif fmt == "sts":
+        spec = spec.model_copy(update={"anchor": "sentence1", "positive": "sentence2"})
+    rows: list[dict[str, Any]] = []
+    keys: list[tuple] = []
+    modalities: dict[str, str] = {}
+    bad: list[str] = []
+    for line, raw in read_rows(path, fmt, typed=False):
+        if spec.limit is not None and len(rows) >= spec.limit:
+            break
+        try:
+            rows.append(_convert(spec, raw, path.parent, modalities))
+            keys.append(tuple(str(raw.get(column)) for column in spec.same_content))
+        except RowError as exc:
+            message = f"{path}:{line}: {exc}"
+            if not spec.skip_bad_rows:
+                raise RowError(message) from None
+            bad.append(message)
+    if bad:
+        logger.warning("%s: skipped %d bad rows (first: %s)", path, len(bad), bad[0])
+    if not rows:
+        raise RowError(f"{path}: no usable rows")
+    columns = [role for role, _ in _roles(spec)] + (["positive"] if spec.kind == "texts" else [])
+    columns += ["score"] if spec.kind == "graded" else []
+    return LoadedData(
+        name=spec.name or path.stem,
+        kind=spec.kind,
+        columns=columns,
+        rows=rows,
+        modalities={c: modalities.get(c, "text") for c in columns if c != "score"},
+        sha256=_content_hash(path, rows, modalities),
+        skipped=len(bad),
+        bad_rows=bad,
+        content_keys=keys if spec.same_content else None,
+    )
+
+
+def _content_hash(path: Path, rows: list[dict[str, Any]], modalities: dict[str, str]) -> str:
+    digest = hashlib.sha256(path.read_bytes())
+    image_columns = [c for c, m in modalities.items() if m == "image"]
+    for row in rows:
+        for column in image_columns:
+            digest.update(Path(row[column]).read_bytes())
+    return digest.hexdigest()

@@ -1,0 +1,53 @@
+"""Turn the config's `LossSpec` into a loss module (ours, or sentence-transformers' CoSENT for
+graded pairs), wrapped in Matryoshka when prefix dimensions are asked for."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trainer.config import LossSpec
+from trainer.losses import (
+    CachedSymmetricInfoNCELoss,
+    DebiasedContrastiveLoss,
+    SigmoidLoss,
+    SymmetricInfoNCELoss,
+    matryoshka,
+)
+
+
+def build_loss(spec: LossSpec, model: Any):
+    if spec.name == "cosent":
+        from sentence_transformers.sentence_transformer.losses import CoSENTLoss, MatryoshkaLoss
+
+        loss = CoSENTLoss(model)  # Su, "CoSENT" (2022): ranks pair similarities by their gold scores
+        return MatryoshkaLoss(model, loss, spec.matryoshka_dims) if spec.matryoshka_dims else loss
+    if spec.name == "infonce":
+        common = dict(
+            init_temperature=spec.temperature,
+            learnable_temperature=spec.learnable_temperature,
+            max_logit_scale=spec.max_logit_scale,
+            symmetric=spec.symmetric,
+            gather_across_devices=spec.gather_across_devices,
+        )
+        loss = (
+            CachedSymmetricInfoNCELoss(model, mini_batch_size=spec.mini_batch_size, **common)
+            if spec.cached
+            else SymmetricInfoNCELoss(model, **common)
+        )
+    elif spec.name == "sigmoid":
+        loss = SigmoidLoss(
+            model,
+            init_temperature=spec.temperature,
+            init_bias=spec.sigmoid_bias,
+            learnable=spec.learnable_temperature,
+            max_logit_scale=spec.max_logit_scale,
+            gather_across_devices=spec.gather_across_devices,
+        )
+    else:
+        loss = DebiasedContrastiveLoss(
+            model,
+            tau_plus=spec.tau_plus,
+            temperature=spec.temperature,
+            gather_across_devices=spec.gather_across_devices,
+        )
+    return matryoshka(loss, spec.matryoshka_dims) if spec.matryoshka_dims else loss

@@ -1,0 +1,316 @@
+"""One training run, start to finish: config -> data -> baseline evaluation -> (mining) ->
+sentence-transformers trainer with our losses -> evaluation -> registry.
+
+Built on `SentenceTransformerTrainer`, which already does DDP (under `torchrun`), mixed
+precision, checkpoints and resumption; Duet adds the losses, mining, evaluation on both
+sides of training, tracking into MLflow and export with lineage.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+
+from registry.manifest import Manifest
+from registry.store import ModelRegistry, ModelVersionInfo
+from trainer.config import TrainConfig, load_config
+from trainer.data import LoadedData, load_data
+from trainer.evaluation import EvalSet, compare, evaluate, format_table
+from trainer.export import Promotion, register, write_card
+from trainer.losses import no_weight_decay_parameter_names
+from trainer.losses_factory import build_loss
+from trainer.mining import add_hard_negatives
+from trainer.tracking import ProgressFn, Tracker, TrackingCallback
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    before: dict[str, float]
+    after: dict[str, float]
+    report: str
+    version: ModelVersionInfo | None = None
+    promotion: Promotion | None = None
+    mining: dict[str, Any] = field(default_factory=dict)
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def resolve_base(ref: str, registry: ModelRegistry | None) -> tuple[str, str, Manifest | None]:
+    """(loadable path or hub id, lineage label, the base's manifest if it came from the registry)."""
+    if Path(ref).expanduser().exists():
+        return str(Path(ref).expanduser()), ref, None
+    if registry is not None:
+        from registry.names import parse_model_ref
+
+        try:
+            parsed = parse_model_ref(ref)
+        except ValueError:
+            parsed = None
+        if parsed is not None and registry.has_model(parsed.name):
+            info = registry.resolve(parsed)
+            return str(info.path), info.ref, info.manifest
+    return ref, ref, None  # a hub id: sentence-transformers downloads it (users have internet)
+
+
+def freeze_towers(model: Any, towers: list[str]) -> None:
+    """LiT-style: keep the named towers (Router routes) fixed while the others learn."""
+    from sentence_transformers.base.modules.router import Router
+
+    if not towers:
+        return
+    router = next((m for m in model.modules() if isinstance(m, Router)), None)
+    if router is None:
+        raise ValueError("freeze needs a text+image model with separate towers (a Router); this model has one tower")
+    for tower in towers:
+        for module in router.sub_modules[tower]:
+            for parameter in module.parameters():
+                parameter.requires_grad_(False)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("every parameter is frozen: nothing left to train")
+
+
+def eval_set(data: LoadedData) -> EvalSet:
+    if data.kind == "graded":
+        return EvalSet(
+            name=data.name,
+            kind="graded",
+            a_inputs=data.load("anchor"),
+            b_inputs=data.load("positive"),
+            scores=np.array(data.column("score"), dtype=np.float64),
+        )
+    return EvalSet(
+        name=data.name,
+        kind="paired",
+        a_inputs=data.load("anchor"),
+        b_inputs=data.load("positive"),
+        a_keys=data.column("anchor"),
+        b_keys=data.column("positive"),
+        a_modality=data.modalities["anchor"],
+        b_modality=data.modalities["positive"],
+    )
+
+
+def encoder_fn(model: Any):
+    def encode(inputs: list, modality: str) -> np.ndarray:
+        return model.encode(list(inputs), batch_size=64, normalize_embeddings=True, show_progress_bar=False)
+
+    return encode
+
+
+def evaluate_all(model: Any, sets: list[EvalSet]) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    encode = encoder_fn(model)
+    for eval_data in sets:
+        metrics.update(evaluate(encode, eval_data))
+    return metrics
+
+
+def training_arguments(config: TrainConfig, run_dir: Path, has_graded: bool):
+    from sentence_transformers import SentenceTransformerTrainingArguments
+    from sentence_transformers.base.training_args import BatchSamplers
+
+    cuda = torch.cuda.is_available()
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # launched by torchrun
+    bf16 = config.precision == "bf16" or (config.precision == "auto" and cuda and torch.cuda.is_bf16_supported())
+    fp16 = config.precision == "fp16" or (config.precision == "auto" and cuda and not bf16)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return SentenceTransformerTrainingArguments(
+        output_dir=str(run_dir / "checkpoints"),
+        per_device_train_batch_size=config.batch_size,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps or -1,
+        learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_ratio,  # a float below 1 is a fraction of all steps (Transformers v5)
+        lr_scheduler_type=config.scheduler,
+        weight_decay=config.weight_decay,
+        bf16=bf16,
+        fp16=fp16,
+        optim="adamw_torch_fused" if cuda else "adamw_torch",
+        seed=config.seed,
+        data_seed=config.seed,
+        save_strategy="steps",
+        save_steps=config.checkpoint_every_steps,
+        save_total_limit=2,
+        logging_steps=config.log_every_steps,
+        report_to="none",
+        # In-batch negatives must not contain a copy of the positive.
+        batch_sampler=BatchSamplers.BATCH_SAMPLER if has_graded else BatchSamplers.NO_DUPLICATES,
+        ddp_backend="gloo" if distributed and not cuda else None,
+        dataloader_drop_last=distributed,
+    )
+
+
+def duet_trainer_class():
+    """sentence-transformers' trainer, minus weight decay on the losses' learnable scalars
+    (temperature, SigLIP bias): decay would pull them to meaningless values (CLIP excludes them)."""
+    from sentence_transformers import SentenceTransformerTrainer
+
+    class DuetTrainer(SentenceTransformerTrainer):
+        def get_decay_parameter_names(self, model):
+            skip = no_weight_decay_parameter_names(model)
+            return [n for n in super().get_decay_parameter_names(model) if n not in skip]
+
+    return DuetTrainer
+
+
+LOSS_STATE = "duet_loss_state.pt"
+
+
+def loss_state(loss: Any) -> dict[str, torch.Tensor]:
+    """The loss's own learnable tensors (temperature, bias): not part of the model's weights."""
+    model_names = {f"model.{n}" for n, _ in loss.model.named_parameters()} if hasattr(loss, "model") else set()
+    return {n: p.detach().clone() for n, p in loss.named_parameters() if n not in model_names}
+
+
+class LossStateCallback(TrainerCallback):
+    """Checkpoints hold the model and optimizer; this adds the loss's learnable temperature,
+    so a resumed run continues with the temperature it had, not the initial one."""
+
+    def __init__(self, loss: Any) -> None:
+        self.loss = loss
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            state_dict = loss_state(self.loss)
+            if state_dict:
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                torch.save(state_dict, folder / LOSS_STATE)
+
+
+def restore_loss_state(loss: Any, checkpoint: str) -> None:
+    path = Path(checkpoint) / LOSS_STATE
+    if path.is_file():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        parameters = dict(loss.named_parameters())
+        with torch.no_grad():
+            for name, value in saved.items():
+                parameters[name].copy_(value)
+
+
+def last_checkpoint(run_dir: Path) -> str | None:
+    checkpoints = sorted(
+        (p for p in (run_dir / "checkpoints").glob("checkpoint-*") if p.is_dir()),
+        key=lambda p: int(p.name.split("-")[-1]),
+    )
+    return str(checkpoints[-1]) if checkpoints else None
+
+
+def run_training(
+    config: TrainConfig,
+    *,
+    base_dir: Path | None,
+    run_dir: Path,
+    registry: ModelRegistry | None,
+    resume: bool = True,
+    on_progress: ProgressFn | None = None,
+) -> TrainResult:
+    from sentence_transformers import SentenceTransformer
+    from transformers import set_seed
+
+    set_seed(config.seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    source, base_label, base_manifest = resolve_base(config.base_model, registry)
+    model = SentenceTransformer(source, device="cuda" if torch.cuda.is_available() else "cpu")
+    if config.max_seq_length:
+        model.max_seq_length = config.max_seq_length
+    freeze_towers(model, list(config.freeze))
+
+    train_sets = [load_data(spec, base_dir) for spec in config.train]
+    eval_sets = [eval_set(load_data(spec, base_dir)) for spec in config.eval]
+    main = is_main_process()
+    notify = on_progress if main else None
+    if notify:
+        notify({"event": "stage", "stage": "evaluating base model"})
+    before = evaluate_all(model, eval_sets) if main and eval_sets else {}
+
+    mining_reports = {}
+    if config.mining.enabled:
+        mined = []
+        for data in train_sets:
+            if data.kind == "pairs":
+                data, report = add_hard_negatives(data, encoder_fn(model), config.mining)
+                mining_reports[data.name] = report.__dict__
+            mined.append(data)
+        train_sets = mined
+
+    tracker = Tracker(
+        registry.tracking_uri if (registry and main) else None,
+        f"train-{config.output.name}",
+        config.model_dump(mode="json"),
+    )
+    loss = build_loss(config.loss, model)
+    datasets = {d.name: d.to_hf() for d in train_sets}
+    trainer = duet_trainer_class()(
+        model=model,
+        args=training_arguments(config, run_dir, any(d.kind == "graded" for d in train_sets)),
+        train_dataset=next(iter(datasets.values())) if len(datasets) == 1 else datasets,
+        loss=loss,
+        callbacks=[TrackingCallback(tracker, notify), LossStateCallback(loss)],
+    )
+    checkpoint = last_checkpoint(run_dir) if resume else None
+    if checkpoint:
+        restore_loss_state(loss, checkpoint)
+        if notify:
+            notify({"event": "stage", "stage": f"resuming from {Path(checkpoint).name}"})
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    result = TrainResult(run_dir=run_dir, before=before, after={}, report="", mining=mining_reports)
+    if not main:
+        return result
+    if notify:
+        notify({"event": "stage", "stage": "evaluating trained model"})
+    result.after = evaluate_all(model, eval_sets) if eval_sets else {}
+    tracker.log({f"eval/{k}": v for k, v in result.after.items()}, trainer.state.global_step)
+    result.report = format_table(compare(before, result.after)) if eval_sets else "(no evaluation sets)"
+    model_dir = run_dir / "model"
+    model.save(str(model_dir))
+    write_card(model_dir, config, result.report, base_label)
+    if registry is not None:
+        result.version, result.promotion = register(
+            registry,
+            model,
+            model_dir,
+            config,
+            base_model=base_label,
+            base_manifest=base_manifest,
+            dataset_hashes={d.name: d.sha256 for d in train_sets},
+            before=before,
+            after=result.after,
+            run_id=tracker.run_id,
+        )
+    tracker.finish()
+    return result
+
+
+def train_from_file(
+    path: Path,
+    *,
+    runs_dir: Path,
+    registry: ModelRegistry | None,
+    resume: bool = True,
+    on_progress: ProgressFn | None = None,
+) -> TrainResult:
+    """Load and validate a config file, then run it in `runs_dir/<name>-<config hash>` (so
+    running the same config again resumes it from its last checkpoint)."""
+    config = load_config(path)
+    run_dir = runs_dir / f"{config.output.name}-{config.fingerprint()}"
+    return run_training(
+        config, base_dir=path.parent, run_dir=run_dir, registry=registry, resume=resume, on_progress=on_progress
+    )

@@ -1,0 +1,94 @@
+"""Loss and metric curves into the registry's MLflow tracking, so they show in MLflow's UI,
+and progress events for whoever started the run (the CLI, later the jobs API)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+from transformers import TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+EXPERIMENT = "duet-training"
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> MLflow params ('loss.temperature': '0.05'), values cut to MLflow's limit."""
+    flat: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)[:6000]
+    return flat
+
+
+class Tracker:
+    """One MLflow run per training run (rank 0 only); a no-op when tracking is off."""
+
+    def __init__(self, tracking_uri: str | None, run_name: str, params: dict[str, Any]) -> None:
+        self.run_id: str | None = None
+        self._client = None
+        if tracking_uri is None:
+            return
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric, Param
+
+        self._client = MlflowClient(tracking_uri=tracking_uri)
+        self._metric = Metric
+        experiment = self._client.get_experiment_by_name(EXPERIMENT)
+        experiment_id = experiment.experiment_id if experiment else self._client.create_experiment(EXPERIMENT)
+        self.run_id = self._client.create_run(experiment_id, run_name=run_name).info.run_id
+        items = [Param(k, v) for k, v in flatten(params).items()]
+        for start in range(0, len(items), 100):
+            self._client.log_batch(self.run_id, params=items[start : start + 100])
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self._client is None:
+            return
+        now = int(time.time() * 1000)
+        batch = [
+            self._metric(key.replace("@", "_at_"), float(value), now, step)
+            for key, value in metrics.items()
+            if isinstance(value, (int, float)) and math.isfinite(value)
+        ]
+        if batch:
+            self._client.log_batch(self.run_id, metrics=batch)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self._client is not None:
+            self._client.set_terminated(self.run_id, status=status)
+
+
+class TrackingCallback(TrainerCallback):
+    """Forwards the trainer's logs (loss, learning rate, epoch) to MLflow and to `on_progress`."""
+
+    def __init__(self, tracker: Tracker, on_progress: ProgressFn | None = None) -> None:
+        self.tracker = tracker
+        self.on_progress = on_progress
+        self._started = time.monotonic()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        self.tracker.log({f"train/{k}": v for k, v in logs.items()}, state.global_step)
+        if self.on_progress is not None:
+            elapsed = time.monotonic() - self._started
+            remaining = (state.max_steps - state.global_step) * elapsed / max(state.global_step, 1)
+            self.on_progress(
+                {
+                    "event": "progress",
+                    "step": state.global_step,
+                    "max_steps": state.max_steps,
+                    "epoch": state.epoch,
+                    "loss": logs.get("loss"),
+                    "learning_rate": logs.get("learning_rate"),
+                    "eta_seconds": round(remaining, 1),
+                }
+            )
