@@ -89,6 +89,11 @@ class ModelRegistry:
             registry._client.search_registered_models(max_results=1)  # registry store: the same
         return registry
 
+    @property
+    def artifact_location(self) -> str | None:
+        """Where new experiments keep artifacts (None: the tracking server's default)."""
+        return self._artifact_location
+
     # -- writing -----------------------------------------------------------------------
 
     def register(

@@ -251,6 +251,7 @@ def run_training(
         registry.tracking_uri if (registry and main) else None,
         f"train-{config.output.name}",
         config.model_dump(mode="json"),
+        artifact_location=registry.artifact_location if registry else None,
     )
     loss = build_loss(config.loss, model)
     datasets = {d.name: d.to_hf() for d in train_sets}

@@ -32,7 +32,12 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
 class Tracker:
     """One MLflow run per training run (rank 0 only); a no-op when tracking is off."""
 
-    def __init__(self, tracking_uri: str | None, run_name: str, params: dict[str, Any]) -> None:
+    def __init__(
+        self, tracking_uri: str | None, run_name: str, params: dict[str, Any], artifact_location: str | None = None
+    ) -> None:
+        """`artifact_location`: the registry's artifact root. Without it an embedded (SQLite)
+        store would put the run's artifacts (the registered model) under ./mlruns of the
+        current directory instead of the data directory."""
         self.run_id: str | None = None
         self._client = None
         if tracking_uri is None:
@@ -43,7 +48,11 @@ class Tracker:
         self._client = MlflowClient(tracking_uri=tracking_uri)
         self._metric = Metric
         experiment = self._client.get_experiment_by_name(EXPERIMENT)
-        experiment_id = experiment.experiment_id if experiment else self._client.create_experiment(EXPERIMENT)
+        experiment_id = (
+            experiment.experiment_id
+            if experiment
+            else self._client.create_experiment(EXPERIMENT, artifact_location=artifact_location)
+        )
         self.run_id = self._client.create_run(experiment_id, run_name=run_name).info.run_id
         items = [Param(k, v) for k, v in flatten(params).items()]
         for start in range(0, len(items), 100):

@@ -70,6 +70,7 @@ def test_training_registers_a_version_that_loads_anywhere(workspace, tiny_model_
     assert set(result.before) == set(result.after)
     assert "| metric | before | after | delta |" in result.report
     assert result.version is not None and result.version.ref == "tiny-tuned/1"
+    assert result.version.path.is_relative_to(workspace / "registry")  # artifacts stay in the data dir
     manifest = result.version.manifest
     assert manifest.trained and manifest.lineage.base_model == str(tiny_model_dir)
     assert set(manifest.lineage.dataset_hashes) == {"train"}
