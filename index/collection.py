@@ -110,6 +110,7 @@ class Collection:
         self.store = CollectionStore(folder / STORE_FILE, config.dim)
         self._writer = threading.Lock()
         self._centroids: dict[str, np.ndarray] = {}
+        self._snapshotted_seq: int | None = None
         self._set_index(self._open_index())
 
     def _set_index(self, index: FaissIndex) -> None:
@@ -132,6 +133,7 @@ class Collection:
             except Exception as exc:  # any damage means: rebuild from the store, keep serving
                 logger.warning("collection %s: snapshot unusable (%s); rebuilding from the store", self.name, exc)
             else:
+                self._snapshotted_seq = index.applied_seq
                 self._centroids = self._load_centroids()
                 self._replay(index)
                 return index
@@ -182,22 +184,13 @@ class Collection:
 
     def snapshot_locked(self) -> None:
         self.index.write_snapshot(self.folder / SNAPSHOT_FILE)
+        self._snapshotted_seq = self.index.applied_seq
         self.store.prune_tombstones(self.index.applied_seq)
 
     @property
     def dirty(self) -> bool:
-        path = self.folder / SNAPSHOT_FILE
-        return not path.exists() or self.index.applied_seq != self._snapshot_seq(path)
-
-    @staticmethod
-    def _snapshot_seq(path: Path) -> int | None:
-        try:
-            with open(path, "rb") as handle:
-                head = handle.read(8 + 8)
-                size = int.from_bytes(head[8:], "little")
-                return int(json.loads(handle.read(size))["applied_seq"])
-        except Exception:
-            return None
+        """The index holds writes its snapshot does not (or there is no snapshot yet)."""
+        return self._snapshotted_seq != self.index.applied_seq
 
     def close(self) -> None:
         with self._writer:
@@ -355,7 +348,7 @@ class Collection:
 
     def _hits(self, scores: np.ndarray, vids: np.ndarray, k: int, exclude: list[str | None]) -> list[list[Hit]]:
         wanted = sorted({int(v) for v in vids.ravel() if v >= 0})
-        items = self.store.by_vids(wanted)
+        items = self.store.by_vids(wanted, with_vectors=False)
         results = []
         for row_scores, row_vids, skip in zip(scores, vids, exclude):
             hits = []

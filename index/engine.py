@@ -33,7 +33,8 @@ import numpy as np
 from index.errors import InvalidCollectionError, InvalidVectorError
 
 IndexKind = Literal["auto", "flat", "ivf", "ivfpq", "hnsw"]
-_MAGIC = b"DUETIDX1"
+_MAGIC = b"DUETIDX2"
+_END = b"DUETEND2"
 
 
 @dataclass(frozen=True)
@@ -227,22 +228,33 @@ class FaissIndex:
     # -- snapshots -----------------------------------------------------------------------
 
     def write_snapshot(self, path: Path) -> None:
-        """Atomic: write a temp file, fsync it, rename over the old one, fsync the folder."""
-        with self.lock.read():
-            blob = faiss.serialize_index(self.index).tobytes()
-            header = json.dumps(
-                {
-                    "factory": self.factory,
-                    "dim": self.dim,
-                    "applied_seq": self.applied_seq,
-                    "deleted": sorted(self.deleted),
-                    "sha256": hashlib.sha256(blob).hexdigest(),
-                }
-            ).encode()
+        """Atomic and streamed: FAISS writes straight into a temp file (no in-memory copy of the
+        index), which is fsynced, renamed over the old snapshot, and the folder fsynced.
+
+        Layout: MAGIC | faiss index bytes | trailer JSON (seq, factory, sha256 of the index
+        bytes, HNSW tombstones) | trailer length (8 bytes) | END_MAGIC.
+        """
         tmp = path.with_suffix(".tmp")
+        digest = hashlib.sha256()
         with open(tmp, "wb") as handle:
-            handle.write(_MAGIC + struct.pack("<Q", len(header)) + header)
-            handle.write(blob)
+            handle.write(_MAGIC)
+
+            def write(chunk: bytes) -> int:
+                digest.update(chunk)
+                return handle.write(chunk)
+
+            with self.lock.read():
+                faiss.write_index(self.index, faiss.PyCallbackIOWriter(write))
+                trailer = json.dumps(
+                    {
+                        "factory": self.factory,
+                        "dim": self.dim,
+                        "applied_seq": self.applied_seq,
+                        "deleted": sorted(self.deleted),
+                        "sha256": digest.hexdigest(),
+                    }
+                ).encode()
+            handle.write(trailer + struct.pack("<Q", len(trailer)) + _END)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -254,18 +266,57 @@ class FaissIndex:
 
     @classmethod
     def read_snapshot(cls, path: Path, spec: IndexSpec) -> FaissIndex:
-        """Load a snapshot; raises ValueError if it is truncated, corrupt or not ours."""
-        data = path.read_bytes()
-        if not data.startswith(_MAGIC) or len(data) < len(_MAGIC) + 8:
-            raise ValueError("not a Duet index snapshot")
-        (size,) = struct.unpack("<Q", data[len(_MAGIC) : len(_MAGIC) + 8])
-        start = len(_MAGIC) + 8
-        header = json.loads(data[start : start + size])
-        blob = data[start + size :]
-        if hashlib.sha256(blob).hexdigest() != header["sha256"]:
-            raise ValueError("snapshot checksum mismatch")
-        loaded = cls(header["dim"], header["factory"], spec)
-        loaded.index = faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8))
-        loaded.applied_seq = int(header["applied_seq"])
-        loaded.deleted = set(header["deleted"])
+        """Load a snapshot; raises ValueError if it is truncated, corrupt or not ours.
+
+        The checksum is verified in a streaming pass and FAISS then reads from the file, so
+        loading needs no copy of the index beyond the index itself.
+        """
+        trailer, start, end = read_snapshot_trailer(path)
+        with open(path, "rb") as handle:
+            handle.seek(start)
+            digest = hashlib.sha256()
+            remaining = end - start
+            while remaining:
+                chunk = handle.read(min(1 << 22, remaining))
+                if not chunk:
+                    raise ValueError("snapshot truncated")
+                digest.update(chunk)
+                remaining -= len(chunk)
+            if digest.hexdigest() != trailer["sha256"]:
+                raise ValueError("snapshot checksum mismatch")
+            handle.seek(start)
+            left = end - start
+
+            def read(size: int) -> bytes:
+                nonlocal left
+                chunk = handle.read(min(size, left))
+                left -= len(chunk)
+                return chunk
+
+            index = faiss.read_index(faiss.PyCallbackIOReader(read))
+        loaded = cls(trailer["dim"], trailer["factory"], spec)
+        loaded.index = index
+        loaded.applied_seq = int(trailer["applied_seq"])
+        loaded.deleted = set(trailer["deleted"])
         return loaded
+
+
+def read_snapshot_trailer(path: Path) -> tuple[dict[str, Any], int, int]:
+    """(trailer, start, end) of a snapshot file's index bytes; ValueError if it is not whole."""
+    size = path.stat().st_size
+    tail = len(_END) + 8
+    if size < len(_MAGIC) + tail:
+        raise ValueError("not a Duet index snapshot (too short)")
+    with open(path, "rb") as handle:
+        if handle.read(len(_MAGIC)) != _MAGIC:
+            raise ValueError("not a Duet index snapshot")
+        handle.seek(size - tail)
+        (length,) = struct.unpack("<Q", handle.read(8))
+        if handle.read(len(_END)) != _END or length > size - len(_MAGIC) - tail:
+            raise ValueError("snapshot truncated (no end marker)")
+        handle.seek(size - tail - length)
+        try:
+            trailer = json.loads(handle.read(length))
+        except ValueError:
+            raise ValueError("snapshot trailer unreadable") from None
+    return trailer, len(_MAGIC), size - tail - length

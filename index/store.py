@@ -58,11 +58,16 @@ class Changes:
     added_vectors: np.ndarray
 
 
+_NO_VECTOR = np.empty(0, dtype=np.float32)
+
+
 def _row_to_item(row: sqlite3.Row, dim: int) -> StoredItem:
     return StoredItem(
         id=row["id"],
         modality=row["modality"],
-        vector=np.frombuffer(row["vector"], dtype=np.float32, count=dim),
+        vector=np.frombuffer(row["vector"], dtype=np.float32, count=dim)
+        if "vector" in row.keys()  # noqa: SIM118 - `in` on a sqlite3.Row tests values, not names
+        else _NO_VECTOR,
         payload=json.loads(row["payload"]),
         content=row["content"],
         vid=row["vid"],
@@ -215,12 +220,14 @@ class CollectionStore:
         rows = self._reader.execute(f"SELECT vid FROM items WHERE {where}", params).fetchall()
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
-    def by_vids(self, vids: list[int]) -> dict[int, StoredItem]:
+    def by_vids(self, vids: list[int], with_vectors: bool = True) -> dict[int, StoredItem]:
+        """Rows by FAISS id; search results skip the vectors (1.5 KB each at 384-d)."""
+        columns = "*" if with_vectors else "id, vid, modality, content, payload"
         found: dict[int, StoredItem] = {}
         for start in range(0, len(vids), 500):
             chunk = vids[start : start + 500]
             rows = self._reader.execute(
-                f"SELECT * FROM items WHERE vid IN ({','.join('?' * len(chunk))})", chunk
+                f"SELECT {columns} FROM items WHERE vid IN ({','.join('?' * len(chunk))})", chunk
             ).fetchall()
             found.update((r["vid"], _row_to_item(r, self.dim)) for r in rows)
         return found

@@ -12,8 +12,10 @@ from typing import Annotated, Any
 
 import anyio
 import numpy as np
+import orjson
 from fastapi import APIRouter, Depends
 from fastapi import Query as QueryParam
+from fastapi.responses import Response
 
 from encoders.contract import Modality
 from index.collection import Collection, CollectionConfig
@@ -30,7 +32,6 @@ from service.collection_schemas import (
     ItemOut,
     ItemPage,
     Query,
-    SearchHit,
     SearchRequest,
     SearchResponse,
     UpsertRequest,
@@ -307,7 +308,7 @@ async def _query_vectors(
 
 
 @router.post("/v1/collections/{name}/search", response_model=SearchResponse, dependencies=JSON)
-async def search(name: str, body: SearchRequest, state: StateDep, pool: PoolDep, settings: SettingsDep):
+async def search(name: str, body: SearchRequest, state: StateDep, pool: PoolDep, settings: SettingsDep) -> Response:
     """Nearest neighbours of a text, an image, a vector or a stored item, across modalities."""
     if not 1 <= body.k <= settings.max_search_k:
         raise ApiError(
@@ -335,9 +336,16 @@ async def search(name: str, body: SearchRequest, state: StateDep, pool: PoolDep,
             exclude=exclude,
         )
     )
-    results = [[SearchHit(**h.__dict__) for h in row] for row in hits]
-    return SearchResponse(
-        results=results[0] if body.query is not None else results,
-        model=collection.config.model,
-        collection=collection.name,
+    # orjson straight from the hits: a batch of 256 queries x k hits through pydantic models
+    # costs more than the FAISS search it reports.
+    results = [[h.__dict__ for h in row] for row in hits]
+    return Response(
+        orjson.dumps(
+            {
+                "results": results[0] if body.query is not None else results,
+                "model": collection.config.model,
+                "collection": collection.name,
+            }
+        ),
+        media_type="application/json",
     )
