@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from service.body import include_body_schemas
 from service.errors import install_error_handlers
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.routes import collections, embeddings, health, models
@@ -37,6 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for module in (embeddings, models, collections, health):
         app.include_router(module.router)
+    include_body_schemas(app)
     return app
 
 

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import anyio
 import numpy as np
 import orjson
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi import Query as QueryParam
 from fastapi.responses import Response
 
@@ -22,6 +22,7 @@ from index.collection import Collection, CollectionConfig
 from index.engine import IndexSpec
 from index.errors import InvalidVectorError
 from index.store import StoredItem
+from service.body import body_schema, parse_body
 from service.collection_schemas import (
     CollectionCreate,
     CollectionInfo,
@@ -172,11 +173,17 @@ def _vector(collection: Collection, values: list[float], label: str) -> np.ndarr
         raise ApiError(400, f"{label}: {exc}", code="invalid_vector", param=label) from None
 
 
-@router.put("/v1/collections/{name}/items", response_model=UpsertResponse, dependencies=JSON)
+@router.put(
+    "/v1/collections/{name}/items",
+    response_model=UpsertResponse,
+    dependencies=JSON,
+    openapi_extra=body_schema(UpsertRequest),
+)
 async def upsert_items(
-    name: str, body: UpsertRequest, state: StateDep, pool: PoolDep, settings: SettingsDep
+    name: str, request: Request, state: StateDep, pool: PoolDep, settings: SettingsDep
 ) -> UpsertResponse:
     """Insert or replace items by id. The reply comes after the write is durable."""
+    body = await parse_body(request, UpsertRequest)
     if len(body.items) > settings.max_inputs_per_request:
         raise ApiError(
             400,
@@ -307,9 +314,15 @@ async def _query_vectors(
     return np.stack(rows), modalities, exclude
 
 
-@router.post("/v1/collections/{name}/search", response_model=SearchResponse, dependencies=JSON)
-async def search(name: str, body: SearchRequest, state: StateDep, pool: PoolDep, settings: SettingsDep) -> Response:
+@router.post(
+    "/v1/collections/{name}/search",
+    response_model=SearchResponse,
+    dependencies=JSON,
+    openapi_extra=body_schema(SearchRequest),
+)
+async def search(name: str, request: Request, state: StateDep, pool: PoolDep, settings: SettingsDep) -> Response:
     """Nearest neighbours of a text, an image, a vector or a stored item, across modalities."""
+    body = await parse_body(request, SearchRequest)
     if not 1 <= body.k <= settings.max_search_k:
         raise ApiError(
             400, f"k must be between 1 and {settings.max_search_k}, got {body.k}", code="invalid_k", param="k"
