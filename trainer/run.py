@@ -117,7 +117,18 @@ def evaluate_all(model: Any, sets: list[EvalSet]) -> dict[str, float]:
     return metrics
 
 
-def training_arguments(config: TrainConfig, run_dir: Path, has_graded: bool):
+def router_mapping(model: Any, train_sets: list[LoadedData]) -> dict[str, Any]:
+    """Dual encoders route by modality; the trainer still wants a route per column, so each
+    column maps to its modality (the Router then picks the (None, modality) route)."""
+    from sentence_transformers.base.modules.router import Router
+
+    if not any(isinstance(m, Router) for m in model.children()):
+        return {}
+    per_set = {d.name: {c: d.modalities.get(c, "text") for c in d.columns if c != "score"} for d in train_sets}
+    return next(iter(per_set.values())) if len(per_set) == 1 else per_set
+
+
+def training_arguments(config: TrainConfig, run_dir: Path, has_graded: bool, routes: dict[str, Any]):
     from sentence_transformers import SentenceTransformerTrainingArguments
     from sentence_transformers.base.training_args import BatchSamplers
 
@@ -150,6 +161,7 @@ def training_arguments(config: TrainConfig, run_dir: Path, has_graded: bool):
         # In-batch negatives must not contain a copy of the positive.
         batch_sampler=BatchSamplers.BATCH_SAMPLER if has_graded else BatchSamplers.NO_DUPLICATES,
         ddp_backend="gloo" if distributed and not cuda else None,
+        router_mapping=routes,
         dataloader_drop_last=distributed,
     )
 
@@ -257,7 +269,9 @@ def run_training(
     datasets = {d.name: d.to_hf() for d in train_sets}
     trainer = duet_trainer_class()(
         model=model,
-        args=training_arguments(config, run_dir, any(d.kind == "graded" for d in train_sets)),
+        args=training_arguments(
+            config, run_dir, any(d.kind == "graded" for d in train_sets), router_mapping(model, train_sets)
+        ),
         train_dataset=next(iter(datasets.values())) if len(datasets) == 1 else datasets,
         loss=loss,
         callbacks=[TrackingCallback(tracker, notify), LossStateCallback(loss)],

@@ -174,3 +174,47 @@ def test_two_cpu_processes_with_negatives_gathered_across_them(workspace, tiny_m
     registry = ModelRegistry.embedded(workspace / "data" / "registry")
     assert [v.version for v in registry.list_versions("tiny-ddp")] == [1]  # only rank 0 registered
     assert sys.executable  # the same interpreter's duet ran both ranks
+
+
+def test_dual_encoder_trains_its_image_tower_with_the_text_tower_frozen(tmp_path, minilm_path):
+    """A tiny text+image model learns on the synthetic shapes; the frozen text tower stays put."""
+    from sentence_transformers import SentenceTransformer
+
+    from encoders.dual import ImageTowerConfig, build_dual_encoder
+    from trainer.synthetic import SyntheticSpec, generate
+
+    generate(tmp_path / "shapes", SyntheticSpec(n_train=64, n_test=30, seed=1))
+    build_dual_encoder(minilm_path, ImageTowerConfig(image_size=32, patch_size=8, width=32, layers=1, heads=2)).save(
+        str(tmp_path / "dual")
+    )
+    cfg = parse_config(
+        {
+            "base_model": str(tmp_path / "dual"),
+            "train": [{"path": "shapes/train.jsonl", "anchor": "text", "positive": "image"}],
+            "eval": [
+                {
+                    "path": "shapes/test.jsonl",
+                    "anchor": "text",
+                    "positive": "image",
+                    "name": "shapes",
+                    "same_content": ["colour", "shape", "size", "position"],
+                }
+            ],
+            "freeze": ["text"],
+            "batch_size": 16,
+            "max_steps": 4,
+            "learning_rate": 1e-3,
+            "output": {"name": "dual-tiny"},
+        },
+        tmp_path,
+    )
+    result = run_training(cfg, base_dir=tmp_path, run_dir=tmp_path / "run", registry=None)
+    assert "shapes/text_to_image/recall@1" in result.after and "shapes/modality_gap" in result.after
+    before = SentenceTransformer(str(tmp_path / "dual"), device="cpu")
+    after = SentenceTransformer(str(tmp_path / "run" / "model"), device="cpu")
+    text = ["a small red circle on the left"]
+    assert torch.allclose(torch.tensor(before.encode(text)), torch.tensor(after.encode(text)), atol=1e-6)
+    from PIL import Image
+
+    image = [Image.new("RGB", (32, 32), "red")]
+    assert not torch.allclose(torch.tensor(before.encode(image)), torch.tensor(after.encode(image)), atol=1e-4)
