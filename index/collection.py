@@ -347,8 +347,12 @@ class Collection:
         return np.take_along_axis(scores, top, axis=1), vids[top]
 
     def _hits(self, scores: np.ndarray, vids: np.ndarray, k: int, exclude: list[str | None]) -> list[list[Hit]]:
-        wanted = sorted({int(v) for v in vids.ravel() if v >= 0})
-        items = self.store.by_vids(wanted, with_vectors=False)
+        # Rows for the first k (+1 for a self-exclusion) candidates of each query first; the
+        # spare candidates are looked up only if some of those rows vanished in the meantime.
+        first = vids[:, : k + (1 if any(exclude) else 0)]
+        items = self.store.by_vids(sorted({int(v) for v in first.ravel() if v >= 0}), with_vectors=False)
+        if any(int(v) not in items for v in first.ravel() if v >= 0):
+            items = self.store.by_vids(sorted({int(v) for v in vids.ravel() if v >= 0}), with_vectors=False)
         results = []
         for row_scores, row_vids, skip in zip(scores, vids, exclude):
             hits = []
