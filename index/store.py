@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 
 from index.errors import PayloadError
 from index.filters import FIELD, value_type
@@ -68,7 +69,7 @@ def _row_to_item(row: sqlite3.Row, dim: int) -> StoredItem:
         vector=np.frombuffer(row["vector"], dtype=np.float32, count=dim)
         if "vector" in row.keys()  # noqa: SIM118 - `in` on a sqlite3.Row tests values, not names
         else _NO_VECTOR,
-        payload=json.loads(row["payload"]),
+        payload=orjson.loads(row["payload"]),  # 3-4x faster than json.loads: search results parse many
         content=row["content"],
         vid=row["vid"],
     )
