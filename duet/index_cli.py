@@ -35,12 +35,23 @@ def _image_uri(value: str, base: Path) -> str:
     return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
 
 
-def to_item(row: dict[str, Any], line: int, base: Path, source: str) -> dict[str, Any]:
-    """One file row -> one API item. Non-content fields become the payload."""
+def to_item(row: dict[str, Any], line: int, base: Path, source: str, content: str | None = None) -> dict[str, Any]:
+    """One file row -> one API item. Non-content fields become the payload.
+
+    `content` names the column to embed when a row has several (e.g. a caption and its
+    image): the others are kept in the payload.
+    """
     row = {k: v for k, v in row.items() if v is not None and v != ""}
     present = [k for k in CONTENT_KEYS if k in row]
+    if content is not None:
+        if content not in row:
+            raise RowError(f"{source}:{line}: no '{content}' column to embed")
+        present = [content]
     if len(present) != 1:
-        raise RowError(f"{source}:{line}: needs exactly one of text, image, vector (got {present or 'none'})")
+        raise RowError(
+            f"{source}:{line}: needs exactly one of text, image, vector (got {present or 'none'}); "
+            "pick one with --content"
+        )
     key = present[0]
     item: dict[str, Any] = {"id": str(row.pop("id", f"{Path(source).stem}-{line}"))}
     value = row.pop(key)
@@ -87,6 +98,9 @@ def import_file(
     url: Url = "http://127.0.0.1:8000",
     batch_size: Annotated[int, typer.Option(min=1, max=2048, help="Items per request.")] = 256,
     skip_bad_rows: Annotated[bool, typer.Option(help="Count and skip rows that cannot become items.")] = False,
+    content: Annotated[
+        str | None, typer.Option(help="Column to embed (text, image or vector) when rows have several.")
+    ] = None,
 ) -> None:
     """Upsert every row of FILE into COLLECTION: one of text / image (path or data URI) /
     vector per row, optional id, every other field goes to the payload."""
@@ -108,7 +122,7 @@ def import_file(
         try:
             for line, row in read_rows(file):
                 try:
-                    batch.append(to_item(row, line, file.parent, str(file)))
+                    batch.append(to_item(row, line, file.parent, str(file), content))
                 except (RowError, json.JSONDecodeError) as exc:
                     if not skip_bad_rows:
                         raise _fail(str(exc)) from None

@@ -75,3 +75,17 @@ def test_unreachable_server_is_a_clear_error(tmp_path):
     source.write_text('{"text": "hi"}\n')
     result = runner.invoke(app, ["index", "import", "c", str(source), "--url", "http://127.0.0.1:9"])
     assert result.exit_code == 1 and "cannot reach" in result.output
+
+
+def test_rows_with_caption_and_image_pick_the_column_to_embed(http, server, tmp_path):
+    name = _collection(http, model="minilm-dual")
+    Image.new("RGB", (16, 16), (0, 0, 255)).save(tmp_path / "blue.png")
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"id": "b", "image": "blue.png", "text": "a blue square"}) + "\n")
+    ambiguous = runner.invoke(app, ["index", "import", name, str(tmp_path / "pairs.jsonl"), "--url", server.url])
+    assert ambiguous.exit_code == 1 and "--content" in ambiguous.output
+    chosen = runner.invoke(
+        app, ["index", "import", name, str(tmp_path / "pairs.jsonl"), "--url", server.url, "--content", "image"]
+    )
+    assert chosen.exit_code == 0, chosen.output
+    item = http.get(f"/v1/collections/{name}/items/b").json()
+    assert item["modality"] == "image" and item["payload"] == {"text": "a blue square"}
