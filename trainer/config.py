@@ -16,14 +16,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 DatasetKind = Literal["pairs", "triplets", "graded", "texts"]
-LossName = Literal["infonce", "sigmoid", "debiased", "cosent"]
+LossName = Literal["infonce", "sigmoid", "debiased", "cosent", "cosine"]
 # Which losses accept which data: graded pairs need a regression-style loss; the contrastive
 # losses need (anchor, positive[, negatives...]) rows. "texts" become SimCSE pairs (t, t).
 LOSSES_FOR_KIND: dict[str, tuple[str, ...]] = {
     "pairs": ("infonce", "sigmoid", "debiased"),
     "triplets": ("infonce", "sigmoid", "debiased"),
     "texts": ("infonce", "sigmoid", "debiased"),
-    "graded": ("cosent",),
+    "graded": ("cosent", "cosine"),
 }
 
 

@@ -16,10 +16,12 @@ from trainer.losses import (
 
 
 def build_loss(spec: LossSpec, model: Any):
-    if spec.name == "cosent":
-        from sentence_transformers.sentence_transformer.losses import CoSENTLoss, MatryoshkaLoss
+    if spec.name in ("cosent", "cosine"):
+        from sentence_transformers.sentence_transformer.losses import CoSENTLoss, CosineSimilarityLoss, MatryoshkaLoss
 
-        loss = CoSENTLoss(model)  # Su, "CoSENT" (2022): ranks pair similarities by their gold scores
+        # CoSENT (Su 2022) ranks pair similarities by their gold scores; "cosine" regresses the
+        # cosine onto the gold score (Reimers & Gurevych 2019), which keeps the scale calibrated.
+        loss = CoSENTLoss(model) if spec.name == "cosent" else CosineSimilarityLoss(model)
         return MatryoshkaLoss(model, loss, spec.matryoshka_dims) if spec.matryoshka_dims else loss
     if spec.name == "infonce":
         common = dict(

@@ -56,3 +56,15 @@ def test_yaml_and_json_files_resolve_paths_against_their_folder(folder):
     (folder / "broken.yaml").write_text("base_model: [unclosed\n")
     with pytest.raises(ConfigError, match="cannot parse"):
         load_config(folder / "broken.yaml")
+
+
+def test_graded_pairs_take_cosent_or_cosine(folder):
+    for loss in ("cosent", "cosine"):
+        config = parse_config(
+            {**GOOD, "train": [{"path": "train.jsonl", "kind": "graded"}], "loss": {"name": loss}}, folder
+        )
+        assert config.loss.name == loss
+    with pytest.raises(ConfigError, match="needs loss cosent, cosine"):
+        parse_config(
+            {**GOOD, "train": [{"path": "train.jsonl", "kind": "graded"}], "loss": {"name": "sigmoid"}}, folder
+        )
