@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 import pytest
 
-from index.collection import CollectionConfig, CollectionManager
-from index.engine import IndexSpec
-from index.store import StoredItem
+faiss = pytest.importorskip("faiss", reason="needs faiss (faiss-gpu-cu12 for the GPU path)")
+
+from index.collection import CollectionConfig, CollectionManager  # noqa: E402 (after the importorskip)
+from index.engine import IndexSpec  # noqa: E402 (after the importorskip)
+from index.store import StoredItem  # noqa: E402 (after the importorskip)
 
 pytestmark = [
     pytest.mark.gpu,
