@@ -1,0 +1,1 @@
+"""Fine-tuning jobs: records, the store and queue (SQLite embedded or Redis), and workers."""
