@@ -61,6 +61,62 @@ def serve(
     )
 
 
+@app.command()
+def worker(
+    data_dir: DataDir = None,
+    redis_url: Annotated[
+        str | None, typer.Option(help="Redis of the service (default: $REDIS_URL or $DUET_REDIS_URL).")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Worker name in job records (default: host-pid).")] = None,
+    embedded: Annotated[
+        bool, typer.Option(help="Use the SQLite job store under the data dir (what `duet serve` starts).")
+    ] = False,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
+) -> None:
+    """Run fine-tuning jobs from the queue, one at a time, each in a spawned training process.
+
+    Start any number, on any machines that share the data dir (checkpoints, uploaded datasets)
+    and reach the same Redis and registry. SIGTERM stops the running job at its next step
+    (after a checkpoint; the job is left failed and resumable) and exits.
+    """
+    import signal
+
+    from jobs.redis_store import RedisJobStore
+    from jobs.sqlite_store import SqliteJobStore
+    from jobs.worker import Worker, WorkerOptions
+
+    settings = _settings(data_dir, log_level=log_level)
+    _setup_logging(settings.log_level)
+    url = redis_url or settings.redis_url
+    if embedded:
+        store = SqliteJobStore(settings.jobs_db)
+    elif url:
+        store = RedisJobStore(url, prefix=settings.redis_prefix)
+    else:
+        typer.secho(
+            "error: no Redis to take jobs from: set REDIS_URL (or --redis-url); `duet serve` runs jobs itself "
+            "when it has no Redis",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        raise typer.Exit(2)
+    options = WorkerOptions(
+        data_dir=settings.data_dir.resolve(),
+        registry_dir=settings.registry_dir.resolve(),
+        registry_uri=settings.registry_uri,
+        artifact_uri=settings.artifact_uri,
+        heartbeat_seconds=settings.job_heartbeat_seconds,
+        cancel_grace_seconds=settings.job_cancel_grace_seconds,
+    )
+    if name:
+        options.name = name
+    runner = Worker(store, options)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: runner.stopping.set())
+    runner.run_forever()
+    store.close()
+
+
 @contextmanager
 def _user_errors() -> Iterator[None]:
     """Registry and model errors are the user's to fix: one line, exit code 1, no traceback."""
@@ -197,3 +253,7 @@ def set_alias(name: str, alias: str, version: int, data_dir: DataDir = None) -> 
     with _user_errors():
         _registry(data_dir).set_alias(name, alias, version)
     typer.echo(f"{name}@{alias} -> {name}/{version}")
+
+
+if __name__ == "__main__":  # `python -m duet.cli`: how `duet serve` starts its local worker
+    app()

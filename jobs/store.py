@@ -126,6 +126,21 @@ class JobStore(ABC):
 
         return self._modify(job_id, apply)
 
+    def worker_update(
+        self, job_id: str, worker: str, events: list[tuple[str, dict[str, Any]]] | None = None, **fields: Any
+    ) -> JobRecord:
+        """Like `update`, but only while the job is still running on `worker`: a worker the
+        reaper gave up on gets the record back unchanged and learns it must stop."""
+
+        def apply(record: JobRecord) -> Change | None:
+            if record.state is not JobState.running or record.worker != worker:
+                return None
+            for name, value in fields.items():
+                setattr(record, name, value)
+            return Change(events=list(events or []))
+
+        return self._modify(job_id, apply)
+
     def add_event(self, job_id: str, type_: str, data: dict[str, Any]) -> JobRecord:
         return self.update(job_id, events=[(type_, data)])
 

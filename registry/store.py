@@ -89,6 +89,14 @@ class ModelRegistry:
             registry._client.search_registered_models(max_results=1)  # registry store: the same
         return registry
 
+    @classmethod
+    def open(cls, root: Path, tracking_uri: str | None = None, artifact_location: str | None = None) -> ModelRegistry:
+        """The configured remote registry, or the embedded one under `root` when none is set.
+        One place for this choice, used by the service, the CLI and job processes alike."""
+        if tracking_uri:
+            return cls(tracking_uri, artifact_location=artifact_location, cache_dir=Path(root) / "cache")
+        return cls.embedded(root)
+
     @property
     def artifact_location(self) -> str | None:
         """Where new experiments keep artifacts (None: the tracking server's default)."""

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from service.body import include_body_schemas
 from service.errors import install_error_handlers
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
-from service.routes import collections, embeddings, health, models
+from service.routes import collections, embeddings, health, jobs, models
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -34,9 +34,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.add_middleware(MetricsMiddleware, metrics_getter=lambda: _metrics_of(app))
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        larger={"/v1/datasets": settings.max_dataset_bytes},
+    )
     install_error_handlers(app)
-    for module in (embeddings, models, collections, health):
+    for module in (embeddings, models, collections, jobs, health):
         app.include_router(module.router)
     include_body_schemas(app)
     return app

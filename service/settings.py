@@ -10,12 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="DUET_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="DUET_", extra="ignore", populate_by_name=True)
 
     # Where all state lives.
     data_dir: Path = Field(default=Path("./duet-data"), description="Root folder for all state.")
@@ -80,6 +80,31 @@ class Settings(BaseSettings):
     max_search_queries: int = Field(default=256, gt=0, description="Most queries in one batched search.")
     faiss_gpu: bool = Field(default=True, description="Clone indexes to the GPU for search when FAISS has GPU support.")
 
+    # Jobs.
+    redis_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("DUET_REDIS_URL", "REDIS_URL", "redis_url"),
+        description="Redis for job records and the queue, shared with `duet worker`s (REDIS_URL or "
+        "DUET_REDIS_URL). Unset: jobs live in SQLite under data_dir and run in a local worker process.",
+    )
+    redis_prefix: str = Field(default="duet", description="Prefix of Duet's Redis keys.")
+    local_worker: bool = Field(
+        default=True, description="Without Redis, `duet serve` runs jobs in a local worker process it supervises."
+    )
+    job_heartbeat_seconds: float = Field(default=5.0, gt=0, description="How often a worker reports a running job.")
+    job_heartbeat_timeout_seconds: float = Field(
+        default=60.0, gt=0, description="A running job with no heartbeat for this long is failed (resumable)."
+    )
+    job_cancel_grace_seconds: float = Field(
+        default=120.0, gt=0, description="How long a cancelled job may take to reach a step boundary before a kill."
+    )
+    max_dataset_bytes: int = Field(default=512 * 1024 * 1024, gt=0, description="Largest dataset upload.")
+    jobs_allow_local_paths: bool = Field(
+        default=False,
+        description="Let job configs name files and models by server-side path (outside uploaded datasets). "
+        "Off by default: API users should not read the server's files.",
+    )
+
     log_level: str = "info"
 
     @model_validator(mode="after")
@@ -88,6 +113,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"DUET_MAX_QUEUE_ITEMS ({self.max_queue_items}) must be at least DUET_MAX_INPUTS_PER_REQUEST "
                 f"({self.max_inputs_per_request}), or a full-size request could never be queued"
+            )
+        if self.job_heartbeat_timeout_seconds <= 2 * self.job_heartbeat_seconds:
+            raise ValueError(
+                f"DUET_JOB_HEARTBEAT_TIMEOUT_SECONDS ({self.job_heartbeat_timeout_seconds}) must be more than twice "
+                f"DUET_JOB_HEARTBEAT_SECONDS ({self.job_heartbeat_seconds}), or a slow heartbeat fails a healthy job"
             )
         return self
 
@@ -98,3 +128,11 @@ class Settings(BaseSettings):
     @property
     def collections_dir(self) -> Path:
         return self.data_dir / "collections"
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.data_dir / "datasets"
+
+    @property
+    def jobs_db(self) -> Path:
+        return self.data_dir / "jobs.sqlite3"

@@ -11,6 +11,7 @@ import anyio
 from index.collection import CollectionManager
 from registry.store import ModelRegistry
 from service.bootstrap import register_default_models
+from service.jobs_runtime import JobsRuntime
 from service.metrics import Metrics
 from service.model_pool import ModelPool
 from service.settings import Settings
@@ -20,11 +21,7 @@ logger = logging.getLogger(__name__)
 
 def open_registry(settings: Settings) -> ModelRegistry:
     """The embedded registry under the data dir, or the configured remote one."""
-    if settings.registry_uri:
-        return ModelRegistry(
-            settings.registry_uri, artifact_location=settings.artifact_uri, cache_dir=settings.registry_dir / "cache"
-        )
-    return ModelRegistry.embedded(settings.registry_dir)
+    return ModelRegistry.open(settings.registry_dir, settings.registry_uri, settings.artifact_uri)
 
 
 @dataclass
@@ -36,6 +33,7 @@ class ServiceState:
     collections: CollectionManager
     ready: bool = False
     startup_error: str | None = None
+    jobs: JobsRuntime | None = None
     _preload: asyncio.Task[None] | None = field(default=None, repr=False)
     _snapshots: asyncio.Task[None] | None = field(default=None, repr=False)
 
@@ -56,6 +54,7 @@ class ServiceState:
             pool=ModelPool(registry, settings, metrics),
             collections=collections,
         )
+        state.jobs = await JobsRuntime.start(settings)
         state._preload = asyncio.create_task(state._preload_models())
         state._snapshots = asyncio.create_task(state._snapshot_loop())
         return state
@@ -83,5 +82,7 @@ class ServiceState:
         for task in (self._preload, self._snapshots):
             if task is not None and not task.done():
                 task.cancel()
+        if self.jobs is not None:
+            await self.jobs.close()
         await self.pool.close()
         await anyio.to_thread.run_sync(self.collections.close)

@@ -84,9 +84,19 @@ class MiningSpec(_Strict):
 
 
 class PromoteSpec(_Strict):
+    """When the new version takes `alias`: its `metric` must beat the reference by more than
+    `min_improvement` (the reference: the base model, or the version holding the alias now,
+    both measured in this run on the same evaluation sets), and reach `min_value` if set."""
+
     alias: str = "production"
     metric: str = Field(description="Metric key that must improve, e.g. 'sts-dev/spearman'.")
     min_improvement: float = Field(default=0.0, ge=0)
+    compare_to: Literal["base", "current", "none"] = Field(
+        default="base",
+        description="'base': the base model; 'current': the version that holds the alias now (evaluated "
+        "in this run; with no holder only min_value counts); 'none': min_value alone decides.",
+    )
+    min_value: float | None = Field(default=None, description="The metric must also reach this value.")
 
 
 class OutputSpec(_Strict):
@@ -144,6 +154,11 @@ def _combination_problems(config: TrainConfig) -> list[str]:
         problems.append("loss.cached is available for infonce only")
     if config.output.promote and config.output.promote.alias in config.output.aliases:
         problems.append("output.promote.alias is also in output.aliases: it would move unconditionally")
+    promote = config.output.promote
+    if promote and promote.compare_to == "none" and promote.min_value is None:
+        problems.append("output.promote.compare_to 'none' needs output.promote.min_value (else nothing is checked)")
+    if promote and not config.eval:
+        problems.append("output.promote needs an evaluation set (eval) to measure its metric on")
     return problems
 
 

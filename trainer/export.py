@@ -28,26 +28,43 @@ class Promotion:
     reason: str
 
 
-def decide_promotion(config: TrainConfig, before: dict[str, float], after: dict[str, float]) -> Promotion | None:
-    """Promote only when the named metric improved by more than `min_improvement` over the
-    base model's value measured on the same evaluation set in this run."""
+def decide_promotion(
+    config: TrainConfig,
+    before: dict[str, float],
+    after: dict[str, float],
+    current: dict[str, float] | None = None,
+) -> Promotion | None:
+    """Promote only when the named metric beats the reference (the base model, or the version
+    holding the alias now, measured in this run on the same evaluation sets) by more than
+    `min_improvement`, and reaches `min_value` when one is set."""
     spec = config.output.promote
     if spec is None:
         return None
-    old, new = before.get(spec.metric), after.get(spec.metric)
-    if old is None or new is None:
+    new = after.get(spec.metric)
+    reference_name = {"base": "base model", "current": "current holder", "none": "threshold"}[spec.compare_to]
+    reference = {"base": before, "current": current or {}, "none": {}}[spec.compare_to].get(spec.metric)
+    if new is None:
         known = ", ".join(sorted(after)) or "none"
-        return Promotion(spec.alias, spec.metric, old, new, False, f"metric not measured (measured: {known})")
-    improved = new - old > spec.min_improvement
-    verdict = "improved" if improved else "did not improve"
-    return Promotion(
-        spec.alias,
-        spec.metric,
-        old,
-        new,
-        improved,
-        f"{spec.metric} {verdict}: {old:.4f} -> {new:.4f} (needs > +{spec.min_improvement})",
-    )
+        return Promotion(spec.alias, spec.metric, reference, new, False, f"metric not measured (measured: {known})")
+    if spec.compare_to == "base" and reference is None:
+        return Promotion(spec.alias, spec.metric, None, new, False, f"{spec.metric} was not measured on the base model")
+    reasons = []
+    promoted = True
+    if spec.min_value is not None:
+        reached = new >= spec.min_value
+        promoted &= reached
+        reasons.append(f"{spec.metric} {new:.4f} {'reaches' if reached else 'is below'} min_value {spec.min_value}")
+    if reference is not None:
+        improved = new - reference > spec.min_improvement
+        promoted &= improved
+        verdict = "improved" if improved else "did not improve"
+        reasons.append(
+            f"{spec.metric} {verdict} over the {reference_name}: {reference:.4f} -> {new:.4f} "
+            f"(needs > +{spec.min_improvement})"
+        )
+    elif spec.compare_to == "current":
+        reasons.append(f"no version holds {config.output.name}@{spec.alias} yet")
+    return Promotion(spec.alias, spec.metric, reference, new, promoted, "; ".join(reasons))
 
 
 def write_card(model_dir: Path, config: TrainConfig, table: str, base_model: str) -> None:
@@ -74,6 +91,7 @@ def register(
     before: dict[str, float],
     after: dict[str, float],
     run_id: str | None,
+    current: dict[str, float] | None = None,
 ) -> tuple[ModelVersionInfo, Promotion | None]:
     architecture = base_manifest.lineage.architecture if base_manifest else {}
     manifest = Manifest(
@@ -93,7 +111,7 @@ def register(
     info = registry.register(
         config.output.name, model_dir, manifest, aliases=tuple(config.output.aliases), run_id=run_id
     )
-    promotion = decide_promotion(config, before, after)
+    promotion = decide_promotion(config, before, after, current)
     if promotion is not None:
         logger.info("promotion of %s@%s: %s", info.name, promotion.alias, promotion.reason)
         if promotion.promoted:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,27 @@ class TrainResult:
     version: ModelVersionInfo | None = None
     promotion: Promotion | None = None
     mining: dict[str, Any] = field(default_factory=dict)
+
+
+class TrainingCancelled(Exception):
+    """Training stopped on request; a checkpoint of the last step was written, so it resumes."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"cancelled at step {step}")
+        self.step = step
+
+
+class CancelCallback(TrainerCallback):
+    """Checks `should_stop` after every optimizer step: a cancelled job stops at the next
+    step (not at the end of an epoch), saving a checkpoint first so it can be resumed."""
+
+    def __init__(self, should_stop: Callable[[], bool]) -> None:
+        self.should_stop = should_stop
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.should_stop():
+            control.should_save = True
+            control.should_training_stop = True
 
 
 def is_main_process() -> bool:
@@ -229,7 +251,11 @@ def run_training(
     registry: ModelRegistry | None,
     resume: bool = True,
     on_progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
+    """Train one config in `run_dir` (resuming from its last checkpoint when `resume`).
+    `on_progress` receives stage, progress and evaluation events; `should_stop` is polled
+    after every step and, once true, ends the run with `TrainingCancelled`."""
     from sentence_transformers import SentenceTransformer
     from transformers import set_seed
 
@@ -248,6 +274,8 @@ def run_training(
     if notify:
         notify({"event": "stage", "stage": "evaluating base model"})
     before = evaluate_all(model, eval_sets) if main and eval_sets else {}
+    if notify and before:
+        notify({"event": "evaluation", "when": "before", "metrics": before})
 
     mining_reports = {}
     if config.mining.enabled:
@@ -274,7 +302,11 @@ def run_training(
         ),
         train_dataset=next(iter(datasets.values())) if len(datasets) == 1 else datasets,
         loss=loss,
-        callbacks=[TrackingCallback(tracker, notify), LossStateCallback(loss)],
+        callbacks=[
+            TrackingCallback(tracker, notify),
+            LossStateCallback(loss),
+            *([CancelCallback(should_stop)] if should_stop else []),
+        ],
     )
     checkpoint = last_checkpoint(run_dir) if resume else None
     if checkpoint:
@@ -286,17 +318,23 @@ def run_training(
     except BaseException:
         tracker.finish("FAILED")
         raise
+    if should_stop is not None and should_stop():
+        tracker.finish("KILLED")
+        raise TrainingCancelled(trainer.state.global_step)
     result = TrainResult(run_dir=run_dir, before=before, after={}, report="", mining=mining_reports)
     if not main:
         return result
     if notify:
         notify({"event": "stage", "stage": "evaluating trained model"})
     result.after = evaluate_all(model, eval_sets) if eval_sets else {}
+    if notify and result.after:
+        notify({"event": "evaluation", "when": "after", "metrics": result.after})
     tracker.log({f"eval/{k}": v for k, v in result.after.items()}, trainer.state.global_step)
     result.report = format_table(compare(before, result.after)) if eval_sets else "(no evaluation sets)"
     model_dir = run_dir / "model"
     model.save(str(model_dir))
     write_card(model_dir, config, result.report, base_label)
+    current = current_holder_metrics(config, registry, eval_sets, notify)
     if registry is not None:
         result.version, result.promotion = register(
             registry,
@@ -309,9 +347,36 @@ def run_training(
             before=before,
             after=result.after,
             run_id=tracker.run_id,
+            current=current,
         )
     tracker.finish()
     return result
+
+
+def current_holder_metrics(
+    config: TrainConfig, registry: ModelRegistry | None, eval_sets: list[EvalSet], notify: ProgressFn | None
+) -> dict[str, float] | None:
+    """For `promote.compare_to: current`: the version that holds the alias now, evaluated on
+    this run's evaluation sets (None when nothing holds it yet)."""
+    spec = config.output.promote
+    if spec is None or spec.compare_to != "current" or registry is None or not eval_sets:
+        return None
+    from sentence_transformers import SentenceTransformer
+
+    from registry.errors import RegistryError
+    from registry.names import ModelRef
+
+    try:
+        holder = registry.resolve(ModelRef(config.output.name, alias=spec.alias))
+    except (RegistryError, LookupError):
+        return None
+    if notify:
+        notify({"event": "stage", "stage": f"evaluating the current {holder.ref} for promotion"})
+    model = SentenceTransformer(str(holder.path), device="cuda" if torch.cuda.is_available() else "cpu")
+    metrics = evaluate_all(model, eval_sets)
+    if notify:
+        notify({"event": "evaluation", "when": "current", "metrics": metrics, "model": holder.ref})
+    return metrics
 
 
 def train_from_file(

@@ -96,7 +96,7 @@ class TrackingCallback(TrainerCallback):
                     "step": state.global_step,
                     "max_steps": state.max_steps,
                     "epoch": state.epoch,
-                    "loss": logs.get("loss"),
+                    "loss": logs.get("loss", logs.get("train_loss")),  # the final log has the run's mean
                     "learning_rate": logs.get("learning_rate"),
                     "eta_seconds": round(remaining, 1),
                 }

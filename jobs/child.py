@@ -1,0 +1,147 @@
+"""The training process of one job, started with the `spawn` method by a worker.
+
+Why a separate, spawned process: training holds gigabytes (and on a GPU a CUDA context)
+that only process exit frees reliably, so a cancel or a crash gives everything back; and a
+process forked after CUDA was initialised is broken, so it is never forked. It talks to its
+worker through one pipe: ("event", {...}) while it runs, then exactly one outcome message:
+("succeeded", result), ("cancelled", {...}) or ("failed", {...}).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything the training process needs, picklable (it crosses the spawn boundary)."""
+
+    job_id: str
+    attempt: int
+    config: dict[str, Any]
+    data_dir: str
+    registry_dir: str
+    registry_uri: str | None = None
+    artifact_uri: str | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        """Per job, not per attempt: a resumed attempt finds the checkpoints of the last one."""
+        return job_run_dir(Path(self.data_dir), self.job_id)
+
+    @property
+    def datasets_dir(self) -> Path:
+        return datasets_dir(Path(self.data_dir))
+
+
+def job_run_dir(data_dir: Path, job_id: str) -> Path:
+    return data_dir / "jobs" / job_id
+
+
+def datasets_dir(data_dir: Path) -> Path:
+    """Uploaded datasets; relative dataset paths in job configs resolve here."""
+    return data_dir / "datasets"
+
+
+# Errors in what the user asked for: running the job again cannot help.
+_INPUT_ERRORS = ("ConfigError", "RowError", "ModelNotFoundError", "VersionNotFoundError", "InvalidNameError")
+
+
+def die_with_parent() -> None:
+    """If the worker is killed (-9), this process must not train on unsupervised: the
+    reaper fails the job and a resume may start it elsewhere, so an orphan would register a
+    duplicate version. Linux delivers SIGKILL on the parent's death; elsewhere a thread
+    watches the parent pid."""
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        if libc.prctl(1, signal.SIGKILL) == 0 and os.getppid() == parent:  # 1 = PR_SET_PDEATHSIG
+            return
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
+def main(spec: JobSpec, conn: Any, cancel: Any) -> None:
+    """Process entry point: train, and always send one outcome before exiting."""
+    die_with_parent()
+    spec.run_dir.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=[logging.FileHandler(spec.run_dir / f"attempt-{spec.attempt}.log"), logging.StreamHandler()],
+    )
+
+    def send(kind: str, data: dict[str, Any]) -> None:
+        with contextlib.suppress(OSError):  # the worker is gone: nothing left to tell
+            conn.send((kind, data))
+
+    try:
+        outcome = run(spec, lambda event: send("event", event), cancel.is_set)
+        send(*outcome)
+    except BaseException as exc:  # noqa: BLE001 - the worker must always get a reason
+        logger.exception("job %s failed", spec.job_id)
+        send("failed", failure(exc, spec.run_dir))
+    finally:
+        conn.close()
+
+
+def run(spec: JobSpec, notify, should_stop) -> tuple[str, dict[str, Any]]:
+    from registry.store import ModelRegistry
+    from trainer.config import parse_config
+    from trainer.run import TrainingCancelled, run_training
+
+    notify({"event": "stage", "stage": f"starting attempt {spec.attempt}"})
+    config = parse_config(spec.config, base_dir=spec.datasets_dir)
+    registry = ModelRegistry.open(Path(spec.registry_dir), spec.registry_uri, spec.artifact_uri)
+    try:
+        result = run_training(
+            config,
+            base_dir=spec.datasets_dir,
+            run_dir=spec.run_dir,
+            registry=registry,
+            resume=True,
+            on_progress=notify,
+            should_stop=should_stop,
+        )
+    except TrainingCancelled as exc:
+        return "cancelled", {"error": f"cancelled at step {exc.step}", "step": exc.step}
+    return "succeeded", {
+        "model": result.version.ref if result.version else None,
+        "promotion": asdict(result.promotion) if result.promotion else None,
+        "report": result.report,
+        "before": result.before,
+        "after": result.after,
+    }
+
+
+def failure(exc: BaseException, run_dir: Path) -> dict[str, Any]:
+    """The reason a user can act on, and whether resuming could help."""
+    name = type(exc).__name__
+    message = str(exc).strip() or name
+    input_error = name in _INPUT_ERRORS or isinstance(exc, FileNotFoundError)
+    return {
+        "error": f"{name}: {message}",
+        "resumable": not input_error,
+        "traceback": "".join(traceback.format_exception(exc))[-4000:],
+        "checkpoints": sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")),
+    }

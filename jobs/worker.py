@@ -1,0 +1,227 @@
+"""A worker: takes queued jobs one at a time and runs each in a spawned training process.
+
+The worker itself never imports torch. While a job runs it relays the training process's
+events to the store, sends heartbeats (a worker killed with -9 stops sending them, and the
+reaper then marks its job failed and resumable), watches for a cancel request (the
+training process stops at the next step, after a checkpoint), and finally records exactly
+one outcome. Store writes that fail because Redis is away are kept and retried: training
+goes on through a Redis restart and nothing it reported is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jobs import child
+from jobs.records import InvalidTransition, JobNotFound, JobRecord, JobState, StoreUnavailable
+from jobs.store import JobStore
+
+logger = logging.getLogger(__name__)
+
+MAX_BUFFERED_EVENTS = 10_000
+
+
+def default_worker_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass
+class WorkerOptions:
+    data_dir: Path
+    registry_dir: Path
+    registry_uri: str | None = None
+    artifact_uri: str | None = None
+    name: str = field(default_factory=default_worker_name)
+    heartbeat_seconds: float = 5.0
+    poll_seconds: float = 1.0
+    cancel_grace_seconds: float = 120.0
+
+
+class Relay:
+    """Buffers what a running job reports and writes it to the store when it can."""
+
+    def __init__(self, store: JobStore, record: JobRecord, worker: str) -> None:
+        self.store = store
+        self.job_id = record.id
+        self.worker = worker
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.fields: dict[str, Any] = {}
+        self.metrics = {k: dict(v) for k, v in record.metrics.items()}
+        self.progress = record.progress.model_dump()
+        self.last_flush = 0.0
+        self.record = record
+
+    def add(self, event: dict[str, Any]) -> None:
+        kind = event.pop("event", "log")
+        if kind == "progress":
+            self.progress.update({k: v for k, v in event.items() if k in self.progress and v is not None})
+            self.fields["progress"] = dict(self.progress)
+        elif kind == "stage":
+            self.progress["stage"] = event.get("stage")
+            self.fields["progress"] = dict(self.progress)
+        elif kind == "evaluation":
+            self.metrics[event.get("when", "after")] = event.get("metrics", {})
+            self.fields["metrics"] = {k: dict(v) for k, v in self.metrics.items()}
+        if len(self.events) < MAX_BUFFERED_EVENTS:
+            self.events.append((kind, event))
+
+    def flush(self) -> JobRecord | None:
+        """Write what is buffered plus a heartbeat; None while the store is unreachable."""
+        events, fields = self.events, {**self.fields, "heartbeat_at": time.time()}
+        try:
+            record = self.store.worker_update(self.job_id, self.worker, events=events, **fields)
+        except StoreUnavailable as exc:
+            logger.warning("job %s: store unreachable, keeping %d events for later: %s", self.job_id, len(events), exc)
+            return None
+        self.events, self.fields = [], {}
+        self.last_flush = time.monotonic()
+        self.record = record
+        return record
+
+
+class Worker:
+    def __init__(self, store: JobStore, options: WorkerOptions) -> None:
+        self.store = store
+        self.options = options
+        self.stopping = threading.Event()
+        self.current: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.options.name
+
+    def run_forever(self) -> None:
+        """Claim and run jobs until `stopping` is set (SIGTERM/SIGINT in `duet worker`)."""
+        logger.info("worker %s waiting for jobs", self.name)
+        backoff = self.options.poll_seconds
+        while not self.stopping.is_set():
+            try:
+                record = self.store.claim(self.name)
+                backoff = self.options.poll_seconds
+            except StoreUnavailable as exc:
+                logger.warning("job store unreachable, retrying in %.0f s: %s", backoff, exc)
+                self.stopping.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            if record is None:
+                self.stopping.wait(self.options.poll_seconds)
+                continue
+            self.run_job(record)
+        logger.info("worker %s stopped", self.name)
+
+    def run_job(self, record: JobRecord) -> None:
+        """Run one claimed job to its outcome; always leaves the record terminal (or, if the
+        reaper gave the job up meanwhile, leaves the reaper's verdict alone)."""
+        self.current = record.id
+        logger.info("job %s (attempt %d) started on %s", record.id, record.attempt, self.name)
+        context = multiprocessing.get_context("spawn")
+        receiver, sender = context.Pipe(duplex=False)
+        cancel = context.Event()
+        spec = child.JobSpec(
+            job_id=record.id,
+            attempt=record.attempt,
+            config=record.config,
+            data_dir=str(self.options.data_dir),
+            registry_dir=str(self.options.registry_dir),
+            registry_uri=self.options.registry_uri,
+            artifact_uri=self.options.artifact_uri,
+        )
+        process = context.Process(target=child.main, args=(spec, sender, cancel), name=f"duet-job-{record.id}")
+        process.start()
+        sender.close()
+        relay = Relay(self.store, record, self.name)
+        outcome = self._watch(process, receiver, cancel, relay)
+        process.join(timeout=30)
+        if process.is_alive():
+            process.kill()
+            process.join()
+        receiver.close()
+        if outcome is None:
+            outcome = (
+                "failed",
+                {
+                    "error": f"the training process exited with code {process.exitcode} without a result "
+                    "(killed, or out of memory?)",
+                    "resumable": True,
+                },
+            )
+        self._record_outcome(relay, *outcome)
+        self.current = None
+
+    def _watch(self, process, receiver, cancel, relay: Relay) -> tuple[str, dict[str, Any]] | None:
+        outcome: tuple[str, dict[str, Any]] | None = None
+        cancel_since: float | None = None
+        given_up = False
+        while outcome is None:
+            try:
+                if receiver.poll(0.2):
+                    kind, data = receiver.recv()
+                    if kind == "event":
+                        relay.add(data)
+                    else:
+                        outcome = (kind, data)
+                    continue  # drain before anything else
+            except (EOFError, OSError):  # the process exited (after its outcome, or without one)
+                break
+            if not process.is_alive() and not receiver.poll(0):
+                break
+            if time.monotonic() - relay.last_flush >= self.options.heartbeat_seconds:
+                record = relay.flush()
+                if record is not None and (record.state is not JobState.running or record.worker != self.name):
+                    given_up = True  # the reaper failed it (we were unreachable too long): stop
+                if record is not None and record.cancel_requested and cancel_since is None:
+                    logger.info("job %s: cancel requested", relay.job_id)
+            wants_stop = given_up or self.stopping.is_set() or relay.record.cancel_requested
+            if wants_stop and cancel_since is None:
+                cancel.set()  # stops at the next step, after a checkpoint
+                cancel_since = time.monotonic()
+            if cancel_since is not None and time.monotonic() - cancel_since > self.options.cancel_grace_seconds:
+                logger.warning(
+                    "job %s did not stop within %.0f s; killing it", relay.job_id, time.monotonic() - cancel_since
+                )
+                process.kill()
+                outcome = ("cancelled", {"error": "stopped by force: it did not reach a step boundary in time"})
+        if outcome is not None and outcome[0] == "cancelled" and not relay.record.cancel_requested:
+            reason = "worker shutting down" if self.stopping.is_set() else "job given up by the reaper"
+            outcome = ("failed", {"error": f"{reason}; {outcome[1].get('error', '')}", "resumable": True})
+        return outcome
+
+    def _record_outcome(self, relay: Relay, kind: str, data: dict[str, Any]) -> None:
+        """Write the outcome; retry while the store is away (this is the one write that must land)."""
+        state = {"succeeded": JobState.succeeded, "cancelled": JobState.cancelled}.get(kind, JobState.failed)
+        fields: dict[str, Any] = {}
+        if state is JobState.succeeded:
+            fields["result"] = {k: data.get(k) for k in ("model", "promotion", "report")}
+            relay.add({"event": "log", "message": f"registered {data.get('model')}"})
+        else:
+            fields["error"] = data.get("error", kind)
+            fields["resumable"] = bool(data.get("resumable", True))
+            if data.get("traceback"):
+                relay.add({"event": "log", "message": data["traceback"]})
+        delay = 0.5
+        while True:
+            if (relay.events or relay.fields) and relay.flush() is None:
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            try:
+                self.store.finish(relay.job_id, state, worker=self.name, **fields)
+                logger.info(
+                    "job %s %s%s", relay.job_id, state.value, f": {fields.get('error')}" if "error" in fields else ""
+                )
+                return
+            except StoreUnavailable as exc:
+                logger.warning("job %s: store unreachable while recording its outcome; retrying: %s", relay.job_id, exc)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+            except (InvalidTransition, JobNotFound) as exc:
+                logger.warning("job %s: outcome %s not recorded: %s", relay.job_id, state.value, exc)
+                return

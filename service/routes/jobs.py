@@ -1,0 +1,293 @@
+"""Fine-tuning jobs over HTTP: submit, list, watch (server-sent events), cancel, resume;
+and dataset uploads for them.
+
+Configs are validated here, before anything is queued, with every problem listed (the
+trainer's own validation plus what an API caller may reference: uploaded datasets, and
+registry models that exist). While the job store is unreachable (Redis away) these
+routes answer 503 with Retry-After; embeddings and search do not depend on it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path, PurePosixPath
+from typing import Any, TypeVar
+
+import anyio
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from jobs.datasets import DatasetError, DatasetStore, check_filename
+from jobs.records import InvalidTransition, JobNotFound, JobRecord, JobState, StoreUnavailable, new_job_id
+from jobs.store import JobStore
+from service.deps import StateDep, require_json
+from service.errors import ApiError
+
+router = APIRouter(tags=["jobs"])
+JSON = [Depends(require_json)]
+T = TypeVar("T")
+
+KEEPALIVE_SECONDS = 15.0
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    config: dict[str, Any] = Field(description="A training config: the schema `duet train` reads from a file.")
+    idempotency_key: str | None = Field(
+        default=None, min_length=1, max_length=200, description="A retried POST with the same key returns that job."
+    )
+
+
+class JobList(BaseModel):
+    object: str = "list"
+    data: list[JobRecord]
+
+
+async def call(store: JobStore, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a store call in a thread; store errors become the API's 404/409/503."""
+    try:
+        return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
+    except JobNotFound as exc:
+        raise ApiError(404, str(exc), code="job_not_found") from None
+    except InvalidTransition as exc:
+        raise ApiError(409, str(exc), code="job_state_conflict") from None
+    except StoreUnavailable as exc:
+        raise ApiError(
+            503,
+            f"{exc}; jobs are unavailable until it is back",
+            code="job_store_unavailable",
+            headers={"Retry-After": "5"},
+        ) from None
+
+
+def _store(state) -> JobStore:
+    if state.jobs is None:
+        raise ApiError(503, "the job system is still starting; retry shortly", code="jobs_starting")
+    return state.jobs.store
+
+
+# -- validation ----------------------------------------------------------------------------------
+
+
+def reference_problems(config: dict[str, Any], state, allow_local: bool) -> list[str]:
+    """What a config may point at from the API: uploaded datasets (paths relative to the
+    datasets folder, never escaping it) and, for the base model, a registry reference that
+    resolves, or a hub id. Server-side paths only with DUET_JOBS_ALLOW_LOCAL_PATHS."""
+    problems = []
+    for section in ("train", "eval"):
+        for i, spec in enumerate(config.get(section) or []):
+            path = str(spec.get("path", "")) if isinstance(spec, dict) else ""
+            if not path or allow_local:
+                continue
+            pure = PurePosixPath(path)
+            if pure.is_absolute() or ".." in pure.parts or "\\" in path:
+                problems.append(
+                    f"{section}[{i}].path: {path!r} must be the path of an uploaded dataset (POST /v1/datasets "
+                    "returns it), not a server path"
+                )
+    base = config.get("base_model")
+    if isinstance(base, str) and base:
+        problems += _base_model_problems(base, state, allow_local)
+    return problems
+
+
+def _base_model_problems(base: str, state, allow_local: bool) -> list[str]:
+    from registry.names import parse_model_ref
+
+    looks_local = base.startswith(("/", ".", "~")) or Path(base).expanduser().exists()
+    if looks_local and not allow_local:
+        return [f"base_model: {base!r} is a server path; name a registry model (e.g. 'minilm@production') instead"]
+    try:
+        parsed = parse_model_ref(base)
+    except ValueError:
+        return []  # a hub id such as 'org/model': the training process loads it
+    if not state.registry.has_model(parsed.name):
+        return []
+    try:
+        state.registry.resolve(parsed)
+    except LookupError as exc:
+        return [f"base_model: {exc}"]
+    return []
+
+
+def validate(body: JobCreate, state) -> None:
+    from trainer.config import ConfigError, parse_config
+
+    settings = state.settings
+    problems = reference_problems(body.config, state, settings.jobs_allow_local_paths)
+    try:
+        parse_config(body.config, base_dir=settings.datasets_dir)
+    except ConfigError as exc:
+        problems = exc.problems + problems
+    if problems:
+        raise ApiError(
+            422, "invalid training config: " + "; ".join(problems), code="invalid_training_config", param="config"
+        )
+
+
+# -- routes --------------------------------------------------------------------------------------
+
+
+@router.post("/v1/jobs", status_code=201, response_model=JobRecord, dependencies=JSON)
+async def create_job(
+    body: JobCreate,
+    state: StateDep,
+    request: Request,
+    idempotency_key: str | None = Header(default=None, max_length=200),
+) -> JSONResponse:
+    """Validate a training config and queue it. With an idempotency key (header
+    `Idempotency-Key` or body field) a retried POST returns the job it created: 200."""
+    store = _store(state)
+    key = body.idempotency_key or idempotency_key
+    await anyio.to_thread.run_sync(validate, body, state)
+    record = JobRecord(
+        id=new_job_id(), config=body.config, idempotency_key=key, request_id=request.headers.get("x-request-id")
+    )
+    saved, created = await call(store, store.create, record)
+    return JSONResponse(saved.model_dump(mode="json"), status_code=201 if created else 200)
+
+
+@router.get("/v1/jobs", response_model=JobList)
+async def list_jobs(
+    state: StateDep,
+    limit: int = Query(default=50, ge=1, le=500),
+    job_state: JobState | None = Query(default=None, alias="state"),
+) -> JobList:
+    store = _store(state)
+    return JobList(data=await call(store, store.list, limit, job_state))
+
+
+@router.get("/v1/jobs/{job_id}", response_model=JobRecord)
+async def get_job(job_id: str, state: StateDep) -> JobRecord:
+    store = _store(state)
+    return await call(store, store.get, job_id)
+
+
+@router.post("/v1/jobs/{job_id}/cancel", response_model=JobRecord)
+async def cancel_job(job_id: str, state: StateDep) -> JobRecord:
+    """Queued: cancelled now. Running: stops at its next step (after a checkpoint)."""
+    store = _store(state)
+    return await call(store, store.request_cancel, job_id)
+
+
+@router.post("/v1/jobs/{job_id}/resume", response_model=JobRecord)
+async def resume_job(job_id: str, state: StateDep) -> JobRecord:
+    """Queue a failed or cancelled job again; it continues from its last checkpoint."""
+    store = _store(state)
+    return await call(store, store.resume, job_id)
+
+
+@router.get(
+    "/v1/jobs/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "Server-sent events."}},
+)
+async def job_events(
+    job_id: str,
+    state: StateDep,
+    after: int | None = Query(default=None, ge=0, description="Replay events after this id (default: all)."),
+    last_event_id: str | None = Header(default=None),
+) -> StreamingResponse:
+    """Progress, stage, evaluation, log and state events as server-sent events; the stream
+    ends after the `end` event (its data is the final job). Reconnects resume after
+    `Last-Event-ID`. While the store is unreachable the stream stays open and waits."""
+    store = _store(state)
+    await call(store, store.get, job_id)  # 404 before the stream starts
+    start = after if after is not None else _event_id(last_event_id)
+    return StreamingResponse(
+        _stream(store, job_id, start),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def _event_id(header: str | None) -> int:
+    return int(header) if header and header.strip().isdigit() else 0
+
+
+def _sse(seq: int | None, kind: str, data: Any) -> bytes:
+    head = f"id: {seq}\n" if seq is not None else ""
+    return f"{head}event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+async def _stream(store: JobStore, job_id: str, after: int) -> AsyncIterator[bytes]:
+    yield b"retry: 3000\n\n"
+    while True:
+        try:
+            events = await anyio.to_thread.run_sync(store.wait_events, job_id, after, KEEPALIVE_SECONDS)
+        except StoreUnavailable:
+            yield b": job store unreachable; waiting\n\n"
+            await anyio.sleep(2)
+            continue
+        except JobNotFound:
+            yield _sse(None, "error", {"message": f"job {job_id} no longer exists"})
+            return
+        if not events:
+            yield f": keep-alive {time.time():.0f}\n\n".encode()
+            continue
+        for event in events:
+            after = event.seq
+            if event.type != "end":
+                yield _sse(event.seq, event.type, event.data)
+                continue
+            try:
+                final = await anyio.to_thread.run_sync(store.get, job_id)
+            except (StoreUnavailable, JobNotFound):
+                yield _sse(event.seq, "end", {"id": job_id})
+                return
+            if final.events > event.seq:
+                continue  # the end of an earlier attempt: the job was resumed since
+            yield _sse(event.seq, "end", final.model_dump(mode="json"))
+            return
+
+
+# -- datasets ------------------------------------------------------------------------------------
+
+
+@router.post("/v1/datasets", status_code=201)
+async def upload_dataset(
+    request: Request,
+    state: StateDep,
+    filename: str = Query(description="Name to keep, e.g. sts-train.csv or shapes.zip (a data file plus its images)."),
+) -> JSONResponse:
+    """Upload a dataset as the raw request body (`curl --data-binary @file`). It is stored by
+    content hash; the answer's `path` is what a job config's dataset `path` names."""
+    settings = state.settings
+    try:
+        name = check_filename(filename)
+    except DatasetError as exc:
+        raise ApiError(400, str(exc), code="invalid_dataset_name", param="filename") from None
+    datasets = DatasetStore(settings.datasets_dir, settings.max_dataset_bytes)
+    temp, digest = await anyio.to_thread.run_sync(datasets.begin)
+    size = 0
+    try:
+        with temp.open("wb") as sink:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > settings.max_dataset_bytes:
+                    raise ApiError(
+                        413,
+                        f"dataset is larger than {settings.max_dataset_bytes} bytes (DUET_MAX_DATASET_BYTES)",
+                        code="dataset_too_large",
+                    )
+                digest.update(chunk)
+                await anyio.to_thread.run_sync(sink.write, chunk)
+        if size == 0:
+            raise ApiError(400, "the upload is empty; send the file as the request body", code="empty_dataset")
+        info = await anyio.to_thread.run_sync(datasets.commit, temp, digest.hexdigest(), size, name)
+    except DatasetError as exc:
+        raise ApiError(400, str(exc), code="invalid_dataset") from None
+    finally:
+        temp.unlink(missing_ok=True)
+    return JSONResponse(info.to_dict(), status_code=201)
+
+
+@router.get("/v1/datasets")
+async def list_datasets(state: StateDep) -> dict[str, Any]:
+    datasets = DatasetStore(state.settings.datasets_dir, state.settings.max_dataset_bytes)
+    found = await anyio.to_thread.run_sync(datasets.list)
+    return {"object": "list", "data": [d.to_dict() for d in found]}
