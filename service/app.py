@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from service.body import include_body_schemas
 from service.errors import install_error_handlers
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
-from service.routes import collections, embeddings, health, jobs, models
+from service.routes import collections, embeddings, health, jobs, models, pages
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -40,7 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         larger={"/v1/datasets": settings.max_dataset_bytes},
     )
     install_error_handlers(app)
-    for module in (embeddings, models, collections, jobs, health):
+    for module in (embeddings, models, collections, jobs, health, pages):
         app.include_router(module.router)
     include_body_schemas(app)
     return app
