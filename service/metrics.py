@@ -46,6 +46,15 @@ class Metrics:
         self.truncated = Counter("duet_truncated_inputs_total", "Texts cut to the model's limit", ["model"], registry=r)
         self.models_loaded = Gauge("duet_models_loaded", "Model versions in memory", registry=r)
         self.model_memory = Gauge("duet_model_memory_bytes", "Parameter bytes of loaded models", registry=r)
+        self.alias_swaps = Counter(
+            "duet_alias_swaps_total", "Alias moves served after the new version was warmed up", ["alias"], registry=r
+        )
+        self.alias_swap_failures = Counter(
+            "duet_alias_swap_failures_total",
+            "Alias moves refused (reason: contract = incompatible vectors, load = the version would not load)",
+            ["alias", "reason"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

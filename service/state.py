@@ -13,7 +13,7 @@ from registry.store import ModelRegistry
 from service.bootstrap import register_default_models
 from service.jobs_runtime import JobsRuntime
 from service.metrics import Metrics
-from service.model_pool import ModelPool
+from service.model_pool import ALIAS_POLL_FLOOR_SECONDS, ModelPool
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ class ServiceState:
     jobs: JobsRuntime | None = None
     _preload: asyncio.Task[None] | None = field(default=None, repr=False)
     _snapshots: asyncio.Task[None] | None = field(default=None, repr=False)
+    _alias_watch: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @classmethod
     async def start(cls, settings: Settings) -> ServiceState:
@@ -57,6 +58,7 @@ class ServiceState:
         state.jobs = await JobsRuntime.start(settings)
         state._preload = asyncio.create_task(state._preload_models())
         state._snapshots = asyncio.create_task(state._snapshot_loop())
+        state._alias_watch = asyncio.create_task(state._watch_aliases())
         return state
 
     async def _snapshot_loop(self) -> None:
@@ -67,6 +69,12 @@ class ServiceState:
                 await anyio.to_thread.run_sync(self.collections.snapshot_dirty)
             except Exception:
                 logger.exception("snapshotting collections failed; will retry")
+
+    async def _watch_aliases(self) -> None:
+        """Notice alias moves by polling the registry; the pool warms the new version, then swaps."""
+        while True:
+            await asyncio.sleep(max(self.settings.alias_refresh_seconds, ALIAS_POLL_FLOOR_SECONDS))
+            await self.pool.refresh_aliases()
 
     async def _preload_models(self) -> None:
         try:
@@ -79,7 +87,7 @@ class ServiceState:
             logger.exception("preloading models failed")
 
     async def close(self) -> None:
-        for task in (self._preload, self._snapshots):
+        for task in (self._preload, self._snapshots, self._alias_watch):
             if task is not None and not task.done():
                 task.cancel()
         if self.jobs is not None:
