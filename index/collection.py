@@ -14,7 +14,8 @@ import os
 import re
 import shutil
 import threading
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -23,13 +24,16 @@ import numpy as np
 
 from index.engine import FaissIndex, IndexSpec, as_matrix
 from index.errors import (
+    CollectionBusyError,
     CollectionExistsError,
     CollectionNotFoundError,
     FilterError,
     InvalidCollectionError,
     ItemNotFoundError,
+    ReembedRefusedError,
 )
 from index.filters import compile_filter
+from index.reembed import EmbedFn, ReembedJob
 from index.store import CollectionStore, StoredItem
 
 logger = logging.getLogger(__name__)
@@ -45,6 +49,9 @@ CONFIG_FILE = "collection.json"
 EXACT_SUBSET_LIMIT = 20_000
 MODALITIES = ("text", "image", "vector")
 RACE_MARGIN = 8
+# A generation replaced by a re-embed keeps its files this long, for searches still running on it.
+RETIRED_GRACE_SECONDS = 60.0
+_GENERATION = re.compile(r"^gen-(\d+)$")
 
 
 def validate_collection_name(name: str) -> str:
@@ -71,6 +78,7 @@ class CollectionConfig:
     modalities: tuple[str, ...] = ("text",)
     modality_gap_correction: bool = False
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    generation: int = 0  # which data folder holds the store and index (see `data_folder`); +1 per re-embed
 
     def __post_init__(self) -> None:
         validate_collection_name(self.name)
@@ -93,6 +101,48 @@ class CollectionConfig:
         return cls(**data)
 
 
+def data_folder(folder: Path, generation: int) -> Path:
+    """Where a generation's store and index snapshot live: generation 0 in the collection folder itself
+    (the layout from before re-embeds), later ones in `gen-N/`, so two generations never share a path."""
+    return folder if generation == 0 else folder / f"gen-{generation}"
+
+
+def remove_generation(folder: Path, generation: int) -> None:
+    """Delete one generation's store and snapshot (never the collection's config)."""
+    if generation:
+        shutil.rmtree(data_folder(folder, generation), ignore_errors=True)
+        return
+    for path in folder.glob("*"):
+        if path.is_file() and path.name.startswith((STORE_FILE, "index.")):
+            path.unlink(missing_ok=True)
+
+
+def remove_stale_generations(folder: Path, current: int) -> None:
+    """Leftovers of a re-embed that never flipped, or of the generation one replaced, cut short by a restart."""
+    for path in folder.glob("gen-*"):
+        match = _GENERATION.match(path.name)
+        if match and int(match.group(1)) != current:
+            logger.warning("collection %s: removing unused %s", folder.name, path.name)
+            remove_generation(folder, int(match.group(1)))
+    if current and (folder / STORE_FILE).exists():
+        remove_generation(folder, 0)
+
+
+def write_config(folder: Path, config: CollectionConfig) -> None:
+    """Replace `collection.json` atomically and durably: the on-disk commit point of a re-embed."""
+    tmp = folder / f"{CONFIG_FILE}.tmp"
+    with open(tmp, "w") as handle:
+        handle.write(json.dumps(config.to_json(), indent=2))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, folder / CONFIG_FILE)
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 @dataclass
 class Hit:
     id: str
@@ -105,10 +155,12 @@ class Hit:
 class Collection:
     def __init__(self, folder: Path, config: CollectionConfig, use_gpu: bool = False) -> None:
         self.folder = folder
+        self.data = data_folder(folder, config.generation)
         self.config = config
         self.use_gpu = use_gpu
-        self.store = CollectionStore(folder / STORE_FILE, config.dim)
+        self.store = CollectionStore(self.data / STORE_FILE, config.dim)
         self._writer = threading.Lock()
+        self._frozen: str | None = None  # why writes are refused (a re-embed is building its successor)
         self._centroids: dict[str, np.ndarray] = {}
         self._snapshotted_seq: int | None = None
         self._set_index(self._open_index())
@@ -126,7 +178,7 @@ class Collection:
     # -- index life cycle --------------------------------------------------------------
 
     def _open_index(self) -> FaissIndex:
-        path = self.folder / SNAPSHOT_FILE
+        path = self.data / SNAPSHOT_FILE
         if path.exists():
             try:
                 index = FaissIndex.read_snapshot(path, self.config.index)
@@ -183,7 +235,7 @@ class Collection:
             self.snapshot_locked()
 
     def snapshot_locked(self) -> None:
-        self.index.write_snapshot(self.folder / SNAPSHOT_FILE)
+        self.index.write_snapshot(self.data / SNAPSHOT_FILE)
         self._snapshotted_seq = self.index.applied_seq
         self.store.prune_tombstones(self.index.applied_seq)
 
@@ -228,6 +280,19 @@ class Collection:
 
     # -- writes ------------------------------------------------------------------------
 
+    def freeze(self, reason: str) -> None:
+        """Refuse writes from now on (checked under the writer lock, so none is half in)."""
+        with self._writer:
+            self._frozen = reason
+
+    def thaw(self) -> None:
+        with self._writer:
+            self._frozen = None
+
+    def check_writable(self) -> None:
+        if self._frozen is not None:
+            raise CollectionBusyError(self._frozen)
+
     def prepare_vectors(self, vectors: Any) -> np.ndarray:
         return as_matrix(vectors, self.config.dim, normalize=self.config.metric == "cosine")
 
@@ -237,6 +302,7 @@ class Collection:
         if not unique:
             raise InvalidCollectionError("no items to upsert")
         with self._writer:
+            self.check_writable()
             seq, replaced = self.store.upsert(unique)
             self.index.remove(replaced)
             vectors = np.stack([item.vector for item in unique])
@@ -272,6 +338,7 @@ class Collection:
             clauses.append(f"({where})")
             params.extend(args)
         with self._writer:
+            self.check_writable()
             seq, vids, deleted = self.store.delete(" AND ".join(clauses), params)
             self.index.remove(vids)
             self.index.applied_seq = seq
@@ -392,7 +459,7 @@ def _nlist(factory: str) -> int:
 
 
 class CollectionManager:
-    """All collections under one folder: create, open (replaying), list, drop, close."""
+    """All collections under one folder: create, open (replaying), list, drop, re-embed, close."""
 
     def __init__(self, root: Path, use_gpu: bool = False) -> None:
         self.root = root
@@ -400,6 +467,8 @@ class CollectionManager:
         self.root.mkdir(parents=True, exist_ok=True)
         self._open: dict[str, Collection] = {}
         self._lock = threading.Lock()
+        self._reembeds: dict[str, ReembedJob] = {}  # the last re-embed of each collection (its status)
+        self._retired: list[tuple[float, Collection]] = []  # replaced by a re-embed; deleted after a grace
 
     def _folder(self, name: str) -> Path:
         return self.root / validate_collection_name(name)
@@ -426,11 +495,13 @@ class CollectionManager:
             if not (folder / CONFIG_FILE).is_file():
                 raise CollectionNotFoundError(f"no collection named '{name}'; GET /v1/collections lists them")
             config = CollectionConfig.from_json(json.loads((folder / CONFIG_FILE).read_text()))
+            remove_stale_generations(folder, config.generation)
             collection = self._open[name] = Collection(folder, config, self.use_gpu)
             return collection
 
     def names(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir() if (p / CONFIG_FILE).is_file())
+        """Collections on disk (not the dot-folders of ones being created or dropped)."""
+        return sorted(p.name for p in self.root.iterdir() if not p.name.startswith(".") and (p / CONFIG_FILE).is_file())
 
     def open_all(self) -> None:
         for name in self.names():
@@ -439,14 +510,98 @@ class CollectionManager:
     def drop(self, name: str) -> None:
         collection = self.get(name)
         with self._lock:
+            self._refuse_while_reembedding(name)
             self._open.pop(name, None)
             collection.store.close()
+            for _, retired in [r for r in self._retired if r[1].name == name]:  # their files go with the folder
+                retired.store.close()
+            self._retired = [r for r in self._retired if r[1].name != name]
+            self._reembeds.pop(name, None)
             trash = self.root / f".dropping-{name}"
             os.replace(collection.folder, trash)  # gone at once, even if the delete below is cut short
             shutil.rmtree(trash, ignore_errors=True)
 
+    # -- re-embedding --------------------------------------------------------------------
+
+    def start_reembed(self, config: CollectionConfig, embed: EmbedFn) -> ReembedJob:
+        """Start rebuilding collection `config.name` as `config` (another model) in the background.
+
+        Refused (409) while another re-embed of it runs, when it already holds that model's
+        vectors, when some items have no content to embed again, or when the new model does not
+        embed some of its items' modalities. Writes are refused from here until the job ends.
+        """
+        name = config.name
+        collection = self.get(name)
+        with self._lock:
+            self._refuse_while_reembedding(name)
+            if collection.config.model == config.model:
+                raise ReembedRefusedError(f"collection '{name}' already holds vectors of {config.model}")
+            collection.freeze(f"collection '{name}' is being re-embedded into {config.model}; retry writes after it")
+            try:
+                self._check_reembeddable(collection, config)
+                config = replace(config, generation=collection.config.generation + 1)
+                job = ReembedJob(collection, config, embed, self._flip, self.use_gpu)
+            except BaseException:
+                collection.thaw()
+                raise
+            self._reembeds[name] = job
+        job.start()
+        return job
+
+    def _refuse_while_reembedding(self, name: str) -> None:
+        job = self._reembeds.get(name)
+        if job is not None and job.running:
+            raise CollectionBusyError(
+                f"collection '{name}' is being re-embedded into {job.config.model} "
+                f"({job.progress.done}/{job.progress.total} items); GET /v1/collections/{name} shows progress"
+            )
+
+    @staticmethod
+    def _check_reembeddable(collection: Collection, config: CollectionConfig) -> None:
+        bare = collection.store.count_without_content()
+        if bare:
+            raise ReembedRefusedError(
+                f"{bare} items of collection '{collection.name}' were stored as vectors, without the text or image "
+                "they came from, so they cannot be embedded again; delete them or re-create the collection"
+            )
+        missing = [m for m in collection.store.modality_counts() if m not in config.modalities]
+        if missing:
+            raise ReembedRefusedError(
+                f"collection '{collection.name}' holds {', '.join(missing)} items, which {config.model} does not "
+                f"embed (it embeds {', '.join(config.modalities)})"
+            )
+
+    def _flip(self, job: ReembedJob) -> None:
+        """Put the finished generation in the old one's place: a request that looks the collection up
+        gets all of the old or all of the new; requests already holding the old one finish on it."""
+        assert job.target is not None
+        with self._lock:
+            write_config(job.source.folder, job.config)  # on disk, the collection is now the new generation
+            self._open[job.config.name] = job.target
+            self._retired.append((time.monotonic(), job.source))
+
+    def reembed_status(self, name: str) -> dict[str, Any] | None:
+        job = self._reembeds.get(name)
+        return job.progress.as_dict() if job is not None else None
+
+    def _purge_retired(self, older_than: float) -> None:
+        """Delete replaced generations once searches that started on them have had time to finish
+        (call with the lock held)."""
+        now = time.monotonic()
+        keep = []
+        for retired_at, collection in self._retired:
+            if now - retired_at < older_than:
+                keep.append((retired_at, collection))
+                continue
+            collection.store.close()
+            if collection.folder.exists():  # (dropped meanwhile: gone already)
+                remove_generation(collection.folder, collection.config.generation)
+        self._retired = keep
+
     def snapshot_dirty(self) -> list[str]:
         """Snapshot changed indexes (and refresh stale GPU copies); returns the names done."""
+        with self._lock:
+            self._purge_retired(RETIRED_GRACE_SECONDS)
         done = []
         for collection in list(self._open.values()):
             if collection.dirty:
@@ -456,7 +611,10 @@ class CollectionManager:
         return done
 
     def close(self) -> None:
+        for job in list(self._reembeds.values()):  # outside the lock: a finishing job flips under it
+            job.cancel()
         with self._lock:
             for collection in self._open.values():
                 collection.close()
             self._open.clear()
+            self._purge_retired(0.0)

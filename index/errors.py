@@ -33,3 +33,12 @@ class FilterError(IndexError_, ValueError):
 
 class PayloadError(IndexError_, ValueError):
     """A payload that is not a JSON object or whose field types clash with the collection's."""
+
+
+class CollectionBusyError(IndexError_):
+    """A write, drop or second re-embed while the collection is being re-embedded (HTTP 409)."""
+
+
+class ReembedRefusedError(IndexError_):
+    """A collection that cannot be re-embedded as asked: items without stored content, a model that
+    does not embed some of its items' modalities, or the version it already holds (HTTP 409)."""

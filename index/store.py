@@ -217,6 +217,23 @@ class CollectionStore:
         rows = self._reader.execute(f"{sql} ORDER BY id LIMIT ?", [*args, limit]).fetchall()
         return [_row_to_item(r, self.dim) for r in rows]
 
+    def count_without_content(self) -> int:
+        """Items stored as bare vectors: nothing to re-embed them from."""
+        return int(self._reader.execute("SELECT COUNT(*) FROM items WHERE content IS NULL").fetchone()[0])
+
+    def iter_contents(self, batch: int) -> Iterator[list[StoredItem]]:
+        """Every item without its vector (id, modality, content, payload), in id order, `batch` at a time."""
+        after = ""
+        while True:
+            rows = self._reader.execute(
+                "SELECT id, vid, modality, content, payload FROM items WHERE id > ? ORDER BY id LIMIT ?",
+                (after, batch),
+            ).fetchall()
+            if not rows:
+                return
+            yield [_row_to_item(r, self.dim) for r in rows]
+            after = rows[-1]["id"]
+
     def matching_vids(self, where: str, params: list[Any]) -> np.ndarray:
         rows = self._reader.execute(f"SELECT vid FROM items WHERE {where}", params).fetchall()
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
