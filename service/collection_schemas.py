@@ -38,6 +38,27 @@ class CollectionCreate(BaseModel):
     )
 
 
+class ReembedRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(
+        default=None,
+        description="Model reference to re-embed with, resolved now and pinned. Default: the `production` alias "
+        "of the collection's model name, else its latest version.",
+    )
+
+
+class ReembedStatus(BaseModel):
+    state: Literal["running", "done", "failed"]
+    source_model: str | None = Field(description="The version the collection held when the re-embed started.")
+    target_model: str = Field(description="The version it is being re-embedded with.")
+    total: int = Field(description="Items to re-embed.")
+    done: int = Field(description="Items re-embedded so far.")
+    error: str | None = Field(default=None, description="Why it failed; the collection was left as it was.")
+    started_at: str
+    finished_at: str | None = None
+
+
 class CollectionInfo(BaseModel):
     name: str
     model: str | None
@@ -49,6 +70,9 @@ class CollectionInfo(BaseModel):
     created_at: str
     count: int
     stats: dict[str, Any]
+    reembed: ReembedStatus | None = Field(
+        default=None, description="The last re-embed since the service started (running, done or failed)."
+    )
 
 
 class CollectionList(BaseModel):

@@ -2,13 +2,20 @@
 
 A collection is pinned to the exact model version that resolved when it was created; texts
 and images are embedded with that version, and a request that names another version is
-refused (409), because another version's vectors live in another space.
+refused (409), because another version's vectors live in another space. Moving a collection
+to another version is a re-embed (`POST /v1/collections/{name}/reembed`): every item is
+embedded again from its stored content into a new collection beside the old one, which is
+swapped in when complete (see `index/reembed.py`); writes get 409 meanwhile.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
-from typing import Annotated, Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any, cast
 
 import anyio
 import numpy as np
@@ -20,8 +27,12 @@ from fastapi.responses import Response
 from encoders.contract import Modality
 from index.collection import Collection, CollectionConfig
 from index.engine import IndexSpec
-from index.errors import InvalidVectorError
+from index.errors import CollectionBusyError, InvalidVectorError, ReembedRefusedError
+from index.reembed import EmbedFn
 from index.store import StoredItem
+from registry.errors import VersionNotFoundError
+from registry.names import DEFAULT_ALIAS, LATEST
+from registry.store import ModelRegistry, ModelVersionInfo
 from service.body import body_schema, parse_body
 from service.collection_schemas import (
     CollectionCreate,
@@ -33,6 +44,8 @@ from service.collection_schemas import (
     ItemOut,
     ItemPage,
     Query,
+    ReembedRequest,
+    ReembedStatus,
     SearchRequest,
     SearchResponse,
     UpsertRequest,
@@ -49,7 +62,7 @@ router = APIRouter(tags=["collections"])
 JSON = [Depends(require_json)]
 
 
-def _info(collection: Collection) -> CollectionInfo:
+def _info(collection: Collection, reembed: dict[str, Any] | None = None) -> CollectionInfo:
     config = collection.config
     stats = collection.stats()
     return CollectionInfo(
@@ -63,6 +76,7 @@ def _info(collection: Collection) -> CollectionInfo:
         created_at=config.created_at,
         count=stats["count"],
         stats=stats,
+        reembed=ReembedStatus(**reembed) if reembed else None,
     )
 
 
@@ -102,18 +116,114 @@ async def create_collection(body: CollectionCreate, state: StateDep, pool: PoolD
 @router.get("/v1/collections", response_model=CollectionList)
 async def list_collections(state: StateDep) -> CollectionList:
     names = await anyio.to_thread.run_sync(state.collections.names)
-    return CollectionList(data=[_info(await _collection(state, n)) for n in names])
+    return CollectionList(data=[_info(await _collection(state, n), state.collections.reembed_status(n)) for n in names])
 
 
 @router.get("/v1/collections/{name}", response_model=CollectionInfo)
 async def get_collection(name: str, state: StateDep) -> CollectionInfo:
-    return _info(await _collection(state, name))
+    return _info(await _collection(state, name), state.collections.reembed_status(name))
 
 
 @router.delete("/v1/collections/{name}")
 async def drop_collection(name: str, state: StateDep) -> dict[str, Any]:
-    await anyio.to_thread.run_sync(state.collections.drop, name)
+    with _reembed_conflicts():
+        await anyio.to_thread.run_sync(state.collections.drop, name)
     return {"deleted": name}
+
+
+@contextmanager
+def _reembed_conflicts() -> Iterator[None]:
+    """Re-embed conflicts are 409s with the index's own message (service/errors.py maps the other
+    index errors; these two are handled here until it lists them)."""
+    try:
+        yield
+    except CollectionBusyError as exc:
+        raise ApiError(409, str(exc), code="collection_busy") from None
+    except ReembedRefusedError as exc:
+        raise ApiError(409, str(exc), code="reembed_refused") from None
+
+
+def _optional_body(model: type[ReembedRequest]) -> dict[str, Any]:
+    """`body_schema`, for a body that may be left out."""
+    extra = body_schema(model)
+    extra["requestBody"]["required"] = False
+    return extra
+
+
+@router.post(
+    "/v1/collections/{name}/reembed",
+    response_model=ReembedStatus,
+    status_code=202,
+    openapi_extra=_optional_body(ReembedRequest),
+)
+async def reembed_collection(
+    name: str, request: Request, state: StateDep, pool: PoolDep, settings: SettingsDep
+) -> ReembedStatus:
+    """Embed every item again with another model version, in the background; the collection flips to
+    the new version when all items are done (searches keep using the old one until then, writes get 409).
+    `GET /v1/collections/{name}` shows progress in `reembed`."""
+    body = await _reembed_body(request)
+    collection = await _collection(state, name)
+    target = await _reembed_target(state.registry, collection, body.model)
+    contract = target.manifest.contract
+    config = dataclasses.replace(
+        collection.config, model=target.ref, dim=contract.dimension, modalities=tuple(contract.modalities)
+    )
+    embed = _reembedder(asyncio.get_running_loop(), pool, settings, target.ref)
+    with _reembed_conflicts():
+        job = await anyio.to_thread.run_sync(state.collections.start_reembed, config, embed)
+    return ReembedStatus(**job.progress.as_dict())
+
+
+async def _reembed_body(request: Request) -> ReembedRequest:
+    """The body is optional: none (or an empty one) means the default target."""
+    if not (await request.body()).strip():
+        return ReembedRequest()
+    require_json(request)
+    return await parse_body(request, ReembedRequest)
+
+
+async def _reembed_target(registry: ModelRegistry, collection: Collection, ref: str | None) -> ModelVersionInfo:
+    """The version to re-embed with, asked of the registry itself: the pool's alias answer may still be
+    the old version while the watcher warms the new one, and a re-embed is for the new one."""
+    if ref is None:
+        if collection.config.model is None:
+            raise ApiError(
+                409,
+                f"collection '{collection.name}' is vector-only (no model): there is nothing to re-embed it from",
+                code="reembed_refused",
+            )
+        model_name = collection.config.model.split("/")[0]
+        try:
+            return await anyio.to_thread.run_sync(registry.resolve, f"{model_name}@{DEFAULT_ALIAS}")
+        except VersionNotFoundError:
+            ref = f"{model_name}@{LATEST}"
+    return await anyio.to_thread.run_sync(registry.resolve, ref)
+
+
+def _reembedder(loop: asyncio.AbstractEventLoop, pool: ModelPool, settings: Settings, ref: str) -> EmbedFn:
+    """The job's `embed` (it runs in the job's thread): the work goes to the event loop and through the
+    version's batcher, so re-embedding shares the model, its batches and its queue bound with live traffic."""
+
+    def embed(items: list[StoredItem]) -> np.ndarray:
+        return asyncio.run_coroutine_threadsafe(_embed_stored(pool, settings, ref, items), loop).result()
+
+    return embed
+
+
+async def _embed_stored(pool: ModelPool, settings: Settings, ref: str, items: list[StoredItem]) -> np.ndarray:
+    """Vectors of stored items from their content; waits out a full queue instead of failing the job."""
+    contents = [(cast(Modality, item.modality), item.content or "") for item in items]
+    labels = [f"item '{item.id}'" for item in items]
+    while True:
+        model = await pool.get(ref)
+        prepared = await prepare(contents, model.encoder, settings, labels)
+        try:
+            return await embed_prepared(model, prepared)
+        except ApiError as exc:
+            if exc.status != 429:
+                raise
+            await asyncio.sleep(float((exc.headers or {}).get("Retry-After", 1)))
 
 
 @router.post("/v1/collections/{name}/rebuild", response_model=CollectionInfo)
@@ -193,6 +303,8 @@ async def upsert_items(
             param="items",
         )
     collection = await _collection(state, name)
+    with _reembed_conflicts():
+        collection.check_writable()  # early, to spare the embedding; upsert checks again under its lock
     await _check_model(pool, collection, body.model)
     vectors: list[np.ndarray | None] = [None] * len(body.items)
     contents, labels, positions = [], [], []
@@ -222,7 +334,8 @@ async def upsert_items(
         )
         for i, item in enumerate(body.items)
     ]
-    seq = await anyio.to_thread.run_sync(collection.upsert, stored)
+    with _reembed_conflicts():
+        seq = await anyio.to_thread.run_sync(collection.upsert, stored)
     return UpsertResponse(upserted=len({item.id for item in body.items}), seq=seq, truncated=truncated_ids)
 
 
@@ -280,7 +393,8 @@ async def list_items(
 @router.post("/v1/collections/{name}/items/delete", response_model=DeleteResponse, dependencies=JSON)
 async def delete_items(name: str, body: DeleteRequest, state: StateDep) -> DeleteResponse:
     collection = await _collection(state, name)
-    seq, ids = await anyio.to_thread.run_sync(lambda: collection.delete(ids=body.ids, filter=body.filter))
+    with _reembed_conflicts():
+        seq, ids = await anyio.to_thread.run_sync(lambda: collection.delete(ids=body.ids, filter=body.filter))
     return DeleteResponse(deleted=len(ids), ids=ids, seq=seq)
 
 
