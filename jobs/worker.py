@@ -162,14 +162,10 @@ class Worker:
         given_up = False
         while outcome is None:
             try:
-                if receiver.poll(0.2):
-                    kind, data = receiver.recv()
-                    if kind == "event":
-                        relay.add(data)
-                    else:
-                        outcome = (kind, data)
-                    continue  # drain before anything else
+                outcome = self._receive(receiver, relay)
             except (EOFError, OSError):  # the process exited (after its outcome, or without one)
+                break
+            if outcome is not None:
                 break
             if not process.is_alive() and not receiver.poll(0):
                 break
@@ -193,6 +189,18 @@ class Worker:
             reason = "worker shutting down" if self.stopping.is_set() else "job given up by the reaper"
             outcome = ("failed", {"error": f"{reason}; {outcome[1].get('error', '')}", "resumable": True})
         return outcome
+
+    @staticmethod
+    def _receive(receiver, relay: Relay, budget_s: float = 0.2) -> tuple[str, dict[str, Any]] | None:
+        """Take the messages that arrive within `budget_s` (at most), then return, so a chatty
+        training process can never starve the heartbeat."""
+        deadline = time.monotonic() + budget_s
+        while (remaining := deadline - time.monotonic()) > 0 and receiver.poll(remaining):
+            kind, data = receiver.recv()
+            if kind != "event":
+                return kind, data
+            relay.add(data)
+        return None
 
     def _record_outcome(self, relay: Relay, kind: str, data: dict[str, Any]) -> None:
         """Write the outcome; retry while the store is away (this is the one write that must land)."""

@@ -40,7 +40,7 @@ def jobs_server(tmp_path_factory, tiny_model_dir) -> Iterator[RunningServer]:
         preload_models=[],
         register_default_models=False,
         job_heartbeat_seconds=0.5,
-        job_heartbeat_timeout_seconds=4.0,
+        job_heartbeat_timeout_seconds=10.0,  # generous: a loaded 2-core CI machine
         job_cancel_grace_seconds=60.0,
     )
     with RunningServer(settings) as server:
