@@ -95,7 +95,7 @@ def test_same_seed_same_weights(workspace, tiny_model_dir):
     weights = []
     for attempt in range(2):
         result = run_training(
-            config(workspace, tiny_model_dir, eval=[]),
+            config(workspace, tiny_model_dir, eval=[], output={"name": "tiny-tuned"}),
             base_dir=workspace,
             run_dir=workspace / f"run{attempt}",
             registry=None,
@@ -112,7 +112,7 @@ def _state(folder):
 
 
 def test_an_interrupted_run_resumes_from_its_last_checkpoint(workspace, tiny_model_dir):
-    cfg = config(workspace, tiny_model_dir, eval=[])
+    cfg = config(workspace, tiny_model_dir, eval=[], output={"name": "tiny-tuned"})
 
     def interrupt_at_step_3(event):
         if event.get("step") == 3:
