@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from encoders.errors import EncoderError, ImageDecodeError, ModelLoadError, UnsupportedModalityError
 from index.errors import (
+    CollectionBusyError,
     CollectionExistsError,
     CollectionNotFoundError,
     FilterError,
@@ -27,6 +28,7 @@ from index.errors import (
     InvalidVectorError,
     ItemNotFoundError,
     PayloadError,
+    ReembedRefusedError,
 )
 from registry.errors import (
     IntegrityError,
@@ -87,6 +89,8 @@ _DOMAIN_ERRORS: list[tuple[type[Exception], int, str]] = [
     (EncoderError, 500, "encoder_error"),
     (CollectionNotFoundError, 404, "collection_not_found"),
     (CollectionExistsError, 409, "collection_exists"),
+    (CollectionBusyError, 409, "collection_busy"),
+    (ReembedRefusedError, 409, "reembed_refused"),
     (ItemNotFoundError, 404, "item_not_found"),
     (InvalidVectorError, 400, "invalid_vector"),
     (FilterError, 400, "invalid_filter"),

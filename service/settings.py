@@ -51,7 +51,10 @@ class Settings(BaseSettings):
         default=4096, gt=0, description="Parameters of all loaded models together; least recently used unload."
     )
     alias_refresh_seconds: float = Field(
-        default=5.0, ge=0, description="How long a resolved alias is trusted before the registry is asked again."
+        default=5.0,
+        ge=0,
+        description="How often the alias watcher polls the registry for moved aliases (at least every 0.5 s); a "
+        "moved alias is swapped to the new version once it is loaded, warmed and its contract checked.",
     )
     warmup: bool = True
 
