@@ -121,6 +121,13 @@ class TrainConfig(_Strict):
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     weight_decay: float = Field(default=0.01, ge=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(default="auto", description="auto: bf16 on CUDA.")
+    dataloader_workers: int | None = Field(
+        default=None,
+        ge=0,
+        le=64,
+        description="Processes that read and tokenise batches ahead of the GPU. Default: up to 4 on CUDA (the "
+        "GPU otherwise waits on tokenisation between steps), 0 on the CPU (they would compete with training).",
+    )
     seed: int = 42
     freeze: list[Literal["text", "image"]] = Field(
         default_factory=list, description="Towers kept frozen (LiT: train the image tower into the text space)."

@@ -185,7 +185,20 @@ def training_arguments(config: TrainConfig, run_dir: Path, has_graded: bool, rou
         ddp_backend="gloo" if distributed and not cuda else None,
         router_mapping=routes,
         dataloader_drop_last=distributed,
+        **loader_arguments(config, cuda),
     )
+
+
+def loader_arguments(config: TrainConfig, cuda: bool) -> dict[str, Any]:
+    """Background data loading on CUDA: measured on an H200 with MiniLM at batch 256, a third of
+    each step was the main process tokenising the next batch while the GPU idled."""
+    workers = config.dataloader_workers
+    if workers is None:
+        workers = min(4, max((os.cpu_count() or 1) - 1, 0)) if cuda else 0
+    if workers == 0:
+        return {"dataloader_num_workers": 0}
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers tokenise; no nested thread pools
+    return {"dataloader_num_workers": workers, "dataloader_prefetch_factor": 4, "dataloader_persistent_workers": True}
 
 
 def duet_trainer_class():
