@@ -138,7 +138,7 @@ def failure(exc: BaseException, run_dir: Path) -> dict[str, Any]:
     """The reason a user can act on, and whether resuming could help."""
     name = type(exc).__name__
     message = str(exc).strip() or name
-    input_error = name in _INPUT_ERRORS or isinstance(exc, FileNotFoundError)
+    input_error = name in _INPUT_ERRORS  # anything else (a lost file, OOM, a kill) may pass on a resume
     return {
         "error": f"{name}: {message}",
         "resumable": not input_error,

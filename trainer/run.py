@@ -215,6 +215,7 @@ def duet_trainer_class():
 
 
 LOSS_STATE = "duet_loss_state.pt"
+COMPLETE_MARKER = "duet_checkpoint_complete"
 
 
 def loss_state(loss: Any) -> dict[str, torch.Tensor]:
@@ -232,10 +233,13 @@ class LossStateCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             state_dict = loss_state(self.loss)
             if state_dict:
-                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 torch.save(state_dict, folder / LOSS_STATE)
+            # Last, after the trainer wrote everything: a process killed mid-save leaves a folder
+            # without this marker, and resuming skips it for the previous complete checkpoint.
+            (folder / COMPLETE_MARKER).write_text(str(state.global_step))
 
 
 def restore_loss_state(loss: Any, checkpoint: str) -> None:
@@ -249,11 +253,19 @@ def restore_loss_state(loss: Any, checkpoint: str) -> None:
 
 
 def last_checkpoint(run_dir: Path) -> str | None:
+    """The newest checkpoint that was written completely (a kill during a save leaves a partial
+    folder behind: resuming from it would fail for good)."""
     checkpoints = sorted(
-        (p for p in (run_dir / "checkpoints").glob("checkpoint-*") if p.is_dir()),
+        (p for p in (run_dir / "checkpoints").glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
         key=lambda p: int(p.name.split("-")[-1]),
     )
-    return str(checkpoints[-1]) if checkpoints else None
+    complete = [p for p in checkpoints if (p / COMPLETE_MARKER).is_file()]
+    if not complete:  # checkpoints from before the marker existed: trainer_state.json is written last
+        complete = [p for p in checkpoints if (p / "trainer_state.json").is_file()]
+    for partial in checkpoints:
+        if complete and partial not in complete and int(partial.name[11:]) > int(complete[-1].name[11:]):
+            logger.warning("skipping %s: it was not written completely", partial)
+    return str(complete[-1]) if complete else None
 
 
 def run_training(
