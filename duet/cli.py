@@ -7,7 +7,6 @@ so `duet --help` answers at once.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,11 +15,13 @@ from typing import Annotated
 import typer
 
 from duet.index_cli import index_app
+from duet.keys_cli import keys_app
 
 app = typer.Typer(help="Duet: fine-tune contrastive encoders and serve them.", no_args_is_help=True)
 models_app = typer.Typer(help="Inspect and change the model registry.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(index_app, name="index")
+app.add_typer(keys_app, name="keys")
 
 DataDir = Annotated[Path | None, typer.Option(help="State folder (default: $DUET_DATA_DIR or ./duet-data).")]
 
@@ -34,8 +35,11 @@ def _settings(data_dir: Path | None = None, **overrides):
     return Settings(**values)
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _setup_logging(level: str, log_format: str = "auto") -> None:
+    """JSON lines or text (DUET_LOG_FORMAT; 'auto': text on a terminal), with request ids."""
+    from duet.logs import setup_logging
+
+    setup_logging(level, log_format)
 
 
 @app.command()
@@ -51,12 +55,14 @@ def serve(
     from service.app import create_app
 
     settings = _settings(data_dir, host=host, port=port, log_level=log_level)
-    _setup_logging(settings.log_level)
+    _setup_logging(settings.log_level, settings.log_format)
     uvicorn.run(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=None,  # uvicorn's lines go through Duet's handlers (JSON or text)
+        access_log=False,  # Duet writes the access line itself, with the request id and key name
         timeout_graceful_shutdown=10,
     )
 
@@ -86,7 +92,7 @@ def worker(
     from jobs.worker import Worker, WorkerOptions
 
     settings = _settings(data_dir, log_level=log_level)
-    _setup_logging(settings.log_level)
+    _setup_logging(settings.log_level, settings.log_format)
     url = redis_url or settings.redis_url
     if embedded:
         store = SqliteJobStore(settings.jobs_db)

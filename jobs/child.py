@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from duet.logs import setup_logging
+
 logger = logging.getLogger(__name__)
 
 
@@ -34,6 +36,7 @@ class JobSpec:
     registry_dir: str
     registry_uri: str | None = None
     artifact_uri: str | None = None
+    request_id: str | None = None  # of the request that created the job: on every log line
 
     @property
     def run_dir(self) -> Path:
@@ -85,10 +88,11 @@ def main(spec: JobSpec, conn: Any, cancel: Any) -> None:
     """Process entry point: train, and always send one outcome before exiting."""
     die_with_parent()
     spec.run_dir.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        handlers=[logging.FileHandler(spec.run_dir / f"attempt-{spec.attempt}.log"), logging.StreamHandler()],
+    setup_logging(
+        level="info",
+        log_format=os.environ.get("DUET_LOG_FORMAT", "auto"),  # the worker's environment, inherited
+        file=spec.run_dir / f"attempt-{spec.attempt}.log",
+        fields={"request_id": spec.request_id, "job_id": spec.job_id},
     )
 
     def send(kind: str, data: dict[str, Any]) -> None:

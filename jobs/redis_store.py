@@ -179,5 +179,14 @@ class RedisJobStore(JobStore):
     def running_ids(self) -> list[str]:
         return sorted(self._call(lambda: self.client.smembers(self._state_set(JobState.running))))
 
+    def count_by_state(self) -> dict[JobState, int]:
+        def read() -> dict[JobState, int]:
+            pipe = self.client.pipeline(transaction=False)
+            for state in JobState:
+                pipe.scard(self._state_set(state))
+            return dict(zip(JobState, (int(n) for n in pipe.execute())))
+
+        return self._call(read)
+
     def ping(self) -> None:
         self._call(self.client.ping)

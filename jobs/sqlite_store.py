@@ -182,5 +182,11 @@ class SqliteJobStore(JobStore):
         rows = self._connect().execute("SELECT id FROM jobs WHERE state = ?", (JobState.running.value,))
         return [r["id"] for r in rows]
 
+    def count_by_state(self) -> dict[JobState, int]:
+        rows = self._connect().execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
+        counts = {state: 0 for state in JobState}
+        counts.update({JobState(r["state"]): int(r["n"]) for r in rows})
+        return counts
+
     def ping(self) -> None:
         self._connect().execute("SELECT 1")

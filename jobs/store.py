@@ -73,6 +73,10 @@ class JobStore(ABC):
     def running_ids(self) -> list[str]: ...
 
     @abstractmethod
+    def count_by_state(self) -> dict[JobState, int]:
+        """How many jobs are in each state (Prometheus reads it at every scrape: keep it cheap)."""
+
+    @abstractmethod
     def ping(self) -> None:
         """Raise StoreUnavailable when the store cannot be reached."""
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from duet.logs import log_context
 from jobs import child
 from jobs.records import InvalidTransition, JobNotFound, JobRecord, JobState, StoreUnavailable
 from jobs.store import JobStore
@@ -118,6 +119,11 @@ class Worker:
         logger.info("worker %s stopped", self.name)
 
     def run_job(self, record: JobRecord) -> None:
+        """Run one claimed job; its lines carry the id of the request that created it."""
+        with log_context(request_id=record.request_id, job_id=record.id):
+            self._run_job(record)
+
+    def _run_job(self, record: JobRecord) -> None:
         """Run one claimed job to its outcome; always leaves the record terminal (or, if the
         reaper gave the job up meanwhile, leaves the reaper's verdict alone)."""
         self.current = record.id
@@ -133,6 +139,7 @@ class Worker:
             registry_dir=str(self.options.registry_dir),
             registry_uri=self.options.registry_uri,
             artifact_uri=self.options.artifact_uri,
+            request_id=record.request_id,
         )
         process = context.Process(target=child.main, args=(spec, sender, cancel), name=f"duet-job-{record.id}")
         process.start()

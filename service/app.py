@@ -7,9 +7,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from service.auth import AuthMiddleware, KeyRing
 from service.body import include_body_schemas
 from service.errors import install_error_handlers
-from service.middleware import BodyLimitMiddleware, MetricsMiddleware
+from service.limits import build_limiter
+from service.middleware import BodyLimitMiddleware, MetricsMiddleware, RequestIdMiddleware
 from service.routes import collections, embeddings, health, jobs, models, pages
 from service.settings import Settings
 from service.state import ServiceState
@@ -17,14 +19,18 @@ from service.state import ServiceState
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    keys = KeyRing.from_settings(settings)  # a bad key entry stops start-up here, with its name
+    limiter = build_limiter(settings, lambda: _metrics_of(app))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = await ServiceState.start(settings)
         app.state.duet = state
+        await limiter.start()
         try:
             yield
         finally:
+            await limiter.close()
             await state.close()
 
     app = FastAPI(
@@ -33,12 +39,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
     )
-    app.add_middleware(MetricsMiddleware, metrics_getter=lambda: _metrics_of(app))
+    # Outermost last: request id -> metrics -> auth and limits -> body limit -> routes.
     app.add_middleware(
         BodyLimitMiddleware,
         max_bytes=settings.max_body_bytes,
         larger={"/v1/datasets": settings.max_dataset_bytes},
     )
+    app.add_middleware(
+        AuthMiddleware,
+        router=app.router,
+        keys=keys,
+        limiter=limiter,
+        settings=settings,
+        metrics_getter=lambda: _metrics_of(app),
+    )
+    app.add_middleware(MetricsMiddleware, metrics_getter=lambda: _metrics_of(app))
+    app.add_middleware(RequestIdMiddleware)
     install_error_handlers(app)
     for module in (embeddings, models, collections, jobs, health, pages):
         app.include_router(module.router)

@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from duet.logs import current_request_id
 from encoders.errors import EncoderError, ImageDecodeError, ModelLoadError, UnsupportedModalityError
 from index.errors import (
     CollectionBusyError,
@@ -156,4 +157,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
         _count(request, "internal_error")
-        return error_response(500, "internal error; the server log has the details", "internal_error")
+        # Sent by Starlette's outermost middleware, past the one that adds X-Request-ID to responses.
+        request_id = current_request_id()
+        return error_response(
+            500,
+            "internal error; the server log has the details",
+            "internal_error",
+            headers={"X-Request-ID": request_id} if request_id else None,
+        )

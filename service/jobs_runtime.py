@@ -42,6 +42,7 @@ def worker_environment(settings: Settings) -> dict[str, str]:
         DUET_JOB_HEARTBEAT_TIMEOUT_SECONDS=str(settings.job_heartbeat_timeout_seconds),
         DUET_JOB_CANCEL_GRACE_SECONDS=str(settings.job_cancel_grace_seconds),
         DUET_LOG_LEVEL=settings.log_level,
+        DUET_LOG_FORMAT=settings.log_format,
     )
     for name, value in (("DUET_REGISTRY_URI", settings.registry_uri), ("DUET_ARTIFACT_URI", settings.artifact_uri)):
         if value:

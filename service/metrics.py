@@ -6,7 +6,11 @@ as tests build them, from colliding, and keeps imports free of side effects.
 
 from __future__ import annotations
 
+import logging
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+logger = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -56,5 +60,51 @@ class Metrics:
             registry=r,
         )
 
+        # Auth and limits.
+        self.rate_limited = Counter(
+            "duet_rate_limited_total", "Requests refused with 429 by limit (rate, concurrency)", ["limit"], registry=r
+        )
+        self.limiter_unavailable = Counter(
+            "duet_limiter_unavailable_total",
+            "Requests let through unlimited because the limiter's Redis was unreachable (fail open)",
+            registry=r,
+        )
+        # Jobs: counters where the API sees the event; states read from the store at scrape time.
+        self.jobs = Gauge("duet_jobs", "Jobs in the store by state (read at scrape time)", ["state"], registry=r)
+        self.job_submissions = Counter("duet_job_submissions_total", "Jobs created through the API", registry=r)
+        self.job_cancels = Counter("duet_job_cancels_total", "Cancel requests accepted through the API", registry=r)
+        self.job_resumes = Counter("duet_job_resumes_total", "Resumes accepted through the API", registry=r)
+        # Collections: sizes read at scrape time; search timed around the index call only.
+        self.collections = Gauge("duet_collections", "Collections open in this service", registry=r)
+        self.collection_items = Gauge("duet_collection_items", "Items per collection", ["collection"], registry=r)
+        self.index_search_latency = Histogram(
+            "duet_index_search_latency_seconds",
+            "Time in the index for one search request (after queries are embedded)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def refresh_gauges(metrics: Metrics, state) -> None:
+    """Gauges read from their sources when Prometheus scrapes (in a thread: store and SQLite
+    reads), so no request path pays for them. A job store that is away leaves the job gauges
+    at their last values rather than failing the scrape."""
+    jobs = getattr(state, "jobs", None)
+    if jobs is not None:
+        try:
+            for job_state, count in jobs.store.count_by_state().items():
+                metrics.jobs.labels(job_state.value).set(count)
+        except Exception as exc:  # noqa: BLE001 - StoreUnavailable and kin: metrics must still render
+            logger.warning("job counts not refreshed: %s", exc)
+    names = state.collections.names()
+    metrics.collections.set(len(names))
+    metrics.collection_items.clear()  # dropped collections disappear from the scrape
+    for name in names:
+        try:
+            collection = state.collections.get(name)
+        except Exception:  # noqa: BLE001 - dropped between names() and get()
+            continue
+        metrics.collection_items.labels(name).set(sum(collection.store.modality_counts().values()))

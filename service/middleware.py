@@ -1,4 +1,4 @@
-"""ASGI middleware: request body limit (413) and per-route request metrics.
+"""ASGI middleware: request ids and access lines, request body limit (413), per-route request metrics.
 
 Written as plain ASGI (not `BaseHTTPMiddleware`) so bodies stream through without being
 buffered twice and the limit applies to chunked uploads that send no Content-Length.
@@ -6,13 +6,17 @@ buffered twice and the limit applies to chunked uploads that send no Content-Len
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from duet.logs import bind, clean_request_id, unbind
 from service.errors import error_response
 from service.metrics import Metrics
+
+access_logger = logging.getLogger("duet.access")
 
 
 class BodyLimitMiddleware:
@@ -94,7 +98,60 @@ class MetricsMiddleware:
         finally:
             metrics: Metrics | None = self.metrics_getter()
             if metrics is not None:
-                route = scope.get("route")
+                route = scope.get("route") or scope.get("duet.route")  # the latter: refused by auth
                 label = getattr(route, "path", "unmatched")
                 metrics.requests.labels(label, str(status)).inc()
                 metrics.request_latency.labels(label).observe(time.perf_counter() - started)
+
+
+class RequestIdMiddleware:
+    """Gives every request an id: the client's `X-Request-ID` (cleaned, at most 128 characters)
+    or a new one. It is bound to every log line of the request (a contextvar, so concurrent
+    requests never mix), returned in the response's `X-Request-ID`, stored in jobs the request
+    creates, and ends in one access line (method, path, status, duration, key name)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        raw = next((v for k, v in scope.get("headers") or () if k == b"x-request-id"), b"")
+        request_id = clean_request_id(raw.decode("latin-1"))
+        token = bind(request_id=request_id)
+        header = (b"x-request-id", request_id.encode())
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), header]
+            await send(message)
+
+        failed = True
+        try:
+            await self.app(scope, receive, send_with_id)
+            failed = False
+        finally:
+            if access_logger.isEnabledFor(logging.INFO):
+                access_logger.info(
+                    "%s %s %d",
+                    scope.get("method"),
+                    scope.get("path"),
+                    status,
+                    extra={
+                        "method": scope.get("method"),
+                        "path": scope.get("path"),
+                        "status": status,
+                        "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                        "client": (scope.get("client") or ("",))[0],
+                        **({"key": scope["duet.key"]} if "duet.key" in scope else {}),
+                    },
+                )
+            # After an exception the id stays bound: the 500 handler outside this middleware logs
+            # with it, and the request's task ends there, taking its context with it.
+            if not failed:
+                unbind(token)

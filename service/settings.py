@@ -8,7 +8,7 @@ import time, so tests can construct as many differently-configured apps as they 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -108,7 +108,36 @@ class Settings(BaseSettings):
         "Off by default: API users should not read the server's files.",
     )
 
+    # Auth and limits. No keys configured: auth is off and limits apply per client address.
+    api_keys_file: Path | None = Field(
+        default=None,
+        description="YAML/JSON list of API keys: {name, key_sha256 (or hash), salt, scopes, rate_limit_per_second, "
+        "rate_limit_burst, concurrency_limit}; `duet keys create` prints an entry. Any key configured turns auth on.",
+    )
+    api_keys: list[dict[str, Any]] | None = Field(
+        default=None, description="Keys as JSON (same entries as the file), added to the file's."
+    )
+    auth_public_health: bool = Field(default=True, description="/health and /ready answer without a key.")
+    auth_public_metrics: bool = Field(default=False, description="/metrics answers without a key (else any key).")
+    rate_limit_per_second: float = Field(
+        default=0.0, ge=0, description="Default requests per second per key (or client address); 0 = no limit."
+    )
+    rate_limit_burst: int = Field(
+        default=0, ge=0, description="Default token-bucket size (requests at once after idle); 0 = a second's worth."
+    )
+    concurrency_limit: int = Field(
+        default=0, ge=0, description="Default requests in flight at once per key (or client address); 0 = no limit."
+    )
+    limit_lease_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="With Redis: a concurrency slot held by a replica that died is freed after this long.",
+    )
+
     log_level: str = "info"
+    log_format: Literal["auto", "json", "text"] = Field(
+        default="auto", description="'json': one JSON object per line; 'auto': text on a terminal, else JSON."
+    )
 
     @model_validator(mode="after")
     def _queue_holds_a_request(self) -> Settings:

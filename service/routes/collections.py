@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any, cast
@@ -452,6 +453,7 @@ async def search(name: str, request: Request, state: StateDep, pool: PoolDep, se
     collection = await _collection(state, name)
     await _check_model(pool, collection, body.model)
     vectors, modalities, exclude = await _query_vectors(queries, collection, pool, settings)
+    started = time.perf_counter()
     hits = await anyio.to_thread.run_sync(
         lambda: collection.search(
             vectors,
@@ -463,6 +465,7 @@ async def search(name: str, request: Request, state: StateDep, pool: PoolDep, se
             exclude=exclude,
         )
     )
+    state.metrics.index_search_latency.observe(time.perf_counter() - started)
     # orjson straight from the hits: a batch of 256 queries x k hits through pydantic models
     # costs more than the FAISS search it reports.
     results = [[h.__dict__ for h in row] for row in hits]

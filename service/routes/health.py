@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import anyio
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.deps import StateDep
+from service.metrics import refresh_gauges
 
 router = APIRouter(tags=["operations"])
 
@@ -35,4 +37,5 @@ async def metrics(state: StateDep) -> Response:
     pool = state.pool
     for ref, model in pool.loaded.items():
         state.metrics.queue_depth.labels(ref).set(model.batcher.pending)
+    await anyio.to_thread.run_sync(refresh_gauges, state.metrics, state)
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -20,6 +20,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from duet.logs import current_request_id
 from jobs.datasets import DatasetError, DatasetStore, check_filename
 from jobs.records import InvalidTransition, JobNotFound, JobRecord, JobState, StoreUnavailable, new_job_id
 from jobs.store import JobStore
@@ -136,7 +137,6 @@ def validate(body: JobCreate, state) -> None:
 async def create_job(
     body: JobCreate,
     state: StateDep,
-    request: Request,
     idempotency_key: str | None = Header(default=None, max_length=200),
 ) -> JSONResponse:
     """Validate a training config and queue it. With an idempotency key (header
@@ -144,10 +144,12 @@ async def create_job(
     store = _store(state)
     key = body.idempotency_key or idempotency_key
     await anyio.to_thread.run_sync(validate, body, state)
-    record = JobRecord(
-        id=new_job_id(), config=body.config, idempotency_key=key, request_id=request.headers.get("x-request-id")
-    )
+    # The middleware's id (the client's X-Request-ID, cleaned, or a new one): the worker and the
+    # training process log with it, so one id finds the request and everything the job did.
+    record = JobRecord(id=new_job_id(), config=body.config, idempotency_key=key, request_id=current_request_id())
     saved, created = await call(store, store.create, record)
+    if created:
+        state.metrics.job_submissions.inc()
     return JSONResponse(saved.model_dump(mode="json"), status_code=201 if created else 200)
 
 
@@ -171,14 +173,18 @@ async def get_job(job_id: str, state: StateDep) -> JobRecord:
 async def cancel_job(job_id: str, state: StateDep) -> JobRecord:
     """Queued: cancelled now. Running: stops at its next step (after a checkpoint)."""
     store = _store(state)
-    return await call(store, store.request_cancel, job_id)
+    record = await call(store, store.request_cancel, job_id)
+    state.metrics.job_cancels.inc()
+    return record
 
 
 @router.post("/v1/jobs/{job_id}/resume", response_model=JobRecord)
 async def resume_job(job_id: str, state: StateDep) -> JobRecord:
     """Queue a failed or cancelled job again; it continues from its last checkpoint."""
     store = _store(state)
-    return await call(store, store.resume, job_id)
+    record = await call(store, store.resume, job_id)
+    state.metrics.job_resumes.inc()
+    return record
 
 
 @router.get(
@@ -239,8 +245,9 @@ async def _stream(store: JobStore, job_id: str, after: int) -> AsyncIterator[byt
             except (StoreUnavailable, JobNotFound):
                 yield _sse(event.seq, "end", {"id": job_id})
                 return
-            if final.events > event.seq:
-                continue  # the end of an earlier attempt: the job was resumed since
+            if final.events > event.seq:  # the end of an earlier attempt: the job was resumed since
+                yield _sse(event.seq, "attempt_end", {"message": "an earlier attempt ended; the job was resumed"})
+                continue
             yield _sse(event.seq, "end", final.model_dump(mode="json"))
             return
 

@@ -1,0 +1,140 @@
+"""Logging for every Duet process: one JSON object per line (or plain text), with the request id.
+
+The service, the job worker and the training process all configure logging here, so a
+request's id reaches every line it causes: the service binds it per request (a contextvar,
+so concurrent requests never mix), the job record carries it to the worker, and the worker
+hands it to the training process it spawns. This module is a stdlib-only leaf: `service`,
+`jobs` and the CLI import it without pulling anything else in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar, Token
+from pathlib import Path
+from typing import Any
+
+LOG_FORMATS = ("auto", "json", "text")
+MAX_REQUEST_ID = 128
+
+# Fields bound to the current request or job; read when a line is formatted. A mapping that
+# is replaced (never mutated), so a copied context never sees another task's changes.
+_context: ContextVar[dict[str, Any]] = ContextVar("duet_log_context", default={})  # noqa: B039 - never mutated
+
+# Attributes every LogRecord has: whatever else a record carries came from `extra=`.
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+_UNSAFE = re.compile(r"[^A-Za-z0-9._:/+=@-]")
+
+
+def bind(**fields: Any) -> Token[dict[str, Any]]:
+    """Add fields to every line logged from this context on; `unbind(token)` undoes it."""
+    return _context.set({**_context.get(), **{k: v for k, v in fields.items() if v is not None}})
+
+
+def unbind(token: Token[dict[str, Any]]) -> None:
+    _context.reset(token)
+
+
+@contextmanager
+def log_context(**fields: Any) -> Iterator[None]:
+    token = bind(**fields)
+    try:
+        yield
+    finally:
+        unbind(token)
+
+
+def context_fields() -> dict[str, Any]:
+    return _context.get()
+
+
+def current_request_id() -> str | None:
+    return _context.get().get("request_id")
+
+
+def clean_request_id(raw: str | None) -> str:
+    """A client's X-Request-ID made safe to log and echo (no spaces, quotes or control
+    characters, at most 128 characters), or a new id when it has nothing usable."""
+    cleaned = _UNSAFE.sub("", raw or "")[:MAX_REQUEST_ID]
+    return cleaned or uuid.uuid4().hex
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, message, the bound context (request_id,
+    job_id, key, ...), any `extra=` fields, and the traceback as `exc_info` when there is one.
+    `fields` are on every line whatever the context (a training process runs one job: its id
+    must reach lines logged from threads, which start with an empty context)."""
+
+    def __init__(self, fields: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.fields = {k: v for k, v in (fields or {}).items() if v is not None}
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": _timestamp(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        line.update(self.fields)
+        line.update(_context.get())
+        for name, value in vars(record).items():
+            if name not in _STANDARD and not name.startswith("_"):
+                line[name] = value
+        if record.exc_info:
+            line["exc_info"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            line["stack_info"] = record.stack_info
+        return json.dumps(line, default=str, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    """The classic line, plus `[request_id]` when a request or job is bound."""
+
+    def __init__(self, fields: dict[str, Any] | None = None) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.fields = fields or {}
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        request_id = _context.get().get("request_id") or self.fields.get("request_id")
+        return f"{text} [{request_id}]" if request_id else text
+
+
+def _timestamp(created: float) -> str:
+    seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+    return f"{seconds}.{int(created % 1 * 1000):03d}Z"
+
+
+def resolve_format(log_format: str) -> str:
+    """'auto' is text on a terminal (people read it) and JSON otherwise (log shippers parse it)."""
+    if log_format not in LOG_FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
+    if log_format == "auto":
+        return "text" if sys.stderr.isatty() else "json"
+    return log_format
+
+
+def formatter(log_format: str, fields: dict[str, Any] | None = None) -> logging.Formatter:
+    return JsonFormatter(fields) if resolve_format(log_format) == "json" else TextFormatter(fields)
+
+
+def setup_logging(
+    level: str = "info", log_format: str = "auto", file: Path | None = None, fields: dict[str, Any] | None = None
+) -> None:
+    """Configure the root logger (stderr, and `file` when given) for a Duet process; replaces
+    handlers a previous call installed, so it can be called again with other settings."""
+    chosen = formatter(log_format, fields)
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if file is not None:
+        handlers.append(logging.FileHandler(file))
+    for handler in handlers:
+        handler.setFormatter(chosen)
+    logging.basicConfig(level=level.upper(), handlers=handlers, force=True)
