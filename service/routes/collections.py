@@ -392,7 +392,15 @@ async def list_items(
 
 
 @router.post("/v1/collections/{name}/items/delete", response_model=DeleteResponse, dependencies=JSON)
-async def delete_items(name: str, body: DeleteRequest, state: StateDep) -> DeleteResponse:
+async def delete_items(name: str, body: DeleteRequest, state: StateDep, settings: SettingsDep) -> DeleteResponse:
+    if body.ids is not None and len(body.ids) > settings.max_inputs_per_request:
+        raise ApiError(
+            400,
+            f"{len(body.ids)} ids in one request; at most {settings.max_inputs_per_request} "
+            "(DUET_MAX_INPUTS_PER_REQUEST): delete in batches, or by filter",
+            code="too_many_items",
+            param="ids",
+        )
     collection = await _collection(state, name)
     with _reembed_conflicts():
         seq, ids = await anyio.to_thread.run_sync(lambda: collection.delete(ids=body.ids, filter=body.filter))

@@ -314,3 +314,33 @@ async def _dead_replica(url: str) -> None:
     assert (await alive.acquire("key:x", limits)).allowed
     await dead.close()
     await alive.close()
+
+
+def test_item_and_body_limits_apply_to_every_many_item_route(tmp_path):
+    """DUET_MAX_INPUTS_PER_REQUEST (and DUET_MAX_SEARCH_QUERIES for search) bound every route
+    that takes a list; DUET_MAX_BODY_BYTES bounds every body but dataset uploads (their own)."""
+    from service.app import create_app
+
+    settings = make_settings(
+        tmp_path,
+        preload_models=[],
+        register_default_models=False,
+        local_worker=False,
+        max_inputs_per_request=3,
+        max_search_queries=3,
+        max_body_bytes=4096,
+    )
+    many = ["a", "b", "c", "d"]
+    cases = [
+        ("POST", "/v1/embeddings", {"input": many}, "input"),
+        ("PUT", "/v1/collections/c/items", {"items": [{"id": i, "text": i} for i in many]}, "items"),
+        ("POST", "/v1/collections/c/items/delete", {"ids": many}, "ids"),
+        ("POST", "/v1/collections/c/search", {"queries": [{"text": i} for i in many]}, "queries"),
+    ]
+    with TestClient(create_app(settings)) as client:
+        for method, path, body, param in cases:
+            refused = client.request(method, path, json=body)
+            assert refused.status_code == 400, (path, refused.text)
+            assert refused.json()["error"]["param"] == param
+            too_big = client.request(method, path, json={"input": "x" * 5000})
+            assert too_big.status_code == 413, path
