@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from duet.config_cli import config_reference
 from duet.index_cli import index_app
 from duet.keys_cli import keys_app
 
@@ -22,6 +23,7 @@ models_app = typer.Typer(help="Inspect and change the model registry.", no_args_
 app.add_typer(models_app, name="models")
 app.add_typer(index_app, name="index")
 app.add_typer(keys_app, name="keys")
+app.command("config-reference")(config_reference)
 
 DataDir = Annotated[Path | None, typer.Option(help="State folder (default: $DUET_DATA_DIR or ./duet-data).")]
 

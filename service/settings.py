@@ -28,8 +28,8 @@ class Settings(BaseSettings):
     )
 
     # HTTP.
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=1, le=65535)
+    host: str = Field(default="127.0.0.1", description="Bind address (0.0.0.0 in containers).")
+    port: int = Field(default=8000, ge=1, le=65535, description="HTTP port.")
     max_body_bytes: int = Field(default=32 * 1024 * 1024, gt=0, description="Larger request bodies get 413.")
     max_inputs_per_request: int = Field(default=2048, gt=0, description="Most items in one embeddings request.")
     max_input_chars: int = Field(
@@ -56,7 +56,7 @@ class Settings(BaseSettings):
         description="How often the alias watcher polls the registry for moved aliases (at least every 0.5 s); a "
         "moved alias is swapped to the new version once it is loaded, warmed and its contract checked.",
     )
-    warmup: bool = True
+    warmup: bool = Field(default=True, description="One forward pass per modality at load, so first requests are fast.")
 
     # Batching.
     max_batch_tokens: int = Field(default=16384, gt=0, description="Padded tokens in one forward pass.")
@@ -72,8 +72,8 @@ class Settings(BaseSettings):
     )
     max_image_side: int = Field(default=1024, gt=0, description="Decoded images are shrunk to this side at once.")
     allow_remote_images: bool = Field(default=False, description="Fetch http(s) image URLs (an SSRF risk).")
-    remote_image_timeout_seconds: float = Field(default=5.0, gt=0)
-    remote_image_max_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
+    remote_image_timeout_seconds: float = Field(default=5.0, gt=0, description="Timeout of a remote image fetch.")
+    remote_image_max_bytes: int = Field(default=10 * 1024 * 1024, gt=0, description="Largest remote image fetched.")
 
     # Collections.
     snapshot_interval_seconds: float = Field(
@@ -134,7 +134,7 @@ class Settings(BaseSettings):
         description="With Redis: a concurrency slot held by a replica that died is freed after this long.",
     )
 
-    log_level: str = "info"
+    log_level: str = Field(default="info", description="debug, info, warning or error.")
     log_format: Literal["auto", "json", "text"] = Field(
         default="auto", description="'json': one JSON object per line; 'auto': text on a terminal, else JSON."
     )
