@@ -320,8 +320,8 @@ class AuthMiddleware:
                 logger.warning("route %s has no scope in service/auth.py ROUTE_SCOPES: it needs an admin key", route)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
+        if scope["type"] != "http" or not (self.keys.enabled or self.defaults.active):
+            await self.app(scope, receive, send)  # the embedded default: nothing to check
             return
         rule, route = self._rule(scope)
         if route is not None:
