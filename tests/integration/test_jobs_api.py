@@ -227,6 +227,8 @@ def test_a_killed_worker_fails_its_job_which_resumes_from_its_checkpoint(api, up
     stages = [data.get("stage", "") for _, kind, data in stream if kind == "stage"]
     assert "starting attempt 2" in stages, stages
     assert any(stage.startswith("resuming from checkpoint-") for stage in stages), stages
+    assert [seq for seq, _, _ in stream] == list(range(1, len(stream) + 1))  # the old attempt's end is kept too
+    assert "attempt_end" in [kind for _, kind, _ in stream]
     states = [data["state"] for _, kind, data in stream if kind == "state"]
     assert states == ["queued", "running", "failed", "queued", "running", "succeeded"]
     assert stream[-1][1] == "end" and stream[-1][2]["state"] == "succeeded"
