@@ -1,9 +1,11 @@
-"""The jobs web page (`GET /jobs`), served by the service itself.
+"""The web pages served by the service itself: jobs (`GET /jobs`) and the search playground
+(`GET /playground`).
 
-The page is one static, self-contained HTML file (`service/static/jobs.html`: markup, CSS and
-vanilla JS, no build step, no CDN). It is a client of the public jobs API only (`/v1/jobs`, the
-job's event stream, cancel and resume), so the server has nothing to render and the page can show
-nothing that curl could not; keeping it out of the OpenAPI schema keeps the schema to the API.
+Each page is one static, self-contained HTML file (`service/static/*.html`: markup, CSS and vanilla
+JS, no build step, no CDN). Each is a client of the public API only (the jobs page: `/v1/jobs`, the
+job's event stream, cancel and resume; the playground: `/v1/collections`, search and items), so the
+server has nothing to render and a page can show nothing that curl could not; keeping them out of the
+OpenAPI schema keeps the schema to the API.
 """
 
 from __future__ import annotations
@@ -39,11 +41,28 @@ def jobs_page() -> bytes:
     return (files("service") / "static" / "jobs.html").read_bytes()
 
 
+@lru_cache(maxsize=1)
+def playground_page() -> bytes:
+    """The search playground's bytes, read once like the jobs page's."""
+    return (files("service") / "static" / "playground.html").read_bytes()
+
+
 @router.get("/jobs", response_class=HTMLResponse)
 def jobs() -> HTMLResponse:
     """The jobs page. A sync route, so the first (uncached) file read happens off the event loop."""
+    return _page(jobs_page())
+
+
+@router.get("/playground", response_class=HTMLResponse)
+def playground() -> HTMLResponse:
+    """The search playground (pick a collection, search by text or image). Sync for the same reason."""
+    return _page(playground_page())
+
+
+def _page(body: bytes) -> HTMLResponse:
+    """A page with the headers every page gets: its content policy, no sniffing, revalidation."""
     return HTMLResponse(
-        jobs_page(),
+        body,
         headers={
             "Content-Security-Policy": CONTENT_SECURITY_POLICY,
             "X-Content-Type-Options": "nosniff",
