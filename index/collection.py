@@ -39,8 +39,9 @@ from index.store import CollectionStore, StoredItem
 logger = logging.getLogger(__name__)
 
 Metric = Literal["cosine", "dot"]
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
-_ID = re.compile(r"^[^\x00-\x1f]{1,256}$")
+# \Z, not $: Python's $ also matches before a final newline, which let "name\n" through as a folder name.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}\Z")
+_ID = re.compile(r"^[^\x00-\x1f]{1,256}\Z")
 SNAPSHOT_FILE = "index.snapshot"
 STORE_FILE = "store.sqlite"
 CONFIG_FILE = "collection.json"

@@ -24,7 +24,13 @@ class IndexOptions(BaseModel):
 class CollectionCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(description="1-100 letters, digits, '_' or '-'.")
+    # The rule is enforced by index.collection (a 400 naming it); the schema states it too, so clients and
+    # schema-driven tools (schemathesis) can produce valid names. Not validated here: that would turn the
+    # documented 400 into a 422.
+    name: str = Field(
+        description="1-100 letters, digits, '_' or '-', starting with a letter or digit.",
+        json_schema_extra={"pattern": "^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$", "minLength": 1, "maxLength": 100},
+    )
     model: str | None = Field(
         default=None,
         description="Model reference, resolved now and pinned to that exact version. Default: the server's "

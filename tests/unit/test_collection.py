@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from index.collection import CollectionConfig, CollectionManager
+from index.collection import CollectionConfig, CollectionManager, validate_collection_name, validate_item_id
 from index.engine import IndexSpec
 from index.errors import (
     CollectionExistsError,
@@ -189,6 +189,11 @@ def test_manager_names_and_errors(manager):
         manager.get("two")
     with pytest.raises(InvalidCollectionError):
         manager.get("../etc")
+    for name in ("one\n", "", "-x", "a" * 101):  # "one\n" passed a `$`-anchored rule
+        with pytest.raises(InvalidCollectionError):
+            validate_collection_name(name)
+    with pytest.raises(InvalidCollectionError):
+        validate_item_id("id\n")
     with pytest.raises(InvalidCollectionError):
         CollectionConfig(name="x", dim=4, metric="l2")
     assert manager.names() == ["one"]
