@@ -180,7 +180,7 @@ async def _reembed_body(request: Request) -> ReembedRequest:
     """The body is optional: none (or an empty one) means the default target."""
     if not (await request.body()).strip():
         return ReembedRequest()
-    require_json(request)
+    await require_json(request)
     return await parse_body(request, ReembedRequest)
 
 
