@@ -212,6 +212,9 @@ class Worker:
     def _record_outcome(self, relay: Relay, kind: str, data: dict[str, Any]) -> None:
         """Write the outcome; retry while the store is away (this is the one write that must land)."""
         state = {"succeeded": JobState.succeeded, "cancelled": JobState.cancelled}.get(kind, JobState.failed)
+        relay.progress["stage"] = None  # the last stage ("evaluating ...") is over; the state says the rest
+        relay.progress["eta_seconds"] = None
+        relay.fields["progress"] = dict(relay.progress)
         fields: dict[str, Any] = {}
         if state is JobState.succeeded:
             fields["result"] = {k: data.get(k) for k in ("model", "promotion", "report")}
