@@ -106,6 +106,8 @@ def upload(api: httpx.Client, path: Path, filename: str | None = None) -> dict[s
 
 def run_job(api: httpx.Client, config: dict[str, Any], key: str) -> dict[str, Any]:
     """Submit, then follow the server-sent events to the end, printing what a user would see."""
+    from jobs.sse import parse_events
+
     response = api.post("/v1/jobs", json={"config": config, "idempotency_key": key})
     if response.status_code >= 400:
         raise RuntimeError(f"job refused: {response.text}")
@@ -115,28 +117,25 @@ def run_job(api: httpx.Client, config: dict[str, Any], key: str) -> dict[str, An
     last_print = 0.0
     final: dict[str, Any] = {}
     with api.stream("GET", f"/v1/jobs/{job['id']}/events", timeout=None) as stream:
-        kind = None
-        for line in stream.iter_lines():
-            if line.startswith("event: "):
-                kind = line[7:]
-            elif line.startswith("data: ") and kind:
-                data = json.loads(line[6:])
-                counts[kind] += 1
-                if kind == "progress":
-                    if time.monotonic() - last_print > 20 or data.get("step") == data.get("max_steps"):
-                        last_print = time.monotonic()
-                        say(
-                            f"  event progress: step {data['step']}/{data['max_steps']} epoch {data['epoch']:.2f} "
-                            f"loss {data['loss'] if data['loss'] is None else round(data['loss'], 4)} "
-                            f"eta {data['eta_seconds']:.0f} s"
-                        )
-                elif kind == "evaluation":
-                    shown = {k: round(v, 4) for k, v in data["metrics"].items() if _headline(k)}
-                    say(f"  event evaluation ({data['when']}): {shown}")
-                elif kind in ("state", "stage"):
-                    say(f"  event {kind}: {data.get('state') or data.get('stage')}")
-                elif kind == "end":
-                    final = data
+        for _, kind, data in parse_events(stream.iter_lines()):
+            if not kind:
+                continue
+            counts[kind] += 1
+            if kind == "progress":
+                if time.monotonic() - last_print > 20 or data.get("step") == data.get("max_steps"):
+                    last_print = time.monotonic()
+                    say(
+                        f"  event progress: step {data['step']}/{data['max_steps']} epoch {data['epoch']:.2f} "
+                        f"loss {data['loss'] if data['loss'] is None else round(data['loss'], 4)} "
+                        f"eta {data['eta_seconds']:.0f} s"
+                    )
+            elif kind == "evaluation":
+                shown = {k: round(v, 4) for k, v in data["metrics"].items() if _headline(k)}
+                say(f"  event evaluation ({data['when']}): {shown}")
+            elif kind in ("state", "stage"):
+                say(f"  event {kind}: {data.get('state') or data.get('stage')}")
+            elif kind == "end":
+                final = data
     say(f"  events received: {dict(counts)}")
     return final
 

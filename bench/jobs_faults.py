@@ -501,19 +501,11 @@ class Check:
 
 def read_events(url: str, job_id: str) -> list[tuple[int | None, str, Any]]:
     """The job's server-sent events from the start until the stream ends."""
-    got: list[tuple[int | None, str, Any]] = []
+    from jobs.sse import parse_events
+
     with httpx.stream("GET", f"{url}/v1/jobs/{job_id}/events", timeout=60) as response:
         response.raise_for_status()
-        seq, kind = None, None
-        for line in response.iter_lines():
-            if line.startswith("id: "):
-                seq = int(line[4:])
-            elif line.startswith("event: "):
-                kind = line[7:]
-            elif line.startswith("data: "):
-                got.append((seq, kind, json.loads(line[6:])))
-                seq, kind = None, None
-    return got
+        return list(parse_events(response.iter_lines()))
 
 
 @dataclass

@@ -9,7 +9,6 @@ routes answer 503 with Retry-After; embeddings and search do not depend on it.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path, PurePosixPath
@@ -23,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from duet.logs import current_request_id
 from jobs.datasets import DatasetError, DatasetStore, check_filename
 from jobs.records import InvalidTransition, JobNotFound, JobRecord, JobState, StoreUnavailable, new_job_id
+from jobs.sse import encode_event
 from jobs.store import JobStore
 from service.deps import StateDep, require_json
 from service.errors import ApiError
@@ -215,11 +215,6 @@ def _event_id(header: str | None) -> int:
     return int(header) if header and header.strip().isdigit() else 0
 
 
-def _sse(seq: int | None, kind: str, data: Any) -> bytes:
-    head = f"id: {seq}\n" if seq is not None else ""
-    return f"{head}event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
-
-
 async def _stream(store: JobStore, job_id: str, after: int) -> AsyncIterator[bytes]:
     yield b"retry: 3000\n\n"
     while True:
@@ -230,7 +225,7 @@ async def _stream(store: JobStore, job_id: str, after: int) -> AsyncIterator[byt
             await anyio.sleep(2)
             continue
         except JobNotFound:
-            yield _sse(None, "error", {"message": f"job {job_id} no longer exists"})
+            yield encode_event(None, "error", {"message": f"job {job_id} no longer exists"})
             return
         if not events:
             yield f": keep-alive {time.time():.0f}\n\n".encode()
@@ -238,17 +233,19 @@ async def _stream(store: JobStore, job_id: str, after: int) -> AsyncIterator[byt
         for event in events:
             after = event.seq
             if event.type != "end":
-                yield _sse(event.seq, event.type, event.data)
+                yield encode_event(event.seq, event.type, event.data)
                 continue
             try:
                 final = await anyio.to_thread.run_sync(store.get, job_id)
             except (StoreUnavailable, JobNotFound):
-                yield _sse(event.seq, "end", {"id": job_id})
+                yield encode_event(event.seq, "end", {"id": job_id})
                 return
             if final.events > event.seq:  # the end of an earlier attempt: the job was resumed since
-                yield _sse(event.seq, "attempt_end", {"message": "an earlier attempt ended; the job was resumed"})
+                yield encode_event(
+                    event.seq, "attempt_end", {"message": "an earlier attempt ended; the job was resumed"}
+                )
                 continue
-            yield _sse(event.seq, "end", final.model_dump(mode="json"))
+            yield encode_event(event.seq, "end", final.model_dump(mode="json"))
             return
 
 

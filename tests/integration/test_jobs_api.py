@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from encoders.encoder import describe, load_sentence_transformer
+from jobs.sse import parse_events
 from registry.manifest import Manifest
 from tests.helpers import PAIRS, RunningServer, make_settings
 
@@ -75,19 +76,10 @@ def job_config(uploaded, **overrides):
 
 def events(api: httpx.Client, job_id: str, after: int = 0, timeout: float = 300) -> list[tuple[int, str, dict]]:
     """Read the job's server-sent events until the stream ends."""
-    got = []
     with api.stream("GET", f"/v1/jobs/{job_id}/events", params={"after": after}, timeout=timeout) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
-        seq, kind = None, None
-        for line in response.iter_lines():
-            if line.startswith("id: "):
-                seq = int(line[4:])
-            elif line.startswith("event: "):
-                kind = line[7:]
-            elif line.startswith("data: "):
-                got.append((seq, kind, json.loads(line[6:])))
-    return got
+        return list(parse_events(response.iter_lines()))
 
 
 def wait_for(api: httpx.Client, job_id: str, predicate, timeout: float = 300) -> dict:
