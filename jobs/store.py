@@ -122,13 +122,7 @@ class JobStore(ABC):
 
     def update(self, job_id: str, events: list[tuple[str, dict[str, Any]]] | None = None, **fields: Any) -> JobRecord:
         """Progress, metrics, heartbeats: fields of a running job, plus events to record."""
-
-        def apply(record: JobRecord) -> Change:
-            for name, value in fields.items():
-                setattr(record, name, value)
-            return Change(events=list(events or []))
-
-        return self._modify(job_id, apply)
+        return self._modify(job_id, lambda record: _set_fields(record, fields, events))
 
     def worker_update(
         self, job_id: str, worker: str, events: list[tuple[str, dict[str, Any]]] | None = None, **fields: Any
@@ -139,14 +133,9 @@ class JobStore(ABC):
         def apply(record: JobRecord) -> Change | None:
             if record.state is not JobState.running or record.worker != worker:
                 return None
-            for name, value in fields.items():
-                setattr(record, name, value)
-            return Change(events=list(events or []))
+            return _set_fields(record, fields, events)
 
         return self._modify(job_id, apply)
-
-    def add_event(self, job_id: str, type_: str, data: dict[str, Any]) -> JobRecord:
-        return self.update(job_id, events=[(type_, data)])
 
     def finish(self, job_id: str, state: JobState, *, worker: str | None = None, **fields: Any) -> JobRecord:
         """Move a running job to a terminal state (once: a second finish is refused)."""
@@ -246,6 +235,12 @@ class JobStore(ABC):
             if events or time.monotonic() >= deadline:
                 return events
             time.sleep(poll_s)
+
+
+def _set_fields(record: JobRecord, fields: dict[str, Any], events: list[tuple[str, dict[str, Any]]] | None) -> Change:
+    for name, value in fields.items():
+        setattr(record, name, value)
+    return Change(events=list(events or []))
 
 
 def apply_change(record: JobRecord, change: Change, now: float) -> list[JobEvent]:
