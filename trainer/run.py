@@ -255,17 +255,20 @@ def restore_loss_state(loss: Any, checkpoint: str) -> None:
 def last_checkpoint(run_dir: Path) -> str | None:
     """The newest checkpoint that was written completely (a kill during a save leaves a partial
     folder behind: resuming from it would fail for good)."""
-    checkpoints = sorted(
-        (p for p in (run_dir / "checkpoints").glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
-        key=lambda p: int(p.name.split("-")[-1]),
-    )
-    complete = [p for p in checkpoints if (p / COMPLETE_MARKER).is_file()]
-    if not complete:  # checkpoints from before the marker existed: trainer_state.json is written last
-        complete = [p for p in checkpoints if (p / "trainer_state.json").is_file()]
-    for partial in checkpoints:
-        if complete and partial not in complete and int(partial.name[11:]) > int(complete[-1].name[11:]):
-            logger.warning("skipping %s: it was not written completely", partial)
-    return str(complete[-1]) if complete else None
+
+    def step(folder: Path) -> str:
+        return folder.name.removeprefix("checkpoint-")
+
+    folders = [p for p in (run_dir / "checkpoints").glob("checkpoint-*") if p.is_dir() and step(p).isdigit()]
+    checkpoints = sorted(folders, key=lambda p: int(step(p)), reverse=True)
+    marker = COMPLETE_MARKER
+    if not any((p / marker).is_file() for p in checkpoints):
+        marker = "trainer_state.json"  # checkpoints from before the marker: the trainer writes it last
+    for folder in checkpoints:
+        if (folder / marker).is_file():
+            return str(folder)
+        logger.warning("skipping %s: it was not written completely", folder)
+    return None
 
 
 def run_training(
