@@ -11,7 +11,7 @@ from service.auth import AuthMiddleware, KeyRing
 from service.body import include_body_schemas
 from service.errors import install_error_handlers
 from service.limits import build_limiter
-from service.middleware import BodyLimitMiddleware, MetricsMiddleware, RequestIdMiddleware
+from service.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from service.routes import collections, embeddings, health, jobs, models, pages
 from service.settings import Settings
 from service.state import ServiceState
@@ -53,8 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings=settings,
         metrics_getter=lambda: _metrics_of(app),
     )
-    app.add_middleware(MetricsMiddleware, metrics_getter=lambda: _metrics_of(app))
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(RequestIdMiddleware, metrics_getter=lambda: _metrics_of(app))
     install_error_handlers(app)
     for module in (embeddings, models, collections, jobs, health, pages):
         app.include_router(module.router)

@@ -1,4 +1,4 @@
-"""ASGI middleware: request ids and access lines, request body limit (413), per-route request metrics.
+"""ASGI middleware: request ids, access lines and per-route request metrics; request body limit (413).
 
 Written as plain ASGI (not `BaseHTTPMiddleware`) so bodies stream through without being
 buffered twice and the limit applies to chunked uploads that send no Content-Length.
@@ -73,45 +73,19 @@ class BodyLimitMiddleware:
         await response(scope, receive, send)
 
 
-class MetricsMiddleware:
-    """Counts requests and latency by route template (not raw path: bounded label values)."""
-
-    def __init__(self, app: ASGIApp, metrics_getter: Any) -> None:
-        self.app = app
-        self.metrics_getter = metrics_getter
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-
-        async def recording_send(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, recording_send)
-        finally:
-            metrics: Metrics | None = self.metrics_getter()
-            if metrics is not None:
-                route = scope.get("route") or scope.get("duet.route")  # the latter: refused by auth
-                label = getattr(route, "path", "unmatched")
-                metrics.requests.labels(label, str(status)).inc()
-                metrics.request_latency.labels(label).observe(time.perf_counter() - started)
-
-
 class RequestIdMiddleware:
     """Gives every request an id: the client's `X-Request-ID` (cleaned, at most 128 characters)
     or a new one. It is bound to every log line of the request (a contextvar, so concurrent
     requests never mix), returned in the response's `X-Request-ID`, stored in jobs the request
-    creates, and ends in one access line (method, path, status, duration, key name)."""
+    creates, and ends in one access line (method, path, status, duration, key name).
 
-    def __init__(self, app: ASGIApp) -> None:
+    It also counts requests and latency by route template (not raw path: bounded label
+    values): the access line and the metrics need the same status and duration, so one
+    wrapper on the hot path measures both."""
+
+    def __init__(self, app: ASGIApp, metrics_getter: Any = None) -> None:
         self.app = app
+        self.metrics_getter = metrics_getter or (lambda: None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -136,6 +110,8 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send_with_id)
             failed = False
         finally:
+            elapsed = time.perf_counter() - started
+            self._count(scope, status, elapsed)
             if access_logger.isEnabledFor(logging.INFO):
                 access_logger.info(
                     "%s %s %d",
@@ -146,7 +122,7 @@ class RequestIdMiddleware:
                         "method": scope.get("method"),
                         "path": scope.get("path"),
                         "status": status,
-                        "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                        "duration_ms": round(elapsed * 1000, 2),
                         "client": (scope.get("client") or ("",))[0],
                         **({"key": scope["duet.key"]} if "duet.key" in scope else {}),
                     },
@@ -155,3 +131,11 @@ class RequestIdMiddleware:
             # with it, and the request's task ends there, taking its context with it.
             if not failed:
                 unbind(token)
+
+    def _count(self, scope: Scope, status: int, elapsed: float) -> None:
+        metrics: Metrics | None = self.metrics_getter()
+        if metrics is not None:
+            route = scope.get("route") or scope.get("duet.route")  # the latter: refused by auth
+            label = getattr(route, "path", "unmatched")
+            metrics.requests.labels(label, str(status)).inc()
+            metrics.request_latency.labels(label).observe(elapsed)
