@@ -276,7 +276,12 @@ class CollectionStore:
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
     def sample_vectors(self, n: int) -> np.ndarray:
-        rows = self._reader.execute("SELECT vector FROM items ORDER BY random() LIMIT ?", (n,)).fetchall()
+        """`n` stored vectors at random; all of them in storage order when `n` covers the store, so
+        an index trained on a small collection comes out the same every time (k-means seeds from
+        the sample's order)."""
+        total = self._reader.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+        order = "rowid" if n >= total else "random()"
+        rows = self._reader.execute(f"SELECT vector FROM items ORDER BY {order} LIMIT ?", (n,)).fetchall()
         if not rows:
             return np.empty((0, self.dim), np.float32)
         return np.frombuffer(b"".join(r[0] for r in rows), dtype=np.float32).reshape(len(rows), self.dim)
