@@ -10,6 +10,7 @@ tests pass folders.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +24,8 @@ from encoders.errors import ModelLoadError, UnsupportedModalityError
 if TYPE_CHECKING:
     from PIL.Image import Image
     from sentence_transformers import SentenceTransformer
+
+    from encoders.packing import PackedText
 
 logger = logging.getLogger(__name__)
 
@@ -138,10 +141,17 @@ def _token_counter(tokenizer):
 class Encoder:
     """A loaded encoder: embeds validated inputs and reports token counts and truncation."""
 
-    def __init__(self, model: SentenceTransformer, contract: VectorContract, device: str) -> None:
+    def __init__(
+        self, model: SentenceTransformer, contract: VectorContract, device: str, packed: PackedText | None = None
+    ) -> None:
         self.model = model
         self.contract = contract
         self.device = device
+        self.packed = packed  # when set, text batches run unpadded (encoders/packing.py)
+        # A tokeniser call may reconfigure the shared Rust tokeniser (truncation, padding), which
+        # refuses a second caller meanwhile: preprocessing takes turns (it is a small part of a
+        # batch); forward passes may run in several threads at once.
+        self._preprocessing = threading.Lock()
         self._text = _text_transformer(model)
         self._counter = _token_counter(self._text.tokenizer) if self._text is not None else None
 
@@ -153,8 +163,15 @@ class Encoder:
         device: str = "auto",
         dtype: str = "auto",
         contract: VectorContract | None = None,
+        packing: str = "off",
+        pack_tokens: int = 256,
     ) -> Encoder:
-        """Load a folder or hub id. A contract from the registry is checked against the model."""
+        """Load a folder or hub id. A contract from the registry is checked against the model.
+
+        `packing`: "auto" packs text batches on the CPU (where padding costs as much as real
+        tokens), "on" everywhere, "off" never; packing is used only for models it suits and
+        whose packed vectors match their padded ones (encoders/packing.py).
+        """
         device = pick_device(device)
         model = load_sentence_transformer(source, device=device)
         model.eval()
@@ -168,7 +185,13 @@ class Encoder:
                 f"(normalised={derived.normalized}), but its manifest promises {contract.dimension}-d "
                 f"(normalised={contract.normalized})"
             )
-        return cls(model, contract or derived, device)
+        packed = None
+        if packing == "on" or (packing == "auto" and device.split(":")[0] == "cpu"):
+            from encoders.packing import PackedText
+
+            packed, why = PackedText.build(model, pack_tokens)
+            logger.info("%s: %s", source, why if packed else f"padded text inference ({why})")
+        return cls(model, contract or derived, device, packed)
 
     @property
     def max_seq_length(self) -> int | None:
@@ -191,17 +214,22 @@ class Encoder:
         return [(min(n, limit), n > limit) for n in lengths]
 
     def encode(self, inputs: Sequence[str] | Sequence[Image], modality: Modality) -> np.ndarray:
-        """Embed one batch of inputs of one modality; float32 rows in input order."""
+        """Embed one batch of inputs of one modality; float32 rows in input order.
+
+        Safe to call from several threads at once: what `SentenceTransformer.encode` does for
+        one batch (preprocess, move to the device, forward), with the preprocessing serialised.
+        """
+        from sentence_transformers.util import batch_to_device
+
         if not self.contract.accepts(modality):
             raise UnsupportedModalityError(f"this model embeds {', '.join(self.contract.modalities)}, not {modality}")
+        with self._preprocessing:
+            features = self.model.preprocess(list(inputs))
         with torch.inference_mode():
-            vectors = self.model.encode(
-                list(inputs),
-                batch_size=max(1, len(inputs)),
-                convert_to_numpy=False,
-                convert_to_tensor=True,
-                show_progress_bar=False,
-            )
+            if modality == "text" and self.packed is not None:
+                vectors = self.packed.forward(features)
+            else:
+                vectors = self.model(batch_to_device(features, self.model.device))["sentence_embedding"]
         return vectors.float().cpu().numpy()
 
     def memory_bytes(self) -> int:
