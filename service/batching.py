@@ -1,10 +1,15 @@
-"""Cross-request dynamic batching: one worker thread per loaded model.
+"""Cross-request dynamic batching: a queue and worker threads per loaded model.
 
 Requests never run a model on the event loop. They put their inputs on a bounded queue and
-await futures; the model's worker thread takes what is waiting, sorts it by length, cuts it
-into batches under a padded-token budget (texts) or an image count (images), runs each
-batch, and hands results back to the event loop. While one batch runs, new requests pile up
-and form the next one, so batching costs no added delay at low load.
+await futures; each of the model's worker threads repeatedly picks one batch from what is
+waiting, runs it, and hands its results back to the event loop. A batch always holds the
+oldest waiting input (so nothing waits behind a stream of better-fitting inputs) and only
+inputs of its modality, under a budget: for a model that runs text unpadded (packed), the
+oldest texts up to a token count; for padded text, the run of similar lengths around the
+oldest input that wastes the fewest padded tokens; for images, the oldest up to a count.
+Whatever is not picked stays queued with what arrives meanwhile, so each pick chooses from
+everything waiting then: under many small requests the workers never sit idle while the
+event loop answers the last batch, and no fixed wait window delays a lone request.
 
 Backpressure: the queue is bounded in inputs; a request that would overflow it is refused
 at once with `QueueFullError` (HTTP 429 + Retry-After), never parked in an unbounded backlog.
@@ -67,38 +72,61 @@ class _Item:
 
 @dataclass(frozen=True)
 class BatchLimits:
+    """`max_batch_tokens` bounds padded tokens (batch size x longest), or, with `packed` (the
+    model runs text unpadded), the sum of the batch's lengths."""
+
     max_batch_tokens: int = 16384
     max_batch_size: int = 256
     max_batch_images: int = 64
     max_queue_items: int = 8192
+    packed: bool = False
 
 
-def plan_batches(items: Sequence[_Item], limits: BatchLimits) -> list[list[_Item]]:
-    """Group items by modality, sort by cost, cut under the budgets.
+def pick_batch(waiting: Sequence[_Item], limits: BatchLimits) -> list[_Item]:
+    """The next batch from `waiting` (queue order, oldest first; not empty).
 
-    Text budget is on *padded* tokens (batch size x longest input), which is what the forward
-    pass really computes; sorting first keeps padding low.
+    It holds `waiting[0]`, so every input is run after at most as many batches as there are
+    inputs ahead of it, and only inputs of its modality. Images cost the same per input: the
+    oldest ones, up to `max_batch_images`. Packed text costs its real tokens: the oldest texts
+    while their lengths fit `max_batch_tokens`. Padded text costs `batch size x longest`: among
+    the texts sorted by length, the window of `max_batch_size` around the oldest one with the
+    fewest padding tokens, shrunk until it fits `max_batch_tokens`. An input over the budget
+    by itself runs alone.
     """
-    batches: list[list[_Item]] = []
-    for modality in ("text", "image"):
-        group = sorted((i for i in items if i.modality == modality), key=lambda i: i.cost)
-        current: list[_Item] = []
-        for item in group:
-            if current and not _fits(current, item, modality, limits):
-                batches.append(current)
-                current = []
-            current.append(item)
-        if current:
-            batches.append(current)
-    return batches
+    oldest = waiting[0]
+    same = [i for i in waiting if i.modality == oldest.modality]
+    if oldest.modality == "image":
+        return same[: limits.max_batch_images]
+    if limits.packed:
+        return _oldest_within_budget(same, limits)
+    return _least_padded_window(same, oldest, limits)
 
 
-def _fits(current: list[_Item], item: _Item, modality: str, limits: BatchLimits) -> bool:
-    size = len(current) + 1
-    if modality == "image":
-        return size <= limits.max_batch_images
-    longest = max(item.cost, current[-1].cost)
-    return size <= limits.max_batch_size and size * longest <= limits.max_batch_tokens
+def _oldest_within_budget(texts: list[_Item], limits: BatchLimits) -> list[_Item]:
+    batch, tokens = [texts[0]], texts[0].cost
+    for item in texts[1 : limits.max_batch_size]:
+        if tokens + item.cost > limits.max_batch_tokens:
+            break
+        batch.append(item)
+        tokens += item.cost
+    return batch
+
+
+def _least_padded_window(texts: list[_Item], oldest: _Item, limits: BatchLimits) -> list[_Item]:
+    ranked = sorted(texts, key=lambda i: i.cost)  # stable: equal lengths keep queue order
+    at = next(n for n, item in enumerate(ranked) if item is oldest)
+    for size in range(min(len(ranked), limits.max_batch_size), 1, -1):
+        best: tuple[int, list[_Item]] | None = None
+        for start in range(max(0, at - size + 1), min(at, len(ranked) - size) + 1):
+            window = ranked[start : start + size]
+            padded = size * window[-1].cost
+            if padded <= limits.max_batch_tokens:
+                waste = padded - sum(i.cost for i in window)
+                if best is None or waste < best[0]:
+                    best = (waste, window)
+        if best is not None:
+            return best[1]
+    return [oldest]
 
 
 @dataclass
@@ -116,34 +144,45 @@ class _Throughput:
 
 @dataclass
 class Batcher:
-    """Queue + worker thread for one model. Create, `start()`, `await embed(...)`, `stop()`."""
+    """Queue + worker threads for one model. Create, `start()`, `await embed(...)`, `stop()`.
+
+    `workers` threads take batches from the one queue and run them at once (`encode` must be
+    thread-safe): on a CPU, one single-threaded forward pass per core keeps every core busy,
+    where one pass spread over all cores stalls whenever the event loop takes one of them.
+    """
 
     name: str
     encode: EncodeFn
     limits: BatchLimits
     metrics: Metrics
+    workers: int = 1
     _queue: deque[_Item] = field(default_factory=deque, init=False)
     _cond: threading.Condition = field(default_factory=threading.Condition, init=False)
     _pending: int = field(default=0, init=False)
     _stopping: bool = field(default=False, init=False)
-    _thread: threading.Thread | None = field(default=None, init=False)
+    _threads: list[threading.Thread] = field(default_factory=list, init=False)
     _throughput: _Throughput = field(default_factory=_Throughput, init=False)
     last_error: str | None = field(default=None, init=False)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name=f"batcher-{self.name}", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"batcher-{self.name}-{n}", daemon=True)
+            for n in range(self.workers)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        """Every worker thread is running (one that died means a bug: `/health` turns red)."""
+        return bool(self._threads) and all(t.is_alive() for t in self._threads)
 
     @property
     def pending(self) -> int:
         return self._pending
 
     def retry_after(self, extra: int = 0) -> int:
-        rate = self._throughput.rate or 50.0
+        rate = (self._throughput.rate or 50.0) * self.workers  # the rate is measured per worker
         return max(1, min(60, math.ceil((self._pending + extra) / rate)))
 
     async def embed(self, payloads: Sequence[Any], modality: Modality, costs: Sequence[int]) -> np.ndarray:
@@ -171,34 +210,45 @@ class Batcher:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     # -- worker thread -----------------------------------------------------------------
 
-    def _take(self) -> list[_Item] | None:
+    def _next_batch(self) -> list[_Item] | None:
+        """Wait for inputs, then take one batch off the queue (None once stopping and drained).
+
+        Only the front of the queue is considered (a bounded sort per batch however long the
+        queue); inputs whose clients went away are dropped there. The rest go back in order.
+        """
         window = 4 * max(self.limits.max_batch_size, self.limits.max_batch_images)
         with self._cond:
-            while not self._queue and not self._stopping:
-                self._cond.wait(timeout=1.0)
-            if self._stopping and not self._queue:
-                return None
-            taken = [self._queue.popleft() for _ in range(min(window, len(self._queue)))]
-            live = [i for i in taken if not i.future.cancelled()]  # their clients went away
-            self._pending -= len(taken) - len(live)
-        return live
+            while True:
+                while not self._queue and not self._stopping:
+                    self._cond.wait(timeout=1.0)
+                if not self._queue:
+                    return None
+                front = [self._queue.popleft() for _ in range(min(window, len(self._queue)))]
+                live = [i for i in front if not i.future.cancelled()]
+                self._pending -= len(front) - len(live)
+                if live:
+                    break
+            batch = pick_batch(live, self.limits)
+            picked = {id(i) for i in batch}
+            self._queue.extendleft(reversed([i for i in live if id(i) not in picked]))
+        return batch
 
     def _run(self) -> None:
         while True:
-            taken = self._take()
-            if taken is None:
+            batch = self._next_batch()
+            if batch is None:
                 return
-            for batch in plan_batches(taken, self.limits):
-                try:
-                    self._run_batch(batch)
-                except Exception as exc:  # the loop must outlive any single batch
-                    logger.exception("batch of %d failed in %s", len(batch), self.name)
-                    self._deliver(batch, [exc] * len(batch))
+            try:
+                self._run_batch(batch)
+            except Exception as exc:  # the loop must outlive any single batch
+                logger.exception("batch of %d failed in %s", len(batch), self.name)
+                self._deliver(batch, [exc] * len(batch))
 
     def _run_batch(self, batch: list[_Item]) -> None:
         modality = batch[0].modality
@@ -218,7 +268,8 @@ class Batcher:
         self.metrics.inference_latency.labels(self.name, modality).observe(elapsed)
         self.metrics.inputs.labels(self.name, modality).inc(len(batch))
         if modality == "text":
-            self.metrics.batch_tokens.labels(self.name).observe(len(batch) * batch[-1].cost)
+            tokens = sum(i.cost for i in batch) if self.limits.packed else len(batch) * max(i.cost for i in batch)
+            self.metrics.batch_tokens.labels(self.name).observe(tokens)
         self._deliver(batch, vectors)
 
     def _run_single(self, item: _Item) -> Any:

@@ -34,7 +34,7 @@ class Metrics:
         )
         self.batch_tokens = Histogram(
             "duet_batch_padded_tokens",
-            "Padded tokens per text forward pass",
+            "Tokens computed per text batch: batch size x longest, or the sum of lengths when packed",
             ["model"],
             buckets=_TOKEN_BUCKETS,
             registry=r,

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import anyio
@@ -97,10 +99,37 @@ def default_batch_size(device: str) -> int:
     """Small batches on the CPU: after sorting by length, a forward pass of 16 wastes less on
     padding than one of 64 and costs no more per input (measured, see DUET_MAX_BATCH_SIZE);
     a GPU wants large ones."""
+    return 256 if _on_cuda(device) else 16
+
+
+def _on_cuda(device: str) -> bool:
     import torch
 
-    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    return 256 if cuda else 16
+    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+
+
+def usable_cores() -> int:
+    """CPU cores this process may use: its affinity mask, capped by a cgroup v2 CPU quota (containers)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def inference_workers(settings: Settings) -> int:
+    """Forward passes at once per model: one per core on the CPU, where a single-threaded pass per
+    core beat one pass over both cores of the 2-core bench machine (bench/RESULTS.md, serve); one on
+    CUDA, where one large batch keeps the device busy."""
+    if settings.inference_workers:
+        return settings.inference_workers
+    return 1 if _on_cuda(settings.device) else usable_cores()
 
 
 def estimate_bytes(folder: Path) -> int:
@@ -119,12 +148,35 @@ class ModelPool:
         self.aliases: dict[str, AliasWatch] = {}  # "name@alias" -> what it serves; moved by the watcher
         self._protected: set[str] = set()  # versions the memory budget must not evict (the old side of a swap)
         self._announce: dict[str, str] = {}  # new version -> old one: log its first response after a swap
+        self.workers = inference_workers(settings)
+        self._torch_threads_before: int | None = None
         self._limits = BatchLimits(
             max_batch_tokens=settings.max_batch_tokens,
             max_batch_size=settings.max_batch_size or default_batch_size(settings.device),
             max_batch_images=settings.max_batch_images,
             max_queue_items=settings.max_queue_items,
         )
+
+    def set_torch_threads(self) -> None:
+        """On the CPU, split the cores between the worker threads (torch's thread count is one
+        per process; by default it would give every concurrent forward pass all the cores)."""
+        import torch
+
+        if not _on_cuda(self.settings.device):
+            threads = max(1, usable_cores() // self.workers)
+            self._torch_threads_before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            logger.info(
+                "CPU inference: %d forward passes at once per model, %d torch threads each", self.workers, threads
+            )
+
+    def restore_torch_threads(self) -> None:
+        """Undo `set_torch_threads` (the process outlives the service in tests and embedders)."""
+        import torch
+
+        if self._torch_threads_before is not None:
+            torch.set_num_threads(self._torch_threads_before)
+            self._torch_threads_before = None
 
     @property
     def budget_bytes(self) -> int:
@@ -180,12 +232,21 @@ class ModelPool:
         started = time.perf_counter()
         self.registry.verify(info)
         encoder = Encoder.load(
-            info.path, device=self.settings.device, dtype=self.settings.dtype, contract=info.manifest.contract
+            info.path,
+            device=self.settings.device,
+            dtype=self.settings.dtype,
+            contract=info.manifest.contract,
+            packing=self.settings.text_packing,
+            pack_tokens=self.settings.pack_tokens,
         )
         if self.settings.warmup:
             _warm_up(encoder)
         batcher = Batcher(
-            name=info.ref, encode=self._announcing(info.ref, encoder.encode), limits=self._limits, metrics=self.metrics
+            name=info.ref,
+            encode=self._announcing(info.ref, encoder.encode),
+            limits=self._limits_for(encoder),
+            metrics=self.metrics,
+            workers=self.workers,
         )
         batcher.start()
         logger.info(
@@ -196,6 +257,18 @@ class ModelPool:
             "trained" if info.manifest.trained else "UNTRAINED",
         )
         return LoadedModel(info=info, encoder=encoder, batcher=batcher, memory_bytes=encoder.memory_bytes())
+
+    def _limits_for(self, encoder: Encoder) -> BatchLimits:
+        """A packed model's text batch is one pack: its budget is real tokens, and the batch size
+        needs no cap of its own (no padding to bound), unless one was set."""
+        if encoder.packed is None:
+            return self._limits
+        return replace(
+            self._limits,
+            packed=True,
+            max_batch_tokens=self.settings.pack_tokens,
+            max_batch_size=self.settings.max_batch_size or self.settings.pack_tokens,
+        )
 
     def _announcing(self, ref: str, encode: EncodeFn) -> EncodeFn:
         """`encode`, plus one log line when the first batch after an alias swap to `ref` is answered,

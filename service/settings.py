@@ -59,15 +59,36 @@ class Settings(BaseSettings):
     warmup: bool = Field(default=True, description="One forward pass per modality at load, so first requests are fast.")
 
     # Batching.
-    max_batch_tokens: int = Field(default=16384, gt=0, description="Padded tokens in one forward pass.")
+    max_batch_tokens: int = Field(
+        default=16384, gt=0, description="Padded tokens in one forward pass (models that run padded)."
+    )
     max_batch_size: int | None = Field(
         default=None,
         gt=0,
-        description="Most inputs in one forward pass. Default: 16 on the CPU (bench/serve.py, MiniLM on 2 cores: "
-        "64-input requests 0.74x -> 0.97x and 1-input requests 0.53x -> 0.69x of raw encode, against 64), "
-        "256 on CUDA.",
+        description="Most inputs in one padded forward pass. Default: 16 on the CPU (bench/serve.py, MiniLM on 2 "
+        "cores, padded: 64-input requests 0.74x -> 0.97x and 1-input requests 0.53x -> 0.69x of raw encode, against "
+        "64), 256 on CUDA. Packed models are bounded by DUET_PACK_TOKENS, and by this only when it is set.",
     )
     max_batch_images: int = Field(default=64, gt=0, description="Most images in one forward pass.")
+    inference_workers: int | None = Field(
+        default=None,
+        gt=0,
+        description="Forward passes run at once per loaded model (threads sharing its weights). Default: one per "
+        "usable CPU core on the CPU (cgroup quota counted), each with cores / workers torch threads; 1 on CUDA.",
+    )
+    text_packing: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Run text batches unpadded: the batch's texts concatenated into packs with attention kept "
+        "inside each text. 'auto': on the CPU, for models laid out as Transformer + mean/CLS pooling whose packed "
+        "vectors match their padded ones at load (others stay padded); 'on': on CUDA too; 'off': always padded. "
+        "bench/RESULTS.md (serve) has the measurements.",
+    )
+    pack_tokens: int = Field(
+        default=256,
+        gt=0,
+        description="Tokens in one packed forward pass (a longer text runs alone); for packed models this, not "
+        "max_batch_tokens, bounds a batch. Attention spans the whole pack, so large packs waste work.",
+    )
     max_queue_items: int = Field(default=8192, gt=0, description="Pending inputs per model before 429.")
 
     # Images.

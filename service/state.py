@@ -55,6 +55,7 @@ class ServiceState:
             pool=ModelPool(registry, settings, metrics),
             collections=collections,
         )
+        state.pool.set_torch_threads()
         state.jobs = await JobsRuntime.start(settings)
         state._preload = asyncio.create_task(state._preload_models())
         state._snapshots = asyncio.create_task(state._snapshot_loop())
@@ -87,6 +88,7 @@ class ServiceState:
             logger.exception("preloading models failed")
 
     async def close(self) -> None:
+        self.pool.restore_torch_threads()
         for task in (self._preload, self._snapshots, self._alias_watch):
             if task is not None and not task.done():
                 task.cancel()

@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from service.batching import Batcher, BatchLimits, ItemError, QueueFullError, WorkerStoppedError, _Item, plan_batches
+from service.batching import Batcher, BatchLimits, ItemError, QueueFullError, WorkerStoppedError, _Item, pick_batch
 from service.metrics import Metrics
 
 
@@ -16,28 +16,45 @@ def _items(costs, modality="text"):
     return [_Item(payload=str(c), modality=modality, cost=c, future=None, loop=None) for c in costs]
 
 
-def test_plan_sorts_by_length_and_respects_padded_token_budget():
+def _costs(batch):
+    return [i.cost for i in batch]
+
+
+def test_padded_pick_holds_the_oldest_and_its_least_padded_neighbours():
+    limits = BatchLimits(max_batch_tokens=10_000, max_batch_size=3)
+    waiting = _items([10, 50, 9, 52, 11, 48])
+    # Around the oldest (10), sorted lengths 9, 10, 11 waste 3 padded tokens; any window with 48+ wastes far more.
+    assert _costs(pick_batch(waiting, limits)) == [9, 10, 11]
+    assert _costs(pick_batch(_items([50, 10, 9, 52, 11, 48]), limits)) == [48, 50, 52]
+
+
+def test_padded_pick_shrinks_to_the_token_budget_and_an_oversized_input_runs_alone():
     limits = BatchLimits(max_batch_tokens=100, max_batch_size=8)
-    batches = plan_batches(_items([50, 5, 10, 5, 25, 10]), limits)
-    assert [[i.cost for i in b] for b in batches] == [[5, 5, 10, 10], [25, 50]]
-    for batch in batches:
-        assert len(batch) * max(i.cost for i in batch) <= 100
+    batch = pick_batch(_items([25, 5, 10, 5, 50, 10]), limits)
+    assert 25 in _costs(batch) and len(batch) * max(_costs(batch)) <= 100
+    assert _costs(pick_batch(_items([500, 1, 1]), limits)) == [500]
 
 
-def test_plan_caps_batch_size_and_separates_modalities():
+def test_packed_pick_takes_the_oldest_texts_up_to_the_real_token_budget():
+    limits = BatchLimits(max_batch_tokens=100, max_batch_size=8, packed=True)
+    assert _costs(pick_batch(_items([50, 5, 40, 5, 30]), limits)) == [50, 5, 40, 5]
+    assert _costs(pick_batch(_items([300, 5]), limits)) == [300]
+    assert len(pick_batch(_items([1] * 20), limits)) == 8
+
+
+def test_pick_keeps_to_the_oldest_inputs_modality():
     limits = BatchLimits(max_batch_tokens=10_000, max_batch_size=3, max_batch_images=2)
-    batches = plan_batches(_items([1] * 7) + _items([1] * 3, "image"), limits)
-    assert [(b[0].modality, len(b)) for b in batches] == [
-        ("text", 3),
-        ("text", 3),
-        ("text", 1),
-        ("image", 2),
-        ("image", 1),
-    ]
+    mixed = _items([1], "image") + _items([1, 1]) + _items([1, 1], "image")
+    assert [i.modality for i in pick_batch(mixed, limits)] == ["image", "image"]
+    assert [i.modality for i in pick_batch(mixed[1:], limits)] == ["text", "text"]
 
 
-def test_oversized_single_input_still_gets_its_own_batch():
-    assert [len(b) for b in plan_batches(_items([500, 1]), BatchLimits(max_batch_tokens=100))] == [1, 1]
+def test_a_long_text_behind_a_stream_of_short_ones_is_not_starved():
+    """Each pick holds the oldest input, so the queue drains in order of arrival at worst."""
+    limits = BatchLimits(max_batch_tokens=10_000, max_batch_size=4)
+    waiting = _items([200] + [5] * 30)
+    first = pick_batch(waiting, limits)
+    assert 200 in _costs(first)
 
 
 def fake_encode(payloads, modality):
@@ -131,3 +148,29 @@ def test_stopped_batcher_reports_dead(batcher):
     assert not batcher.alive
     with pytest.raises(WorkerStoppedError, match="not running"):
         asyncio.run(batcher.embed(["1"], "text", [1]))
+
+
+def test_several_workers_run_batches_at_once_from_one_queue():
+    both_running = threading.Barrier(2, timeout=5)
+    threads_seen = set()
+
+    def encode(payloads, modality):
+        threads_seen.add(threading.current_thread().name)
+        both_running.wait()  # fails (BrokenBarrierError) unless two batches are in flight together
+        return fake_encode(payloads, modality)
+
+    limits = BatchLimits(max_batch_size=2, max_queue_items=16)
+    b = Batcher(name="pair", encode=encode, limits=limits, metrics=Metrics(), workers=2)
+    b.start()
+    try:
+
+        async def run():
+            return await asyncio.gather(b.embed(["1", "2"], "text", [1, 1]), b.embed(["3", "4"], "text", [1, 1]))
+
+        first, second = asyncio.run(run())
+    finally:
+        b.stop()
+    np.testing.assert_array_equal(first[:, 0], [1, 2])
+    np.testing.assert_array_equal(second[:, 0], [3, 4])
+    assert len(threads_seen) == 2
+    assert not b.alive
