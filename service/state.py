@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from dataclasses import dataclass, field
 
@@ -81,6 +82,7 @@ class ServiceState:
         try:
             for ref in self.settings.preload_models:
                 await self.pool.get(ref)
+            _freeze_startup_objects()  # before ready: its one collection pauses the event loop
             self.ready = True
             logger.info("ready: %s", ", ".join(self.pool.loaded) or "no models preloaded")
         except Exception as exc:
@@ -88,6 +90,7 @@ class ServiceState:
             logger.exception("preloading models failed")
 
     async def close(self) -> None:
+        gc.unfreeze()  # what start-up froze may be garbage now (models, the registry client)
         self.pool.restore_torch_threads()
         for task in (self._preload, self._snapshots, self._alias_watch):
             if task is not None and not task.done():
@@ -96,3 +99,13 @@ class ServiceState:
             await self.jobs.close()
         await self.pool.close()
         await anyio.to_thread.run_sync(self.collections.close)
+
+
+def _freeze_startup_objects() -> None:
+    """Keep the garbage collector away from what start-up created (the imports of torch,
+    transformers and MLflow, the loaded models: ~800k objects): a full collection over them held
+    the GIL for ~0.5 s, stalling every forward pass at once (bench/serve.py's p99). Frozen objects
+    are still freed by reference counting; `close()` unfreezes them. Process-wide, like the GC."""
+    gc.collect()
+    gc.freeze()
+    logger.debug("froze %d start-up objects out of garbage collection", gc.get_freeze_count())
