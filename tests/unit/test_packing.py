@@ -43,6 +43,24 @@ def test_packed_vectors_match_sentence_transformers_encode(packed_minilm, refere
     assert cosine(vectors, expected).min() > 0.99999
 
 
+def test_minilm_runs_traced_and_an_untraceable_model_runs_eagerly(minilm_path, reference_model, monkeypatch):
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(minilm_path), device="cpu")
+    traced, why = PackedText.build(model, 64)
+    assert traced is not None and "(traced)" in why
+
+    def untraceable(self):
+        raise RuntimeError("this model does not trace")
+
+    monkeypatch.setattr(PackedText, "trace", untraceable)
+    eager, why = PackedText.build(model, 64)
+    assert eager is not None and "(eager)" in why
+    expected = reference_model.encode(TEXTS, convert_to_tensor=True)
+    for packed in (traced, eager):
+        assert cosine(packed.encode(TEXTS).numpy(), expected.numpy()).min() > 0.99999
+
+
 def test_packing_is_off_unless_asked_and_auto_means_the_cpu(minilm_path):
     assert Encoder.load(minilm_path, device="cpu").packed is None
     assert Encoder.load(minilm_path, device="cpu", packing="off").packed is None
