@@ -72,6 +72,7 @@ class PackedText:
         self.position_offset = _position_offset(self.network)
         self._accepts = set(inspect.signature(self.network.forward).parameters)
         self._traced: torch.jit.ScriptModule | None = None
+        self._checked = ""  # what the last passing check measured, for the load log line
 
     @classmethod
     def build(cls, model: SentenceTransformer, pack_tokens: int) -> tuple[PackedText | None, str]:
