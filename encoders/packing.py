@@ -64,10 +64,9 @@ class PackedText:
     def __init__(self, model: SentenceTransformer, pack_tokens: int) -> None:
         modules = list(model.children())
         self.model = model
-        self.transformer = modules[0]
         self.pooling_mode: str = modules[1].pooling_mode
         self.after_pooling = modules[2:]
-        self.network = _network(self.transformer)
+        self.network = _network(modules[0])
         self.pack_tokens = pack_tokens
         self.position_offset = _position_offset(self.network)
         self._accepts = set(inspect.signature(self.network.forward).parameters)

@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from encoders.contract import VectorContract
-from encoders.encoder import Encoder
+from encoders.encoder import Encoder, pick_device
 from registry.errors import ModelNotFoundError, VersionNotFoundError
 from registry.names import ModelRef, parse_model_ref
 from registry.store import ModelRegistry, ModelVersionInfo
@@ -103,9 +103,7 @@ def default_batch_size(device: str) -> int:
 
 
 def _on_cuda(device: str) -> bool:
-    import torch
-
-    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    return pick_device(device).startswith("cuda")
 
 
 def usable_cores() -> int:
