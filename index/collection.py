@@ -33,6 +33,7 @@ from index.errors import (
     ReembedRefusedError,
 )
 from index.filters import compile_filter
+from index.payloads import PayloadLimits, check_payload
 from index.reembed import EmbedFn, ReembedJob
 from index.store import CollectionStore, StoredItem
 
@@ -63,9 +64,17 @@ def validate_collection_name(name: str) -> str:
     return name
 
 
-def validate_item_id(item_id: Any) -> str:
+def validate_item_id(item_id: Any, *, new: bool = False) -> str:
+    """Any id that can be stored (`new`) must be addressable as GET /v1/collections/{name}/items/{id}:
+    '/' is fine (the route takes the rest of the path), but '.' and '..' segments are resolved
+    away by URL normalisation in clients, so the item could never be fetched."""
     if not isinstance(item_id, str) or not _ID.match(item_id):
         raise InvalidCollectionError(f"invalid item id {item_id!r}: ids are 1-256 characters, no control characters")
+    if new and any(segment in (".", "..") for segment in item_id.split("/")):
+        raise InvalidCollectionError(
+            f"invalid item id {item_id!r}: '.' and '..' cannot be parts of an id between slashes "
+            "(URLs resolve them away, so the item could not be fetched by id)"
+        )
     return item_id
 
 
@@ -297,14 +306,17 @@ class Collection:
     def prepare_vectors(self, vectors: Any) -> np.ndarray:
         return as_matrix(vectors, self.config.dim, normalize=self.config.metric == "cosine")
 
-    def upsert(self, items: list[StoredItem]) -> int:
-        """Store then index; returns the write's sequence number. Last item wins on duplicate ids."""
-        unique = list({validate_item_id(item.id): item for item in items}.values())
+    def upsert(self, items: list[StoredItem], limits: PayloadLimits | None = None) -> int:
+        """Store then index; returns the write's sequence number. Last item wins on duplicate ids.
+        Payloads must be strict JSON, within `limits` if given (copies of stored items pass none)."""
+        unique = list({validate_item_id(item.id, new=True): item for item in items}.values())
         if not unique:
             raise InvalidCollectionError("no items to upsert")
+        for item in unique:
+            check_payload(item.payload, limits, f"item '{item.id}' payload")
         with self._writer:
             self.check_writable()
-            seq, replaced = self.store.upsert(unique)
+            seq, replaced = self.store.upsert(unique, limits.max_collection_fields if limits else None)
             self.index.remove(replaced)
             vectors = np.stack([item.vector for item in unique])
             self.index.add(

@@ -75,6 +75,10 @@ class IndexSpec:
         return f"IVF{nlist},PQ{self.pq_m}"
 
 
+# Largest vector norm under the dot metric: the product of two stays finite in float32 (< 3.4e38).
+MAX_DOT_NORM = 1e18
+
+
 def as_matrix(vectors: Any, dim: int, *, normalize: bool) -> np.ndarray:
     """Validate and convert to the float32, C-contiguous (n, dim) array FAISS needs."""
     try:
@@ -88,11 +92,18 @@ def as_matrix(vectors: Any, dim: int, *, normalize: bool) -> np.ndarray:
         raise InvalidVectorError(f"vectors must have {dim} dimensions; got {got}")
     if not np.isfinite(matrix).all():
         raise InvalidVectorError("vectors contain NaN or infinity")
+    # In float64: a float32 norm overflows to inf past ~1.8e19 (and [3e38]*4 became zeros) and underflows
+    # to 0 for tiny vectors that have a perfectly good direction.
+    norms = np.linalg.norm(matrix.astype(np.float64), axis=1, keepdims=True)
     if normalize:
-        norms = np.linalg.norm(matrix, axis=1, keepdims=True)
         if (norms == 0).any():
             raise InvalidVectorError("a zero vector has no direction; cosine similarity is undefined for it")
         matrix = matrix / norms
+    elif (norms > MAX_DOT_NORM).any():
+        raise InvalidVectorError(
+            f"a vector's norm is {norms.max():.3g}; with the dot metric at most {MAX_DOT_NORM:.0e}, "
+            "so inner products stay within float32"
+        )
     return np.ascontiguousarray(matrix, dtype=np.float32)
 
 

@@ -16,10 +16,12 @@ import re
 from typing import Any
 
 from index.errors import FilterError
+from index.payloads import number_problem
 
 FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _RANGE_OPS = {"$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
 MAX_IN = 10_000
+MAX_LISTED_FIELDS = 20  # an error lists at most this many known fields (a collection may have hundreds)
 
 
 def value_type(value: Any) -> str | None:
@@ -44,8 +46,21 @@ def _sql_value(value: Any) -> Any:
 def _check_value(field: str, expected: str, value: Any) -> Any:
     actual = value_type(value)
     if actual != expected:
-        raise FilterError(f"filter on '{field}' expects a {expected}, got {type(value).__name__} {value!r}")
+        raise FilterError(f"filter on '{field}' expects a {expected}, got {type(value).__name__} {repr(value)[:80]}")
+    problem = number_problem(value) if actual == "number" else None
+    if problem:  # SQLite would raise OverflowError, or compare against NaN
+        raise FilterError(f"filter on '{field}': {problem}")
     return _sql_value(value)
+
+
+def known_fields(schema: dict[str, str]) -> str:
+    """The schema's fields for an error message, at most MAX_LISTED_FIELDS of them."""
+    names = sorted(schema)
+    if not names:
+        return "none yet"
+    listed = ", ".join(names[:MAX_LISTED_FIELDS])
+    more = len(names) - MAX_LISTED_FIELDS
+    return f"{listed} and {more} more (GET the collection for all)" if more > 0 else listed
 
 
 def compile_filter(spec: Any, schema: dict[str, str]) -> tuple[str, list[Any]]:
@@ -56,10 +71,9 @@ def compile_filter(spec: Any, schema: dict[str, str]) -> tuple[str, list[Any]]:
     params: list[Any] = []
     for field, condition in spec.items():
         if not isinstance(field, str) or not FIELD.match(field):
-            raise FilterError(f"invalid filter field {field!r}")
+            raise FilterError(f"invalid filter field {repr(field)[:80]}")
         if field not in schema:
-            known = ", ".join(sorted(schema)) or "none yet"
-            raise FilterError(f"unknown filter field '{field}' (filterable fields: {known})")
+            raise FilterError(f"unknown filter field '{field}' (filterable fields: {known_fields(schema)})")
         expected = schema[field]
         column = _column(field)
         if not isinstance(condition, dict):
@@ -86,5 +100,5 @@ def compile_filter(spec: Any, schema: dict[str, str]) -> tuple[str, list[Any]]:
                 clauses.append(f"{column} = ?")
                 params.append(_check_value(field, expected, operand))
             else:
-                raise FilterError(f"unknown filter operator {op!r} (use $eq, $ne, $in, $gt, $gte, $lt, $lte)")
+                raise FilterError(f"unknown filter operator {repr(op)[:80]} (use $eq, $ne, $in, $gt, $gte, $lt, $lte)")
     return " AND ".join(clauses), params

@@ -4,16 +4,24 @@ Validated once, before any work starts, and never mutated. Every problem is coll
 reported together (`ConfigError.problems`), so a user fixes a config in one go instead of
 discovering its mistakes one run at a time. Derived values (paths resolved relative to the
 config file, the run name) live in `ResolvedConfig`, not in the config itself.
+
+Bounds here are sanity limits for any caller (a finite number, no billion-step run); the
+service applies its own, tighter limits to API callers (`service.routes.jobs`). A config
+parsed `confined` (every job the API accepts) may name data only inside its base folder:
+references are joined to it, never `~`- or variable-expanded, and the real path (symbolic
+links followed) must stay inside it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
-from typing import Any, Literal
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from trainer.tables import clip
 
 DatasetKind = Literal["pairs", "triplets", "graded", "texts"]
 LossName = Literal["infonce", "sigmoid", "debiased", "cosent", "cosine"]
@@ -34,7 +42,17 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No Infinity or NaN anywhere: JSON parsers accept them, and `epochs: Infinity` would only
+    # fail once the job runs.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+# Sanity limits for any caller; the service's tighter ones are settings (DUET_JOB_MAX_*).
+MAX_BATCH_SIZE = 65_536
+MAX_EPOCHS = 10_000
+MAX_STEPS = 100_000_000
+MAX_SEQ_LENGTH = 65_536
+MAX_COLUMNS = 64
 
 
 class DatasetSpec(_Strict):
@@ -45,14 +63,17 @@ class DatasetSpec(_Strict):
     format: Literal["auto", "jsonl", "csv", "tsv", "parquet", "sts"] = "auto"
     anchor: str = Field(default="anchor", description="Column of the anchor (query, caption, sentence 1).")
     positive: str = Field(default="positive", description="Column of the positive (document, image, sentence 2).")
-    negatives: list[str] = Field(default_factory=list, description="Columns of explicit hard negatives.")
+    negatives: list[str] = Field(
+        default_factory=list, max_length=MAX_COLUMNS, description="Columns of explicit hard negatives."
+    )
     score: str = Field(default="score", description="Column of the graded score (graded pairs only).")
     score_max: float | None = Field(default=None, gt=0, description="Scores are divided by this (STS: 5).")
-    limit: int | None = Field(default=None, gt=0, description="Use only the first N rows.")
+    limit: int | None = Field(default=None, gt=0, le=10**12, description="Use only the first N rows.")
     skip_bad_rows: bool = Field(default=False, description="Count and skip bad rows instead of failing.")
     name: str | None = Field(default=None, description="Name in metric keys; default: the file stem.")
     same_content: list[str] = Field(
         default_factory=list,
+        max_length=MAX_COLUMNS,
         description="Evaluation: rows equal in these columns describe the same thing, so their items count as "
         "relevant to each other (e.g. colour, shape, size, position of the synthetic set).",
     )
@@ -62,14 +83,18 @@ class LossSpec(_Strict):
     name: LossName = "infonce"
     temperature: float = Field(default=0.05, gt=0, le=1, description="Initial temperature (1 / logit scale).")
     learnable_temperature: bool = True
-    max_logit_scale: float = Field(default=100.0, gt=1)
+    max_logit_scale: float = Field(default=100.0, gt=1, le=10_000)
     symmetric: bool = Field(default=True, description="InfoNCE in both directions (CLIP).")
     tau_plus: float = Field(default=0.1, ge=0, lt=1, description="Debiased loss: class prior of false negatives.")
     sigmoid_bias: float = -10.0
     cached: bool = Field(default=False, description="GradCache: large effective batches in little memory.")
-    mini_batch_size: int = Field(default=32, gt=0, description="Chunk size of the cached forward passes.")
+    mini_batch_size: int = Field(
+        default=32, gt=0, le=MAX_BATCH_SIZE, description="Chunk size of the cached forward passes."
+    )
     gather_across_devices: bool = Field(default=False, description="Negatives from every process, with gradients.")
-    matryoshka_dims: list[int] = Field(default_factory=list, description="Also train these prefix lengths.")
+    matryoshka_dims: list[Annotated[int, Field(gt=0, le=MAX_SEQ_LENGTH)]] = Field(
+        default_factory=list, max_length=MAX_COLUMNS, description="Also train these prefix lengths."
+    )
 
 
 class MiningSpec(_Strict):
@@ -77,7 +102,7 @@ class MiningSpec(_Strict):
 
     enabled: bool = False
     negatives_per_anchor: int = Field(default=1, ge=1, le=16)
-    candidates: int = Field(default=30, ge=2, description="Nearest neighbours looked at per anchor.")
+    candidates: int = Field(default=30, ge=2, le=10_000, description="Nearest neighbours looked at per anchor.")
     false_negative_margin: float = Field(
         default=0.95, gt=0, le=1, description="Drop candidates scoring above margin x the positive's score."
     )
@@ -113,13 +138,15 @@ class TrainConfig(_Strict):
     loss: LossSpec = Field(default_factory=LossSpec)
     mining: MiningSpec = Field(default_factory=MiningSpec)
     output: OutputSpec
-    batch_size: int = Field(default=64, gt=0)
-    epochs: float = Field(default=1.0, gt=0)
-    max_steps: int | None = Field(default=None, gt=0, description="Stop after this many steps (overrides epochs).")
+    batch_size: int = Field(default=64, gt=0, le=MAX_BATCH_SIZE)
+    epochs: float = Field(default=1.0, gt=0, le=MAX_EPOCHS)
+    max_steps: int | None = Field(
+        default=None, gt=0, le=MAX_STEPS, description="Stop after this many steps (overrides epochs)."
+    )
     learning_rate: float = Field(default=2e-5, gt=0, lt=1)
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
-    weight_decay: float = Field(default=0.01, ge=0)
+    weight_decay: float = Field(default=0.01, ge=0, le=10)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(default="auto", description="auto: bf16 on CUDA.")
     dataloader_workers: int | None = Field(
         default=None,
@@ -128,13 +155,13 @@ class TrainConfig(_Strict):
         description="Processes that read and tokenise batches ahead of the GPU. Default: up to 4 on CUDA (the "
         "GPU otherwise waits on tokenisation between steps), 0 on the CPU (they would compete with training).",
     )
-    seed: int = 42
+    seed: int = Field(default=42, ge=0, le=2**32 - 1)
     freeze: list[Literal["text", "image"]] = Field(
         default_factory=list, description="Towers kept frozen (LiT: train the image tower into the text space)."
     )
-    checkpoint_every_steps: int = Field(default=500, gt=0)
-    log_every_steps: int = Field(default=10, gt=0)
-    max_seq_length: int | None = Field(default=None, gt=0)
+    checkpoint_every_steps: int = Field(default=500, gt=0, le=MAX_STEPS)
+    log_every_steps: int = Field(default=10, gt=0, le=MAX_STEPS)
+    max_seq_length: int | None = Field(default=None, gt=0, le=MAX_SEQ_LENGTH)
 
     def fingerprint(self) -> str:
         """Stable hash of the config: names the run folder, so re-running resumes it."""
@@ -185,27 +212,38 @@ def _name_problems(config: TrainConfig) -> list[str]:
     return problems
 
 
-def _file_problems(config: TrainConfig, base_dir: Path | None) -> list[str]:
+def _file_problems(config: TrainConfig, base_dir: Path | None, confined: bool) -> list[str]:
+    """Missing or out-of-bounds data files, each named as the config names it (never by the
+    server path it resolves to)."""
     problems = []
     for section in ("train", "eval"):
         for i, spec in enumerate(getattr(config, section)):
-            path = resolve_path(spec.path, base_dir)
+            where = f"{section}[{i}].path"
+            if confined:
+                try:
+                    path = resolve_inside(spec.path, base_dir)
+                except OutsideRoot as exc:
+                    problems.append(f"{where}: {exc}")
+                    continue
+            else:
+                path = resolve_path(spec.path, base_dir)
             if not path.is_file():
-                problems.append(f"{section}[{i}].path: no such file {path}")
+                problems.append(f"{where}: no such file {clip(spec.path)}" + ("" if confined else f" ({path})"))
     return problems
 
 
-def parse_config(data: Any, base_dir: Path | None = None) -> TrainConfig:
+def parse_config(data: Any, base_dir: Path | None = None, *, confined: bool = False) -> TrainConfig:
     """Validate a config dict; raise `ConfigError` listing every problem found.
 
     Shape and type errors come first (all of them); once the shape is right, the rules across
-    fields, the names and the data files are checked together.
+    fields, the names and the data files are checked together. `confined`: data files must be
+    uploaded datasets, i.e. inside `base_dir` (see `resolve_inside`).
     """
     try:
         config = TrainConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError([_format_error(err) for err in exc.errors()]) from None
-    problems = _combination_problems(config) + _name_problems(config) + _file_problems(config, base_dir)
+    problems = _combination_problems(config) + _name_problems(config) + _file_problems(config, base_dir, confined)
     if problems:
         raise ConfigError(problems)
     return config
@@ -227,5 +265,31 @@ def load_config(path: Path) -> TrainConfig:
 
 
 def resolve_path(value: str, base_dir: Path | None) -> Path:
+    """A path from a config or data file of one's own (`duet train`): `~` expands, absolute
+    paths stay, relative ones join the config's folder. Never for API callers: `resolve_inside`."""
     path = Path(value).expanduser()
     return path if path.is_absolute() or base_dir is None else (base_dir / path)
+
+
+class OutsideRoot(ValueError):
+    """A reference that would leave the folder it must stay in; the message names it as given."""
+
+
+def resolve_inside(value: str, root: Path | None, relative_to: Path | None = None) -> Path:
+    """`value` joined to `relative_to` (default: `root`), refused unless the real path, with
+    every symbolic link followed, is inside `root`. No `~` or variable expansion: `~user/x`
+    is a file named so inside the folder. The answer is the real path."""
+    if root is None:
+        raise OutsideRoot(f"{clip(value)}: no datasets folder to resolve it in")
+    pure = PurePosixPath(value)
+    dotdot = relative_to is None and ".." in pure.parts  # a data file's own references may climb; bounded below
+    if not value or "\\" in value or "\0" in value or pure.is_absolute() or dotdot:
+        raise OutsideRoot(
+            f"{clip(value)} must be the path of an uploaded dataset (POST /v1/datasets returns it), relative and "
+            "without '..', not a server path"
+        )
+    real_root = root.resolve()
+    real = ((relative_to or root) / pure).resolve()
+    if not real.is_relative_to(real_root):
+        raise OutsideRoot(f"{clip(value)} leads outside the uploaded datasets (through a link?)")
+    return real

@@ -6,20 +6,26 @@ bad row is reported by file and line, or counted and skipped when the spec says 
 stay paths in the dataset and are decoded only when a batch needs them (`set_transform`),
 so an image set larger than memory trains fine. The content hash (file bytes, plus the bytes
 of every image it references) goes into the trained model's lineage.
+
+Errors name the file as the config gave it and quote at most a clipped cell of the offending
+row. Loaded `confined` (jobs from the API), the data file and every image it references must
+lie inside the datasets folder (real paths, links followed): an uploaded file cannot point
+at the server's files.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from trainer.config import DatasetSpec, resolve_path
-from trainer.tables import RowError, read_rows
+from trainer.config import DatasetSpec, OutsideRoot, resolve_inside, resolve_path
+from trainer.tables import STS_COLUMNS, RowError, clip, read_rows
 
 logger = logging.getLogger(__name__)
 
@@ -82,18 +88,25 @@ def _is_image_ref(value: Any) -> bool:
     return isinstance(value, str) and (value.startswith("data:image/") or value.lower().endswith(IMAGE_SUFFIXES))
 
 
-def _check_image(value: str, base: Path) -> str:
-    """Resolve and check an image reference now (header only); decode later."""
+def _check_image(value: str, base: Path, root: Path | None) -> str:
+    """Resolve and check an image reference now (header only); decode later. With a `root`
+    (confined), the image must be inside it."""
     if value.startswith("data:image/"):
         raise RowError("inline data URIs are not supported in training files; save the images and reference paths")
-    path = resolve_path(value, base)
+    if root is not None:
+        try:
+            path = resolve_inside(value, root, relative_to=base)
+        except OutsideRoot:
+            raise RowError(f"image {clip(value)} is not inside the uploaded datasets") from None
+    else:
+        path = resolve_path(value, base)
     if not path.is_file():
-        raise RowError(f"image file not found: {path}")
+        raise RowError(f"image file not found: {clip(value)}")
     try:
         with Image.open(path) as image:
             image.verify()
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise RowError(f"unreadable image {path}: {exc}") from None
+        raise RowError(f"unreadable image {clip(value)}: {type(exc).__name__}") from None
     return str(path.resolve())
 
 
@@ -111,19 +124,23 @@ def _roles(spec: DatasetSpec) -> list[tuple[str, str]]:
     return roles
 
 
-def _convert(spec: DatasetSpec, row: dict[str, Any], base: Path, modalities: dict[str, str]) -> dict[str, Any]:
+def _convert(
+    spec: DatasetSpec, row: dict[str, Any], base: Path, modalities: dict[str, str], root: Path | None
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for role, source in _roles(spec):
         value = row.get(source)
+        if source not in row:
+            raise RowError(_missing_column(spec, source, row))
         if value is None or (isinstance(value, str) and not value.strip()):
-            raise RowError(f"column '{source}' is empty or missing")
+            raise RowError(f"column '{source}' is empty")
         if not isinstance(value, str):
             value = str(value)
         modality = "image" if _is_image_ref(value) else "text"
         known = modalities.setdefault(role, modality)
         if known != modality:
             raise RowError(f"column '{source}' holds {modality} here but {known} in earlier rows")
-        out[role] = _check_image(value, base) if modality == "image" else value
+        out[role] = _check_image(value, base, root) if modality == "image" else value
     if spec.kind == "texts":
         out["positive"] = out["anchor"]  # unsupervised SimCSE: the text is its own positive
         modalities["positive"] = modalities["anchor"]
@@ -136,16 +153,67 @@ def _score(value: Any, spec: DatasetSpec) -> float:
     try:
         score = float(value)
     except (TypeError, ValueError):
-        raise RowError(f"score column '{spec.score}' is not a number: {value!r}") from None
+        raise RowError(f"score column '{spec.score}' is not a number: {clip(value)}") from None
+    if not math.isfinite(score):
+        raise RowError(f"score column '{spec.score}' is not a finite number: {clip(value)}")
     return score / spec.score_max if spec.score_max else score
 
 
-def load_data(spec: DatasetSpec, base_dir: Path | None = None) -> LoadedData:
-    """Read and check one dataset file; `RowError` names the file and line of a bad row."""
-    path = resolve_path(spec.path, base_dir)
+def _missing_column(spec: DatasetSpec, source: str, row: dict[str, Any]) -> str:
+    """Which columns the file has, and which setting maps them (or which format to set)."""
+    columns = ", ".join(clip(str(c), 30) for c in list(row)[:12])
+    hint = f"map yours with the dataset's '{_role_setting(spec, source)}' setting"
+    if len(row) >= len(STS_COLUMNS) or spec.kind == "graded":
+        hint += ", or set format: sts for a tab-separated STS-benchmark file (no header)"
+    return f"column '{source}' is missing (the file's columns: {columns}); {hint}"
+
+
+def _role_setting(spec: DatasetSpec, source: str) -> str:
+    for setting in ("anchor", "positive", "score"):
+        if getattr(spec, setting) == source:
+            return setting
+    return "negatives"
+
+
+def sniff_format(path: Path, spec: DatasetSpec) -> str:
+    """The format of an `auto` dataset: by suffix, except that a .csv/.tsv whose first line
+    is an STS-benchmark row (tab-separated, a number in the score column, no header naming the
+    configured columns) is read as STS, whatever the file is called."""
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".tsv"):
+        return "auto"
+    try:
+        with path.open(encoding="utf-8", errors="replace") as handle:
+            first = handle.readline(65_536)
+    except OSError:
+        return "auto"
+    cells = first.rstrip("\r\n").split("\t")
+    if spec.anchor in cells or len(cells) < len(STS_COLUMNS):
+        return "auto"
+    try:
+        float(cells[STS_COLUMNS.index("score")])
+    except ValueError:
+        return "auto"
+    return "sts"
+
+
+def load_data(spec: DatasetSpec, base_dir: Path | None = None, *, confined: bool = False) -> LoadedData:
+    """Read and check one dataset file; `RowError` names the file (as the spec gives it) and
+    line of a bad row. `confined`: the file and its images must be inside `base_dir`."""
+    root = base_dir if confined else None
+    if confined:
+        try:
+            path = resolve_inside(spec.path, base_dir)
+        except OutsideRoot as exc:
+            raise RowError(str(exc)) from None
+    else:
+        path = resolve_path(spec.path, base_dir)
+    label = spec.path
+    if not path.is_file():
+        raise RowError(f"{label}: no such file")
     fmt = spec.format
-    if fmt == "auto" and path.suffix.lower() == ".csv" and path.name.startswith("sts-"):
-        fmt = "sts"
+    if fmt == "auto":
+        fmt = sniff_format(path, spec)
     if fmt == "sts" and spec.kind == "graded" and spec.score_max is None:
         spec = spec.model_copy(update={"score_max": 5.0, "anchor": "sentence1", "positive": "sentence2"})
     elif fmt == "sts":
@@ -154,21 +222,23 @@ def load_data(spec: DatasetSpec, base_dir: Path | None = None) -> LoadedData:
     keys: list[tuple] = []
     modalities: dict[str, str] = {}
     bad: list[str] = []
-    for line, raw in read_rows(path, fmt, typed=False):
+    for line, raw in read_rows(path, fmt, typed=False, label=label):
         if spec.limit is not None and len(rows) >= spec.limit:
             break
         try:
-            rows.append(_convert(spec, raw, path.parent, modalities))
+            if not isinstance(raw, dict):
+                raise RowError(f"expected an object with columns, got {type(raw).__name__}")
+            rows.append(_convert(spec, raw, path.parent, modalities, root))
             keys.append(tuple(str(raw.get(column)) for column in spec.same_content))
         except RowError as exc:
-            message = f"{path}:{line}: {exc}"
+            message = f"{label}:{line}: {exc}"
             if not spec.skip_bad_rows:
                 raise RowError(message) from None
             bad.append(message)
     if bad:
-        logger.warning("%s: skipped %d bad rows (first: %s)", path, len(bad), bad[0])
+        logger.warning("%s: skipped %d bad rows (first: %s)", label, len(bad), bad[0])
     if not rows:
-        raise RowError(f"{path}: no usable rows")
+        raise RowError(f"{label}: no usable rows")
     columns = [role for role, _ in _roles(spec)] + (["positive"] if spec.kind == "texts" else [])
     columns += ["score"] if spec.kind == "graded" else []
     return LoadedData(

@@ -20,19 +20,31 @@ class RowError(ValueError):
     """A row that cannot become an item; names the file and line."""
 
 
+def clip(value: object, limit: int = 60) -> str:
+    """`repr` of a value for an error message, cut to `limit` characters: a message may quote
+    the offending cell of a user's own file, never pages of a file."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 5] + "...'" + f" ({len(str(value))} chars)"
+
+
 def detect_format(path: Path) -> str:
     suffix = path.suffix.lower().lstrip(".")
     return {"ndjson": "jsonl", "json": "jsonl"}.get(suffix, suffix)
 
 
-def read_rows(path: Path, fmt: str = "auto", typed: bool = True) -> Iterator[tuple[int, dict[str, Any]]]:
+def read_rows(
+    path: Path, fmt: str = "auto", typed: bool = True, label: str | None = None
+) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, row) from JSONL, CSV/TSV, Parquet or STS files, read lazily.
 
     `typed`: CSV cells that look like numbers become numbers, except the content columns.
+    `label`: the file's name in error messages (default: its path), e.g. the reference a job
+    config gave, so an API caller never learns where the server keeps the file.
     """
+    name = label or str(path)
     fmt = detect_format(path) if fmt == "auto" else fmt
     if fmt == "sts":
-        yield from _read_sts(path)
+        yield from _read_sts(path, name)
         return
     suffix = "." + fmt
     if suffix in (".jsonl", ".ndjson", ".json"):
@@ -42,7 +54,7 @@ def read_rows(path: Path, fmt: str = "auto", typed: bool = True) -> Iterator[tup
                     try:
                         yield line, json.loads(text)
                     except json.JSONDecodeError as exc:
-                        raise RowError(f"{path}:{line}: not valid JSON ({exc})") from None
+                        raise RowError(f"{name}:{line}: not valid JSON ({exc.msg} at column {exc.colno})") from None
     elif suffix in (".csv", ".tsv"):
         with path.open(newline="") as handle:
             for line, row in enumerate(csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ","), 2):
@@ -60,7 +72,7 @@ def read_rows(path: Path, fmt: str = "auto", typed: bool = True) -> Iterator[tup
                 line += 1
                 yield line, row
     else:
-        raise RowError(f"{path}: unknown format {suffix!r}; use .jsonl, .csv, .tsv or .parquet")
+        raise RowError(f"{name}: unknown format {suffix!r}; use .jsonl, .csv, .tsv or .parquet")
 
 
 def _typed(value: str | None) -> Any:
@@ -88,12 +100,12 @@ def count_rows(path: Path) -> int | None:
     return lines - 1 if path.suffix.lower() in (".csv", ".tsv") else lines
 
 
-def _read_sts(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def _read_sts(path: Path, name: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """STS-benchmark files: tab-separated, no header, quotes are literal characters."""
     with path.open(newline="", encoding="utf-8") as handle:
         for line, cells in enumerate(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE), 1):
             if len(cells) < len(STS_COLUMNS):
-                raise RowError(f"{path}:{line}: expected {len(STS_COLUMNS)} tab-separated columns, got {len(cells)}")
+                raise RowError(f"{name}:{line}: expected {len(STS_COLUMNS)} tab-separated columns, got {len(cells)}")
             row = dict(zip(STS_COLUMNS, cells))
             row["score"] = _typed(row["score"])
             yield line, row

@@ -62,3 +62,36 @@ def test_bad_filters_say_what_is_wrong(spec, words):
     with pytest.raises(FilterError) as error:
         compile_filter(spec, SCHEMA)
     assert words in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        ({"year": 9223372036854775808}, "outside the 64-bit integer range"),
+        ({"year": -9223372036854775809}, "outside the 64-bit integer range"),
+        ({"year": {"$gt": 2**70}}, "outside the 64-bit integer range"),
+        ({"year": {"$in": [2020, 2**64]}}, "outside the 64-bit integer range"),
+        ({"year": float("nan")}, "not a finite number"),
+        ({"year": {"$lt": float("inf")}}, "not a finite number"),
+        ({"year": {"$ne": float("-inf")}}, "not a finite number"),
+    ],
+)
+def test_numbers_sqlite_cannot_compare_are_refused(spec, words):
+    """Before: sqlite3 raised OverflowError past int64 (a 500), and NaN/inf compared as nothing."""
+    with pytest.raises(FilterError) as error:
+        compile_filter(spec, SCHEMA)
+    assert words in str(error.value) and "'year'" in str(error.value)
+
+
+def test_int64_bounds_and_big_finite_floats_still_filter():
+    assert _select({"year": {"$lt": 2**63 - 1, "$gt": -(2**63)}}) == [0, 1, 2]
+    assert _select({"year": {"$lt": 1e308}}) == [0, 1, 2]
+
+
+def test_unknown_field_errors_list_a_bounded_number_of_fields():
+    schema = {f"field_{i:04d}": "number" for i in range(10_000)}
+    with pytest.raises(FilterError) as error:
+        compile_filter({"nope": 1}, schema)
+    message = str(error.value)
+    assert len(message) < 600, len(message)
+    assert "field_0000" in message and "and 9980 more" in message

@@ -68,3 +68,50 @@ def test_graded_pairs_take_cosent_or_cosine(folder):
         parse_config(
             {**GOOD, "train": [{"path": "train.jsonl", "kind": "graded"}], "loss": {"name": "sigmoid"}}, folder
         )
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("batch_size", 10**12),
+        ("epochs", 1e12),
+        ("epochs", float("inf")),
+        ("epochs", float("nan")),
+        ("max_steps", 2**62),
+        ("dataloader_workers", 65),
+        ("max_seq_length", 10**9),
+        ("learning_rate", float("nan")),
+        ("seed", -1),
+    ],
+)
+def test_absurd_and_non_finite_values_are_refused(folder, field, value):
+    with pytest.raises(ConfigError) as error:
+        parse_config({**GOOD, field: value}, folder)
+    assert any(p.startswith(f"{field}:") for p in error.value.problems), error.value.problems
+
+
+def test_infinity_from_json_text_is_refused(folder):
+    data = json.loads('{"epochs": Infinity, "loss": {"temperature": NaN}}')  # Python's json accepts both
+    with pytest.raises(ConfigError) as error:
+        parse_config({**GOOD, **data}, folder)
+    text = "\n".join(error.value.problems)
+    assert "epochs" in text and "loss.temperature" in text
+
+
+@pytest.mark.parametrize("reference", ["~/train.jsonl", "~nobody/train.jsonl", "/etc/passwd", "../x/train.jsonl"])
+def test_confined_configs_name_only_files_inside_the_base_folder(folder, reference, monkeypatch):
+    inner = folder / "datasets"
+    inner.mkdir()
+    monkeypatch.setenv("HOME", str(folder))  # `~/train.jsonl` exists there: it must not be reached
+    with pytest.raises(ConfigError) as error:
+        parse_config({**GOOD, "train": [{"path": reference}]}, inner, confined=True)
+    (problem,) = error.value.problems
+    assert problem.startswith("train[0].path:") and str(folder) not in problem
+
+
+def test_a_missing_confined_file_is_named_as_given_and_unconfined_tilde_still_expands(folder, monkeypatch):
+    with pytest.raises(ConfigError) as error:
+        parse_config({**GOOD, "train": [{"path": "abc/none.jsonl"}]}, folder, confined=True)
+    assert error.value.problems == ["train[0].path: no such file 'abc/none.jsonl'"]
+    monkeypatch.setenv("HOME", str(folder))
+    parse_config({**GOOD, "train": [{"path": "~/train.jsonl"}]}, None)  # `duet train` on one's own files

@@ -11,6 +11,8 @@ from trainer.data import load_data
 from trainer.mining import mine_negatives
 from trainer.tables import RowError
 
+SECRET = "root:x:0:0:secret-content-of-a-server-file-that-must-not-leak:/root:/bin/bash"
+
 
 def write_jsonl(path, rows):
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -35,7 +37,7 @@ def test_pairs_with_images_load_lazily_and_hash_their_content(tmp_path):
     ("row", "words"),
     [
         ({"anchor": "", "positive": "good.png"}, "d.jsonl:2: column 'anchor' is empty"),
-        ({"anchor": "x"}, "d.jsonl:2: column 'positive' is empty or missing"),
+        ({"anchor": "x"}, "d.jsonl:2: column 'positive' is missing (the file's columns: 'anchor')"),
         ({"anchor": "x", "positive": "nope.png"}, "d.jsonl:2: image file not found"),
         ({"anchor": "x", "positive": "broken.png"}, "d.jsonl:2: unreadable image"),
         ({"anchor": "x", "positive": "plain words"}, "d.jsonl:2: column 'positive' holds text here but image"),
@@ -81,3 +83,72 @@ def test_mining_skips_the_positive_and_likely_false_negatives():
     assert report.skipped_false_negatives == 1
     loose, _ = mine_negatives(anchors, corpus[[0]], corpus, np.array([0]), MiningSpec(false_negative_margin=1.0))
     assert loose == [[1]]
+
+
+# -- confined (jobs from the API): nothing outside the datasets folder ---------------------------
+
+
+@pytest.fixture()
+def datasets(tmp_path):
+    """A datasets folder, and a server file beside it that a job must never read."""
+    root = tmp_path / "datasets"
+    (root / "abc").mkdir(parents=True)
+    (tmp_path / "secret.csv").write_text(f"anchor,positive,score\na,b,{SECRET}\n")
+    Image.new("RGB", (4, 4)).save(tmp_path / "secret.png")
+    return root
+
+
+@pytest.mark.parametrize(
+    "reference", ["~/secret.csv", "~root/secret.csv", "/etc/passwd", "../secret.csv", "abc/../../secret.csv", "$HOME/x"]
+)
+def test_confined_references_never_leave_the_datasets_folder(datasets, reference, monkeypatch):
+    monkeypatch.setenv("HOME", str(datasets.parent))  # `~` would reach secret.csv if it expanded
+    with pytest.raises(RowError) as error:
+        load_data(DatasetSpec(path=reference, kind="graded"), datasets, confined=True)
+    message = str(error.value)
+    assert SECRET[:20] not in message and str(datasets) not in message
+
+
+def test_confined_links_out_of_the_datasets_folder_are_refused(datasets):
+    (datasets / "abc" / "link.csv").symlink_to(datasets.parent / "secret.csv")
+    with pytest.raises(RowError, match="outside the uploaded datasets"):
+        load_data(DatasetSpec(path="abc/link.csv", kind="graded"), datasets, confined=True)
+
+
+def test_confined_image_references_stay_inside(datasets):
+    rows = [{"anchor": "a", "positive": "../../secret.png"}, {"anchor": "b", "positive": "/tmp/x.png"}]
+    write_jsonl(datasets / "abc" / "d.jsonl", rows)
+    with pytest.raises(RowError) as error:
+        load_data(DatasetSpec(path="abc/d.jsonl"), datasets, confined=True)
+    assert "abc/d.jsonl:1: image '../../secret.png' is not inside the uploaded datasets" in str(error.value)
+    assert str(datasets) not in str(error.value)
+    # a file's own references may climb inside the folder (to another upload's images)
+    Image.new("RGB", (4, 4)).save(datasets / "img.png")
+    write_jsonl(datasets / "abc" / "ok.jsonl", [{"anchor": "a", "positive": "../img.png"}])
+    assert len(load_data(DatasetSpec(path="abc/ok.jsonl"), datasets, confined=True)) == 1
+
+
+def test_errors_name_the_reference_and_clip_quoted_cells(datasets):
+    (datasets / "abc" / "g.csv").write_text(f"anchor,positive,score\na,b,{SECRET}\n")
+    with pytest.raises(RowError) as error:
+        load_data(DatasetSpec(path="abc/g.csv", kind="graded"), datasets, confined=True)
+    message = str(error.value)
+    assert message.startswith("abc/g.csv:2: score column 'score' is not a number: 'root:x:0:0:")
+    assert SECRET not in message and "chars)" in message and str(datasets) not in message
+
+
+def test_sts_content_is_recognised_whatever_the_file_is_called(tmp_path):
+    path = tmp_path / "my-similarity.csv"  # not named sts-*.csv
+    path.write_text("main-news\tx\t2012\t1\t5.000\tA plane.\tAn air plane.\nmain-news\tx\t2012\t2\t0.0\tA\tB\n")
+    data = load_data(DatasetSpec(path=str(path), kind="graded"))
+    assert data.rows[0] == {"anchor": "A plane.", "positive": "An air plane.", "score": 1.0}
+
+
+def test_a_missing_column_says_which_setting_or_format_to_use(tmp_path):
+    path = tmp_path / "pairs.csv"
+    path.write_text("question,answer,label\nq,a,1\n")
+    with pytest.raises(RowError) as error:
+        load_data(DatasetSpec(path=str(path), kind="graded"))
+    message = str(error.value)
+    assert "column 'anchor' is missing (the file's columns: 'question', 'answer', 'label')" in message
+    assert "'anchor' setting" in message and "format: sts" in message
