@@ -8,6 +8,7 @@ writes (the index's readers-writer lock keeps FAISS from seeing both at once).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -15,6 +16,9 @@ import re
 import shutil
 import threading
 import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,6 +31,7 @@ from index.errors import (
     CollectionBusyError,
     CollectionExistsError,
     CollectionNotFoundError,
+    CollectionUnavailableError,
     FilterError,
     InvalidCollectionError,
     ItemNotFoundError,
@@ -53,6 +58,10 @@ MODALITIES = ("text", "image", "vector")
 RACE_MARGIN = 8
 # A generation replaced by a re-embed keeps its files this long, for searches still running on it.
 RETIRED_GRACE_SECONDS = 60.0
+# How long a drop waits for the calls in flight on the collection before it gives up with a 409.
+DROP_WAIT_SECONDS = 30.0
+# How long closing (service shutdown) waits for them before leaving the store open.
+CLOSE_WAIT_SECONDS = 30.0
 _GENERATION = re.compile(r"^gen-(\d+)$")
 
 
@@ -96,6 +105,7 @@ class CollectionConfig:
             raise InvalidCollectionError(f"unknown metric {self.metric!r}: use cosine or dot")
         if not 1 <= self.dim <= 65536:
             raise InvalidCollectionError(f"dimension must be between 1 and 65536, got {self.dim}")
+        self.index.check(self.dim)  # before anything is written: a refused create leaves nothing behind
 
     def to_json(self) -> dict[str, Any]:
         data = self.__dict__.copy()
@@ -153,6 +163,25 @@ def write_config(folder: Path, config: CollectionConfig) -> None:
         os.close(dir_fd)
 
 
+def _fsync_dir(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _in_use(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a Collection method as a call in flight (see `Collection.using`)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Collection, *args: Any, **kwargs: Any) -> Any:
+        with self.using():
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 @dataclass
 class Hit:
     id: str
@@ -168,12 +197,19 @@ class Collection:
         self.data = data_folder(folder, config.generation)
         self.config = config
         self.use_gpu = use_gpu
+        self._life = threading.Condition()
+        self._users = 0  # calls in flight (`using`); a drop or close waits for them to end
+        self._gone: Exception | None = None  # set once closing: what new calls raise
         self.store = CollectionStore(self.data / STORE_FILE, config.dim)
         self._writer = threading.Lock()
         self._frozen: str | None = None  # why writes are refused (a re-embed is building its successor)
         self._centroids: dict[str, np.ndarray] = {}
         self._snapshotted_seq: int | None = None
-        self._set_index(self._open_index())
+        try:
+            self._set_index(self._open_index())
+        except BaseException:
+            self.store.close()
+            raise
 
     def _set_index(self, index: FaissIndex) -> None:
         """Install a (re)built index; with GPU search on, clone it to the GPU as well."""
@@ -185,6 +221,51 @@ class Collection:
     def name(self) -> str:
         return self.config.name
 
+    # -- calls in flight ---------------------------------------------------------------
+
+    @contextmanager
+    def using(self) -> Iterator[None]:
+        """Every call that touches the store or the index runs inside this: closing the store under a
+        running SQLite statement can crash the process, so a drop stops admitting calls, waits for
+        those in flight, and only then closes; calls after that raise why the collection is gone."""
+        with self._life:
+            if self._gone is not None:
+                raise self._gone
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._life:
+                self._users -= 1
+                if not self._users:
+                    self._life.notify_all()
+
+    def stop_admitting(self, error: Exception) -> None:
+        with self._life:
+            self._gone = error
+
+    def readmit(self) -> None:
+        with self._life:
+            self._gone = None
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no call is in flight (after `stop_admitting`); False if `timeout` passed first."""
+        deadline = time.monotonic() + timeout
+        with self._life:
+            while self._users:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._life.wait(left)
+        return True
+
+    def shut(self, snapshot: bool) -> None:
+        """Close the store (and snapshot a changed index first, if asked); only once idle."""
+        with self._writer:
+            if snapshot and self.dirty:
+                self.snapshot_locked()
+            self.store.close()
+
     # -- index life cycle --------------------------------------------------------------
 
     def _open_index(self) -> FaissIndex:
@@ -192,14 +273,31 @@ class Collection:
         if path.exists():
             try:
                 index = FaissIndex.read_snapshot(path, self.config.index)
-            except Exception as exc:  # any damage means: rebuild from the store, keep serving
-                logger.warning("collection %s: snapshot unusable (%s); rebuilding from the store", self.name, exc)
-            else:
-                self._snapshotted_seq = index.applied_seq
+                self._check_snapshot(index)
                 self._centroids = self._load_centroids()
                 self._replay(index)
+                self._check_replayed(index)
+            except Exception as exc:  # any doubt means: rebuild from the store, keep serving
+                logger.warning("collection %s: snapshot unusable (%s); rebuilding from the store", self.name, exc)
+                self._snapshotted_seq = None
+            else:
                 return index
         return self._build()
+
+    def _check_snapshot(self, index: FaissIndex) -> None:
+        """What a checksummed snapshot still has to agree with: this collection and its store."""
+        if index.dim != self.config.dim:
+            raise ValueError(f"snapshot dimension {index.dim}, collection {self.config.dim}")
+        store_seq = self.store.seq
+        if index.applied_seq > store_seq:
+            raise ValueError(f"snapshot holds writes up to seq {index.applied_seq}, the store only up to {store_seq}")
+        self._snapshotted_seq = index.applied_seq
+
+    def _check_replayed(self, index: FaissIndex) -> None:
+        """After replay the index must hold exactly the store's items (HNSW keeps tombstones of vectors
+        added and replaced after the snapshot, so its count is not exact and is not compared)."""
+        if not index.is_hnsw and index.live_count != self.store.count():
+            raise ValueError(f"after replay the index holds {index.live_count} vectors, the store {self.store.count()}")
 
     def _replay(self, index: FaissIndex) -> None:
         removed = self.store.tombstones_after(index.applied_seq)
@@ -234,12 +332,14 @@ class Collection:
             return "IDMap2,Flat"
         return factory
 
+    @_in_use
     def rebuild(self) -> str:
         with self._writer:
             self._set_index(self._build())
             self.snapshot_locked()
         return self.index.factory
 
+    @_in_use
     def snapshot(self) -> None:
         with self._writer:
             self.snapshot_locked()
@@ -254,11 +354,17 @@ class Collection:
         """The index holds writes its snapshot does not (or there is no snapshot yet)."""
         return self._snapshotted_seq != self.index.applied_seq
 
+    @_in_use
+    def count(self) -> int:
+        return self.store.count()
+
     def close(self) -> None:
-        with self._writer:
-            if self.dirty:
-                self.snapshot_locked()
-            self.store.close()
+        """Snapshot if changed and close, once the calls in flight end (service shutdown)."""
+        self.stop_admitting(CollectionNotFoundError(f"collection '{self.name}' is closed: the service is stopping"))
+        if not self.wait_idle(CLOSE_WAIT_SECONDS):
+            logger.warning("collection %s: calls still running after %.0f s; not closed", self.name, CLOSE_WAIT_SECONDS)
+            return
+        self.shut(snapshot=True)
 
     # -- modality gap ------------------------------------------------------------------
 
@@ -281,6 +387,7 @@ class Collection:
         norms = np.linalg.norm(shifted, axis=1, keepdims=True)
         return (shifted / np.maximum(norms, 1e-12)).astype(np.float32)
 
+    @_in_use
     def modality_gap(self) -> float | None:
         """Distance between the text and image centroids of the stored (normalised) vectors."""
         centroids = self._compute_centroids()
@@ -306,6 +413,7 @@ class Collection:
     def prepare_vectors(self, vectors: Any) -> np.ndarray:
         return as_matrix(vectors, self.config.dim, normalize=self.config.metric == "cosine")
 
+    @_in_use
     def upsert(self, items: list[StoredItem], limits: PayloadLimits | None = None) -> int:
         """Store then index; returns the write's sequence number. Last item wins on duplicate ids.
         Payloads must be strict JSON, within `limits` if given (copies of stored items pass none)."""
@@ -336,6 +444,7 @@ class Collection:
             self._set_index(self._build())
             self.snapshot_locked()
 
+    @_in_use
     def delete(self, ids: list[str] | None = None, filter: dict[str, Any] | None = None) -> tuple[int, list[str]]:
         if ids is None and filter is None:
             raise InvalidCollectionError('delete needs "ids" or "filter"')
@@ -360,12 +469,14 @@ class Collection:
 
     # -- reads -------------------------------------------------------------------------
 
+    @_in_use
     def get(self, item_id: str) -> StoredItem:
         item = self.store.get(validate_item_id(item_id))
         if item is None:
             raise ItemNotFoundError(f"no item '{item_id}' in collection '{self.name}'")
         return item
 
+    @_in_use
     def page(self, cursor: str | None, limit: int, filter: dict[str, Any] | None) -> list[StoredItem]:
         where, params = compile_filter(filter, self.store.schema) if filter else (None, [])
         return self.store.page(cursor, limit, where, params)
@@ -385,6 +496,7 @@ class Collection:
             return None
         return self.store.matching_vids(" AND ".join(clauses), params)
 
+    @_in_use
     def search(
         self,
         queries: np.ndarray,
@@ -446,6 +558,7 @@ class Collection:
             results.append(hits)
         return results
 
+    @_in_use
     def stats(self) -> dict[str, Any]:
         counts = self.store.modality_counts()
         return {
@@ -466,13 +579,31 @@ class Collection:
         }
 
 
+def _reason(exc: BaseException) -> str:
+    """A one-line reason for an operator: the error's own message, else its kind."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}"[:500] if text else type(exc).__name__
+
+
 def _nlist(factory: str) -> int:
     match = re.search(r"IVF(\d+)", factory)
     return int(match.group(1)) if match else 0
 
 
 class CollectionManager:
-    """All collections under one folder: create, open (replaying), list, drop, re-embed, close."""
+    """All collections under one folder: create, open (replaying), list, drop, re-embed, close.
+
+    Protocols (see docs/architecture.md, "Collections appear and disappear whole"):
+    - create: options are validated first; the collection is built and closed in a private
+      `.creating-<name>-<random>` folder, then renamed into place, then opened. Names being created
+      or dropped are reserved under the lock, so concurrent creates of one name give one winner.
+    - drop: the name is taken out of service under the lock (new lookups: not found), then the
+      collection stops admitting calls and waits for those in flight (or gives up with
+      `CollectionBusyError`), closes its store, and its folder is renamed to a private
+      `.dropping-<name>-<random>` folder and deleted. Start-up deletes leftover dot-folders.
+    - a collection that cannot be opened is recorded as unavailable with its reason (listed,
+      droppable); it never stops the others or the service.
+    """
 
     def __init__(self, root: Path, use_gpu: bool = False) -> None:
         self.root = root
@@ -482,57 +613,154 @@ class CollectionManager:
         self._lock = threading.Lock()
         self._reembeds: dict[str, ReembedJob] = {}  # the last re-embed of each collection (its status)
         self._retired: list[tuple[float, Collection]] = []  # replaced by a re-embed; deleted after a grace
+        self._broken: dict[str, str] = {}  # collections on disk that failed to open: why
+        self._busy: set[str] = set()  # names being created or dropped right now
+        self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        """Creates and drops cut short (a crash, a kill) leave private dot-folders; nothing refers to them."""
+        for path in self.root.iterdir():
+            if path.is_dir() and path.name.startswith((".creating-", ".dropping-")):
+                logger.warning("collections: removing %s, left by a create or drop that was cut short", path.name)
+                shutil.rmtree(path, ignore_errors=True)
 
     def _folder(self, name: str) -> Path:
         return self.root / validate_collection_name(name)
 
+    def _private(self, kind: str, name: str) -> Path:
+        return self.root / f".{kind}-{name}-{uuid.uuid4().hex[:12]}"
+
     def create(self, config: CollectionConfig) -> Collection:
+        """Create a collection whole or not at all (its options were validated by CollectionConfig)."""
+        name = config.name
+        folder = self._folder(name)
         with self._lock:
-            folder = self._folder(config.name)
-            if folder.exists():
-                raise CollectionExistsError(f"collection '{config.name}' already exists")
-            tmp = self.root / f".creating-{config.name}"
-            shutil.rmtree(tmp, ignore_errors=True)
+            if name in self._busy or name in self._open or name in self._broken or os.path.lexists(folder):
+                raise CollectionExistsError(f"collection '{name}' already exists")
+            self._busy.add(name)
+        try:
+            tmp = self._private("creating", name)
             tmp.mkdir()
-            (tmp / CONFIG_FILE).write_text(json.dumps(config.to_json(), indent=2))
-            os.replace(tmp, folder)  # a collection appears whole or not at all
+            try:
+                write_config(tmp, config)
+                Collection(tmp, config).shut(snapshot=True)  # the store and an empty index, on disk, closed
+                os.rename(tmp, folder)  # a collection appears whole or not at all
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            _fsync_dir(self.root)
             collection = Collection(folder, config, self.use_gpu)
-            self._open[config.name] = collection
+            with self._lock:
+                self._open[name] = collection
             return collection
+        finally:
+            with self._lock:
+                self._busy.discard(name)
 
     def get(self, name: str) -> Collection:
         with self._lock:
             if name in self._open:
                 return self._open[name]
             folder = self._folder(name)
-            if not (folder / CONFIG_FILE).is_file():
+            if name in self._busy:  # being dropped (or not created yet)
+                raise CollectionNotFoundError(f"no collection named '{name}' (it is being dropped or created)")
+            if name in self._broken:
+                raise CollectionUnavailableError(
+                    f"collection '{name}' cannot be opened: {self._broken[name]}. DELETE /v1/collections/{name} "
+                    "removes it"
+                )
+            if not folder.is_dir():
                 raise CollectionNotFoundError(f"no collection named '{name}'; GET /v1/collections lists them")
-            config = CollectionConfig.from_json(json.loads((folder / CONFIG_FILE).read_text()))
-            remove_stale_generations(folder, config.generation)
-            collection = self._open[name] = Collection(folder, config, self.use_gpu)
+            try:
+                collection = self._open_folder(folder)
+            except Exception as exc:  # one damaged collection must not take down the others, or start-up
+                reason = _reason(exc)
+                logger.error("collection %s cannot be opened (%s); it is listed as unavailable", name, reason)
+                self._broken[name] = reason
+                raise CollectionUnavailableError(f"collection '{name}' cannot be opened: {reason}") from exc
+            self._open[name] = collection
             return collection
 
+    def _open_folder(self, folder: Path) -> Collection:
+        path = folder / CONFIG_FILE
+        if not path.is_file():
+            raise InvalidCollectionError(f"its folder has no {CONFIG_FILE}")
+        config = CollectionConfig.from_json(json.loads(path.read_text()))
+        if config.name != folder.name:
+            raise InvalidCollectionError(f"its {CONFIG_FILE} names another collection, {config.name!r}")
+        remove_stale_generations(folder, config.generation)
+        return Collection(folder, config, self.use_gpu)
+
     def names(self) -> list[str]:
-        """Collections on disk (not the dot-folders of ones being created or dropped)."""
-        return sorted(p.name for p in self.root.iterdir() if not p.name.startswith(".") and (p / CONFIG_FILE).is_file())
+        """Collections on disk, usable or not (not the dot-folders of ones being created or dropped)."""
+        return sorted(p.name for p in self.root.iterdir() if not p.name.startswith(".") and p.is_dir())
 
     def open_all(self) -> None:
+        """Open every collection (replaying its index); ones that fail are recorded, not raised."""
         for name in self.names():
-            self.get(name)
+            try:
+                self.get(name)
+            except (CollectionNotFoundError, CollectionUnavailableError):
+                pass
+
+    def listing(self) -> tuple[list[Collection], dict[str, str]]:
+        """(open collections, {name: why it cannot be opened}); ones dropped meanwhile are left out."""
+        collections, broken = [], {}
+        for name in self.names():
+            try:
+                collections.append(self.get(name))
+            except CollectionNotFoundError:
+                continue
+            except CollectionUnavailableError:
+                with self._lock:
+                    if name in self._broken:
+                        broken[name] = self._broken[name]
+        return collections, broken
 
     def drop(self, name: str) -> None:
-        collection = self.get(name)
+        """Remove a collection: new calls are refused at once, calls in flight finish first (or, past
+        DROP_WAIT_SECONDS, the drop is refused with CollectionBusyError and the collection stays)."""
+        folder = self._folder(name)
         with self._lock:
             self._refuse_while_reembedding(name)
-            self._open.pop(name, None)
-            collection.store.close()
-            for _, retired in [r for r in self._retired if r[1].name == name]:  # their files go with the folder
-                retired.store.close()
+            if name in self._busy:
+                raise CollectionNotFoundError(f"no collection named '{name}' (it is being dropped or created)")
+            if name not in self._open and name not in self._broken and not folder.is_dir():
+                raise CollectionNotFoundError(f"no collection named '{name}'; GET /v1/collections lists them")
+            self._busy.add(name)
+            collection = self._open.pop(name, None)
+            broken = self._broken.pop(name, None)
+            retired = [r for r in self._retired if r[1].name == name]  # their files go with the folder
             self._retired = [r for r in self._retired if r[1].name != name]
-            self._reembeds.pop(name, None)
-            trash = self.root / f".dropping-{name}"
-            os.replace(collection.folder, trash)  # gone at once, even if the delete below is cut short
+        users = ([collection] if collection else []) + [c for _, c in retired]
+        try:
+            for user in users:
+                user.stop_admitting(CollectionNotFoundError(f"collection '{name}' was dropped"))
+            deadline = time.monotonic() + DROP_WAIT_SECONDS
+            if not all(user.wait_idle(deadline - time.monotonic()) for user in users):
+                for user in users:
+                    user.readmit()
+                with self._lock:
+                    if collection is not None:
+                        self._open[name] = collection
+                    if broken is not None:
+                        self._broken[name] = broken
+                    self._retired.extend(retired)
+                raise CollectionBusyError(
+                    f"collection '{name}' still had requests running after {DROP_WAIT_SECONDS:.0f} s; "
+                    "it was not dropped, retry"
+                )
+            for user in users:
+                user.shut(snapshot=False)
+            trash = self._private("dropping", name)
+            os.rename(folder, trash)  # gone at once, even if the delete below is cut short
+            _fsync_dir(self.root)
             shutil.rmtree(trash, ignore_errors=True)
+            with self._lock:
+                self._reembeds.pop(name, None)
+        finally:
+            with self._lock:
+                self._busy.discard(name)
 
     # -- re-embedding --------------------------------------------------------------------
 
@@ -546,6 +774,8 @@ class CollectionManager:
         name = config.name
         collection = self.get(name)
         with self._lock:
+            if self._open.get(name) is not collection:  # dropped (or flipped) since the lookup
+                raise CollectionNotFoundError(f"no collection named '{name}' (it is being dropped)")
             self._refuse_while_reembedding(name)
             if collection.config.model == config.model:
                 raise ReembedRefusedError(f"collection '{name}' already holds vectors of {config.model}")
@@ -606,7 +836,13 @@ class CollectionManager:
             if now - retired_at < older_than:
                 keep.append((retired_at, collection))
                 continue
-            collection.store.close()
+            collection.stop_admitting(
+                CollectionBusyError(f"collection '{collection.name}' was re-embedded while this request ran; retry")
+            )
+            if not collection.wait_idle(0):
+                keep.append((retired_at, collection))  # a call still runs on it: next time
+                continue
+            collection.shut(snapshot=False)
             if collection.folder.exists():  # (dropped meanwhile: gone already)
                 remove_generation(collection.folder, collection.config.generation)
         self._retired = keep
@@ -616,11 +852,16 @@ class CollectionManager:
         with self._lock:
             self._purge_retired(RETIRED_GRACE_SECONDS)
         done = []
-        for collection in list(self._open.values()):
-            if collection.dirty:
-                collection.snapshot()
-                done.append(collection.name)
-            collection.index.refresh_gpu()
+        with self._lock:
+            collections = list(self._open.values())
+        for collection in collections:
+            try:
+                if collection.dirty:
+                    collection.snapshot()
+                    done.append(collection.name)
+                collection.index.refresh_gpu()
+            except (CollectionNotFoundError, CollectionBusyError):
+                continue  # dropped or replaced since the list was taken
         return done
 
     def close(self) -> None:

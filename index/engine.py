@@ -33,8 +33,9 @@ import numpy as np
 from index.errors import InvalidCollectionError, InvalidVectorError
 
 IndexKind = Literal["auto", "flat", "ivf", "ivfpq", "hnsw"]
-_MAGIC = b"DUETIDX2"
-_END = b"DUETEND2"
+_MAGIC = b"DUETIDX3"
+_END = b"DUETEND3"
+_DIGEST = 32  # sha256 of every byte before it
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,16 @@ class IndexSpec:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def check(self, dim: int) -> None:
+        """Refuse options that could never build an index of this dimension, for every size the collection
+        may reach (`auto` turns into IVF later): checked before a collection is written, never after."""
+        for count in {0, self.auto_ivf_threshold}:
+            factory = self.factory(dim, count)
+            try:
+                faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+            except RuntimeError as exc:
+                raise InvalidCollectionError(f"index {factory!r} cannot be built for dimension {dim}: {exc}") from None
 
     def effective_kind(self, count: int) -> str:
         if self.kind == "auto":
@@ -242,13 +253,16 @@ class FaissIndex:
         """Atomic and streamed: FAISS writes straight into a temp file (no in-memory copy of the
         index), which is fsynced, renamed over the old snapshot, and the folder fsynced.
 
-        Layout: MAGIC | faiss index bytes | trailer JSON (seq, factory, sha256 of the index
-        bytes, HNSW tombstones) | trailer length (8 bytes) | END_MAGIC.
+        Layout: MAGIC | faiss index bytes | trailer JSON (seq, factory, dim, HNSW tombstones) |
+        trailer length (8 bytes) | sha256 of all the bytes before it (32) | END_MAGIC. The digest
+        covers the trailer too: a flipped bit in `applied_seq` would silently skip the replay of
+        acknowledged writes.
         """
         tmp = path.with_suffix(".tmp")
         digest = hashlib.sha256()
         with open(tmp, "wb") as handle:
             handle.write(_MAGIC)
+            digest.update(_MAGIC)
 
             def write(chunk: bytes) -> int:
                 digest.update(chunk)
@@ -262,10 +276,11 @@ class FaissIndex:
                         "dim": self.dim,
                         "applied_seq": self.applied_seq,
                         "deleted": sorted(self.deleted),
-                        "sha256": digest.hexdigest(),
                     }
                 ).encode()
-            handle.write(trailer + struct.pack("<Q", len(trailer)) + _END)
+            tail = trailer + struct.pack("<Q", len(trailer))
+            digest.update(tail)
+            handle.write(tail + digest.digest() + _END)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -279,22 +294,14 @@ class FaissIndex:
     def read_snapshot(cls, path: Path, spec: IndexSpec) -> FaissIndex:
         """Load a snapshot; raises ValueError if it is truncated, corrupt or not ours.
 
-        The checksum is verified in a streaming pass and FAISS then reads from the file, so
-        loading needs no copy of the index beyond the index itself.
+        The checksum (over every byte but the end marker, which is compared) is verified in a
+        streaming pass before anything in the file is believed, and FAISS then reads from the
+        file, so loading needs no copy of the index beyond the index itself.
         """
         trailer, start, end = read_snapshot_trailer(path)
         with open(path, "rb") as handle:
-            handle.seek(start)
-            digest = hashlib.sha256()
-            remaining = end - start
-            while remaining:
-                chunk = handle.read(min(1 << 22, remaining))
-                if not chunk:
-                    raise ValueError("snapshot truncated")
-                digest.update(chunk)
-                remaining -= len(chunk)
-            if digest.hexdigest() != trailer["sha256"]:
-                raise ValueError("snapshot checksum mismatch")
+            if handle.read(start) != _MAGIC:
+                raise ValueError("not a Duet index snapshot")
             handle.seek(start)
             left = end - start
 
@@ -304,30 +311,68 @@ class FaissIndex:
                 left -= len(chunk)
                 return chunk
 
-            index = faiss.read_index(faiss.PyCallbackIOReader(read))
+            try:
+                index = faiss.read_index(faiss.PyCallbackIOReader(read))
+            except RuntimeError as exc:
+                raise ValueError(f"snapshot index unreadable: {exc}") from None
+        if index.d != trailer["dim"] or not index.is_trained:
+            raise ValueError(f"snapshot index has dimension {index.d}, its trailer says {trailer['dim']}")
         loaded = cls(trailer["dim"], trailer["factory"], spec)
         loaded.index = index
-        loaded.applied_seq = int(trailer["applied_seq"])
+        loaded.applied_seq = trailer["applied_seq"]
         loaded.deleted = set(trailer["deleted"])
         return loaded
 
 
 def read_snapshot_trailer(path: Path) -> tuple[dict[str, Any], int, int]:
-    """(trailer, start, end) of a snapshot file's index bytes; ValueError if it is not whole."""
+    """(trailer, start, end) of a snapshot file's index bytes; ValueError if it is not whole, if any
+    byte differs from what was written (sha256 over the whole file), or if the trailer is malformed."""
     size = path.stat().st_size
-    tail = len(_END) + 8
+    tail = 8 + _DIGEST + len(_END)
     if size < len(_MAGIC) + tail:
         raise ValueError("not a Duet index snapshot (too short)")
     with open(path, "rb") as handle:
-        if handle.read(len(_MAGIC)) != _MAGIC:
-            raise ValueError("not a Duet index snapshot")
+        magic = handle.read(len(_MAGIC))
+        if magic != _MAGIC:
+            old = magic[:7] == _MAGIC[:7]
+            raise ValueError("an older snapshot format, without a trailer checksum" if old else "not a Duet index snapshot")
+        handle.seek(size - _DIGEST - len(_END))
+        stored, end_marker = handle.read(_DIGEST), handle.read(len(_END))
+        if end_marker != _END:
+            raise ValueError("snapshot truncated (no end marker)")
+        handle.seek(0)
+        digest = hashlib.sha256()
+        remaining = size - _DIGEST - len(_END)
+        while remaining:
+            chunk = handle.read(min(1 << 22, remaining))
+            if not chunk:
+                raise ValueError("snapshot truncated")
+            digest.update(chunk)
+            remaining -= len(chunk)
+        if digest.digest() != stored:
+            raise ValueError("snapshot checksum mismatch")
         handle.seek(size - tail)
         (length,) = struct.unpack("<Q", handle.read(8))
-        if handle.read(len(_END)) != _END or length > size - len(_MAGIC) - tail:
-            raise ValueError("snapshot truncated (no end marker)")
+        if length > size - len(_MAGIC) - tail:
+            raise ValueError("snapshot trailer length out of range")
         handle.seek(size - tail - length)
         try:
             trailer = json.loads(handle.read(length))
         except ValueError:
             raise ValueError("snapshot trailer unreadable") from None
+    _check_trailer(trailer)
     return trailer, len(_MAGIC), size - tail - length
+
+
+def _check_trailer(trailer: Any) -> None:
+    """The trailer's fields have the types they were written with (the checksum proves the bytes,
+    this proves the writer was us)."""
+    ok = (
+        isinstance(trailer, dict)
+        and isinstance(trailer.get("factory"), str)
+        and all(isinstance(trailer.get(k), int) and trailer[k] >= 0 for k in ("dim", "applied_seq"))
+        and isinstance(trailer.get("deleted"), list)
+        and all(isinstance(v, int) for v in trailer["deleted"])
+    )
+    if not ok:
+        raise ValueError("snapshot trailer malformed")

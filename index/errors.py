@@ -35,8 +35,14 @@ class PayloadError(IndexError_, ValueError):
     """A payload that is not a JSON object or whose field types clash with the collection's."""
 
 
+class CollectionUnavailableError(IndexError_):
+    """A collection on disk that cannot be opened (damaged or unreadable files); it is listed with the
+    reason and can be dropped (HTTP 503)."""
+
+
 class CollectionBusyError(IndexError_):
-    """A write, drop or second re-embed while the collection is being re-embedded (HTTP 409)."""
+    """A write, drop or second re-embed while the collection is being re-embedded, a drop that in-flight
+    requests outlasted, or a create while a drop of the same name finishes (HTTP 409)."""
 
 
 class ReembedRefusedError(IndexError_):

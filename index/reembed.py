@@ -105,7 +105,8 @@ class ReembedJob:
 
     def _run(self) -> None:
         try:
-            self._copy()
+            with self.source.using():  # a drop or close waits for the copy (drops are refused meanwhile anyway)
+                self._copy()
             self.flip(self)
         except Exception as exc:  # the job's error is reported in its status, never raised into a request
             logger.exception("re-embedding collection %s into %s failed", self.source.name, self.config.model)

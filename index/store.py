@@ -81,6 +81,9 @@ class CollectionStore:
         self.dim = dim
         self._local = threading.local()
         self._write_lock = threading.Lock()
+        self._readers: list[sqlite3.Connection] = []  # every thread's reader, so `close` can close them all
+        self._readers_lock = threading.Lock()
+        self._closed = False
         self._writer = self._connect()
         self._writer.executescript(_SCHEMA)
         repair_payloads(self._writer)
@@ -96,10 +99,22 @@ class CollectionStore:
     def _reader(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = self._local.conn = self._connect()
+            with self._readers_lock:
+                if self._closed:  # never reopen (a new, empty file) under a folder that is going away
+                    raise sqlite3.ProgrammingError(f"store {self.path} is closed")
+                conn = self._local.conn = self._connect()
+                self._readers.append(conn)
         return conn
 
     def close(self) -> None:
+        """Close the writer and every thread's reader. The caller guarantees that no thread is using
+        the store (the collection waits for its calls in flight): SQLite connections closed under a
+        running statement can crash the process."""
+        with self._readers_lock:
+            self._closed = True
+            readers, self._readers = self._readers, []
+        for conn in readers:
+            conn.close()
         self._writer.close()
 
     # -- metadata ------------------------------------------------------------------------
