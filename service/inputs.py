@@ -6,6 +6,7 @@ queued, so a bad input is a 4xx naming the offending index and never reaches a b
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -21,6 +22,9 @@ ModalityHint = Literal["auto", "text", "image"]
 # Below this many characters in a request, tokenising on the event loop is cheaper than a
 # thread hop; above it, it would stall other requests.
 _INLINE_CHARS = 20_000
+# UTF-16 surrogate code points: JSON may spell them (`"\\ud800"`), but alone they are no
+# character, cannot be encoded as UTF-8, and the Rust tokenizer refuses them.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -94,6 +98,17 @@ def check_text(text: str, label: str, settings: Settings) -> None:
             code="input_too_long",
             param=label,
         )
+    if not text.isascii():
+        surrogate = _SURROGATE.search(text)
+        if surrogate is not None:
+            raise ApiError(
+                400,
+                f"{label} holds a lone UTF-16 surrogate (U+{ord(surrogate.group()):04X}) at character "
+                f"{surrogate.start()}, which is not a Unicode character: send valid UTF-8 text (in JSON, "
+                "a surrogate escape must be part of a high+low pair)",
+                code="invalid_text",
+                param=label,
+            )
 
 
 def _modality_of(item: str, hint: ModalityHint, index: int, settings: Settings) -> Modality:

@@ -131,3 +131,26 @@ def test_openapi_docs_are_served(http):
     schema = http.get("/openapi.json").json()
     assert "/v1/embeddings" in schema["paths"]
     assert http.get("/docs").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("raw_input", "param"),
+    [('"abc\\ud800def"', "input[0]"), ('["fine", "abc\\udfffdef"]', "input[1]"), ('["\\udc00"]', "input[0]")],
+)
+def test_lone_surrogate_is_a_400_naming_the_input(http, raw_input, param):
+    # The JSON escape of a lone surrogate is legal JSON but no Unicode character; it used to
+    # reach the Rust tokenizer, which raised a TypeError: 500.
+    body = ('{"model": "minilm", "input": ' + raw_input + "}").encode()
+    response = http.post("/v1/embeddings", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["code"] == "invalid_text"
+    assert "surrogate" in error["message"]
+
+
+def test_surrogate_pairs_and_nul_are_text(http):
+    # A high+low pair is one character (an emoji here); NUL is a valid character too.
+    body = b'{"model": "minilm", "input": ["smile \\ud83d\\ude00", "a\\u0000b"]}'
+    response = http.post("/v1/embeddings", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 200, response.text
+    assert len(response.json()["data"]) == 2
