@@ -115,6 +115,7 @@ def worker(
         artifact_uri=settings.artifact_uri,
         heartbeat_seconds=settings.job_heartbeat_seconds,
         cancel_grace_seconds=settings.job_cancel_grace_seconds,
+        allow_local_paths=settings.jobs_allow_local_paths,
     )
     if name:
         options.name = name

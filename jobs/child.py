@@ -37,6 +37,9 @@ class JobSpec:
     registry_uri: str | None = None
     artifact_uri: str | None = None
     request_id: str | None = None  # of the request that created the job: on every log line
+    # DUET_JOBS_ALLOW_LOCAL_PATHS: data and base models may be server paths. Off: data only from
+    # inside the datasets folder (real paths), the base model a registry model or hub id.
+    allow_local_paths: bool = False
 
     @property
     def run_dir(self) -> Path:
@@ -115,7 +118,8 @@ def run(spec: JobSpec, notify, should_stop) -> tuple[str, dict[str, Any]]:
     from trainer.run import TrainingCancelled, run_training
 
     notify({"event": "stage", "stage": f"starting attempt {spec.attempt}"})
-    config = parse_config(spec.config, base_dir=spec.datasets_dir)
+    confined = not spec.allow_local_paths
+    config = parse_config(spec.config, base_dir=spec.datasets_dir, confined=confined)
     registry = ModelRegistry.open(Path(spec.registry_dir), spec.registry_uri, spec.artifact_uri)
     try:
         result = run_training(
@@ -126,6 +130,7 @@ def run(spec: JobSpec, notify, should_stop) -> tuple[str, dict[str, Any]]:
             resume=True,
             on_progress=notify,
             should_stop=should_stop,
+            confined=confined,
         )
     except TrainingCancelled as exc:
         return "cancelled", {"error": f"cancelled at step {exc.step}", "step": exc.step}
@@ -138,14 +143,21 @@ def run(spec: JobSpec, notify, should_stop) -> tuple[str, dict[str, Any]]:
     }
 
 
+MAX_ERROR_CHARS = 2000
+
+
 def failure(exc: BaseException, run_dir: Path) -> dict[str, Any]:
-    """The reason a user can act on, and whether resuming could help."""
+    """The reason a user can act on, and whether resuming could help. The job's reader sees
+    it, so it is bounded; the traceback (server paths, library internals) goes to the job's
+    events only for internal errors, never for the user's own mistakes."""
     name = type(exc).__name__
     message = str(exc).strip() or name
+    if len(message) > MAX_ERROR_CHARS:
+        message = message[:MAX_ERROR_CHARS] + f"... ({len(message)} characters)"
     input_error = name in _INPUT_ERRORS  # anything else (a lost file, OOM, a kill) may pass on a resume
     return {
         "error": f"{name}: {message}",
         "resumable": not input_error,
-        "traceback": "".join(traceback.format_exception(exc))[-4000:],
+        "traceback": None if input_error else "".join(traceback.format_exception(exc))[-4000:],
         "checkpoints": sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")),
     }

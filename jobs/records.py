@@ -51,6 +51,7 @@ class Progress(BaseModel):
     max_steps: int | None = None
     epoch: float | None = None
     loss: float | None = None
+    learning_rate: float | None = None
     eta_seconds: float | None = None
     stage: str | None = None
 

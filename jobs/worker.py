@@ -4,7 +4,9 @@ The worker itself never imports torch. While a job runs it relays the training p
 events to the store, sends heartbeats (a worker killed with -9 stops sending them, and the
 reaper then marks its job failed and resumable), watches for a cancel request (the
 training process stops at the next step, after a checkpoint), and finally records exactly
-one outcome. Store writes that fail because Redis is away are kept and retried: training
+one outcome. Heartbeats come from a thread of their own, from the claim until the outcome is
+written: nothing the job loop waits on (starting the process, its exit, a long message)
+can make a healthy job look dead. Store writes that fail because Redis is away are kept and retried: training
 goes on through a Redis restart and nothing it reported is lost.
 """
 
@@ -44,10 +46,12 @@ class WorkerOptions:
     heartbeat_seconds: float = 5.0
     poll_seconds: float = 1.0
     cancel_grace_seconds: float = 120.0
+    allow_local_paths: bool = False  # DUET_JOBS_ALLOW_LOCAL_PATHS, passed to the training process
 
 
 class Relay:
-    """Buffers what a running job reports and writes it to the store when it can."""
+    """Buffers what a running job reports and writes it to the store when it can. The job
+    loop adds, the heartbeat thread flushes: both under the relay's lock."""
 
     def __init__(self, store: JobStore, record: JobRecord, worker: str) -> None:
         self.store = store
@@ -59,33 +63,85 @@ class Relay:
         self.progress = record.progress.model_dump()
         self.last_flush = 0.0
         self.record = record
+        self._lock = threading.Lock()  # the buffers
+        self._writing = threading.Lock()  # one store write at a time, in order
 
     def add(self, event: dict[str, Any]) -> None:
         kind = event.pop("event", "log")
-        if kind == "progress":
-            self.progress.update({k: v for k, v in event.items() if k in self.progress and v is not None})
+        with self._lock:
+            if kind == "progress":
+                self.progress.update({k: v for k, v in event.items() if k in self.progress and v is not None})
+                self.fields["progress"] = dict(self.progress)
+            elif kind == "stage":
+                self.progress["stage"] = event.get("stage")
+                self.fields["progress"] = dict(self.progress)
+            elif kind == "evaluation":
+                self.metrics[event.get("when", "after")] = event.get("metrics", {})
+                self.fields["metrics"] = {k: dict(v) for k, v in self.metrics.items()}
+            if len(self.events) < MAX_BUFFERED_EVENTS:
+                self.events.append((kind, event))
+
+    def end_stage(self) -> None:
+        """The job is over: no stage is running (the record's state says the rest)."""
+        with self._lock:
+            self.progress["stage"] = None
+            self.progress["eta_seconds"] = None
             self.fields["progress"] = dict(self.progress)
-        elif kind == "stage":
-            self.progress["stage"] = event.get("stage")
-            self.fields["progress"] = dict(self.progress)
-        elif kind == "evaluation":
-            self.metrics[event.get("when", "after")] = event.get("metrics", {})
-            self.fields["metrics"] = {k: dict(v) for k, v in self.metrics.items()}
-        if len(self.events) < MAX_BUFFERED_EVENTS:
-            self.events.append((kind, event))
+
+    @property
+    def pending(self) -> bool:
+        with self._lock:
+            return bool(self.events or self.fields)
 
     def flush(self) -> JobRecord | None:
-        """Write what is buffered plus a heartbeat; None while the store is unreachable."""
-        events, fields = self.events, {**self.fields, "heartbeat_at": time.time()}
-        try:
-            record = self.store.worker_update(self.job_id, self.worker, events=events, **fields)
-        except StoreUnavailable as exc:
-            logger.warning("job %s: store unreachable, keeping %d events for later: %s", self.job_id, len(events), exc)
-            return None
-        self.events, self.fields = [], {}
-        self.last_flush = time.monotonic()
-        self.record = record
-        return record
+        """Write what is buffered plus a heartbeat; None while the store is unreachable (what
+        was taken is put back in front of what arrived meanwhile)."""
+        with self._writing:
+            with self._lock:
+                events, fields = self.events, self.fields
+                self.events, self.fields = [], {}
+            try:
+                record = self.store.worker_update(
+                    self.job_id, self.worker, events=events, **fields, heartbeat_at=time.time()
+                )
+            except StoreUnavailable as exc:
+                with self._lock:
+                    self.events = (events + self.events)[:MAX_BUFFERED_EVENTS]
+                    self.fields = {**fields, **self.fields}
+                logger.warning(
+                    "job %s: store unreachable, keeping %d events for later: %s", self.job_id, len(events), exc
+                )
+                return None
+            self.last_flush = time.monotonic()
+            self.record = record
+            return record
+
+
+class Heartbeat:
+    """Flushes a relay every `interval` seconds in its own thread, from `start` to `stop`."""
+
+    def __init__(self, relay: Relay, interval: float) -> None:
+        self.relay = relay
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"heartbeat-{relay.job_id}")
+
+    def start(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self.relay.flush()
+            except Exception:  # noqa: BLE001 - a heartbeat thread that dies fails a healthy job
+                logger.exception("job %s: heartbeat failed; retrying", self.relay.job_id)
+            if self._stop.wait(self.interval):
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 class Worker:
@@ -140,17 +196,22 @@ class Worker:
             registry_uri=self.options.registry_uri,
             artifact_uri=self.options.artifact_uri,
             request_id=record.request_id,
+            allow_local_paths=self.options.allow_local_paths,
         )
-        process = context.Process(target=child.main, args=(spec, sender, cancel), name=f"duet-job-{record.id}")
-        process.start()
-        sender.close()
         relay = Relay(self.store, record, self.name)
-        outcome = self._watch(process, receiver, cancel, relay)
-        process.join(timeout=30)
-        if process.is_alive():
-            process.kill()
-            process.join()
-        receiver.close()
+        heartbeat = Heartbeat(relay, self.options.heartbeat_seconds).start()
+        try:
+            process = context.Process(target=child.main, args=(spec, sender, cancel), name=f"duet-job-{record.id}")
+            process.start()
+            sender.close()
+            outcome = self._watch(process, receiver, cancel, relay)
+            process.join(timeout=30)  # the process may take a while to exit after its outcome
+            if process.is_alive():
+                process.kill()
+                process.join()
+            receiver.close()
+        finally:
+            heartbeat.stop()
         if outcome is None:
             outcome = (
                 "failed",
@@ -167,6 +228,7 @@ class Worker:
         outcome: tuple[str, dict[str, Any]] | None = None
         cancel_since: float | None = None
         given_up = False
+        cancel_seen = False
         while outcome is None:
             try:
                 outcome = self._receive(receiver, relay)
@@ -176,12 +238,12 @@ class Worker:
                 break
             if not process.is_alive() and not receiver.poll(0):
                 break
-            if time.monotonic() - relay.last_flush >= self.options.heartbeat_seconds:
-                record = relay.flush()
-                if record is not None and (record.state is not JobState.running or record.worker != self.name):
-                    given_up = True  # the reaper failed it (we were unreachable too long): stop
-                if record is not None and record.cancel_requested and cancel_since is None:
-                    logger.info("job %s: cancel requested", relay.job_id)
+            record = relay.record  # as the heartbeat thread last read it
+            if record.state is not JobState.running or record.worker != self.name:
+                given_up = True  # the reaper failed it (we were unreachable too long): stop
+            if record.cancel_requested and not cancel_seen:
+                cancel_seen = True
+                logger.info("job %s: cancel requested", relay.job_id)
             wants_stop = given_up or self.stopping.is_set() or relay.record.cancel_requested
             if wants_stop and cancel_since is None:
                 cancel.set()  # stops at the next step, after a checkpoint
@@ -212,9 +274,7 @@ class Worker:
     def _record_outcome(self, relay: Relay, kind: str, data: dict[str, Any]) -> None:
         """Write the outcome; retry while the store is away (this is the one write that must land)."""
         state = {"succeeded": JobState.succeeded, "cancelled": JobState.cancelled}.get(kind, JobState.failed)
-        relay.progress["stage"] = None  # the last stage ("evaluating ...") is over; the state says the rest
-        relay.progress["eta_seconds"] = None
-        relay.fields["progress"] = dict(relay.progress)
+        relay.end_stage()  # the last stage ("evaluating ...") is over; the state says the rest
         fields: dict[str, Any] = {}
         if state is JobState.succeeded:
             fields["result"] = {k: data.get(k) for k in ("model", "promotion", "report")}
@@ -226,7 +286,7 @@ class Worker:
                 relay.add({"event": "log", "message": data["traceback"]})
         delay = 0.5
         while True:
-            if (relay.events or relay.fields) and relay.flush() is None:
+            if relay.pending and relay.flush() is None:
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
                 continue

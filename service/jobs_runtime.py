@@ -41,6 +41,7 @@ def worker_environment(settings: Settings) -> dict[str, str]:
         DUET_JOB_HEARTBEAT_SECONDS=str(settings.job_heartbeat_seconds),
         DUET_JOB_HEARTBEAT_TIMEOUT_SECONDS=str(settings.job_heartbeat_timeout_seconds),
         DUET_JOB_CANCEL_GRACE_SECONDS=str(settings.job_cancel_grace_seconds),
+        DUET_JOBS_ALLOW_LOCAL_PATHS=str(settings.jobs_allow_local_paths).lower(),
         DUET_LOG_LEVEL=settings.log_level,
         DUET_LOG_FORMAT=settings.log_format,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,13 +22,14 @@ from transformers import TrainerCallback
 
 from registry.manifest import Manifest
 from registry.store import ModelRegistry, ModelVersionInfo
-from trainer.config import TrainConfig, load_config
+from trainer.config import ConfigError, TrainConfig, load_config
 from trainer.data import LoadedData, load_data
 from trainer.evaluation import EvalSet, compare, evaluate, format_table
 from trainer.export import Promotion, register, write_card
 from trainer.losses import no_weight_decay_parameter_names
 from trainer.losses_factory import build_loss
 from trainer.mining import add_hard_negatives
+from trainer.tables import clip
 from trainer.tracking import ProgressFn, Tracker, TrackingCallback
 
 logger = logging.getLogger(__name__)
@@ -69,9 +71,13 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def resolve_base(ref: str, registry: ModelRegistry | None) -> tuple[str, str, Manifest | None]:
-    """(loadable path or hub id, lineage label, the base's manifest if it came from the registry)."""
-    if Path(ref).expanduser().exists():
+def resolve_base(
+    ref: str, registry: ModelRegistry | None, allow_paths: bool = True
+) -> tuple[str, str, Manifest | None]:
+    """(loadable path or hub id, lineage label, the base's manifest if it came from the registry).
+    Without `allow_paths` (jobs from the API) a reference is a registry model or a hub id, never
+    a server folder: one that names a folder here is refused."""
+    if allow_paths and Path(ref).expanduser().exists():
         return str(Path(ref).expanduser()), ref, None
     if registry is not None:
         from registry.names import parse_model_ref
@@ -83,6 +89,9 @@ def resolve_base(ref: str, registry: ModelRegistry | None) -> tuple[str, str, Ma
         if parsed is not None and registry.has_model(parsed.name):
             info = registry.resolve(parsed)
             return str(info.path), info.ref, info.manifest
+    if not allow_paths and (ref.startswith(("/", ".", "~")) or ".." in ref or Path(ref).exists()):
+        # sentence-transformers would load a folder of that name before trying the hub
+        raise ConfigError([f"base_model: {clip(ref)} is not a registry model, and server paths are not allowed"])
     return ref, ref, None  # a hub id: sentence-transformers downloads it (users have internet)
 
 
@@ -280,23 +289,27 @@ def run_training(
     resume: bool = True,
     on_progress: ProgressFn | None = None,
     should_stop: Callable[[], bool] | None = None,
+    confined: bool = False,
 ) -> TrainResult:
     """Train one config in `run_dir` (resuming from its last checkpoint when `resume`).
     `on_progress` receives stage, progress and evaluation events; `should_stop` is polled
-    after every step and, once true, ends the run with `TrainingCancelled`."""
+    after every step and, once true, ends the run with `TrainingCancelled`. `confined` (jobs
+    from the API): data only from inside `base_dir`, the base model never a server path.
+    On success the checkpoints are deleted (they only serve a resume), and so is the run's
+    model folder once the registry holds its copy."""
     from sentence_transformers import SentenceTransformer
     from transformers import set_seed
 
     set_seed(config.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
-    source, base_label, base_manifest = resolve_base(config.base_model, registry)
+    source, base_label, base_manifest = resolve_base(config.base_model, registry, allow_paths=not confined)
     model = SentenceTransformer(source, device="cuda" if torch.cuda.is_available() else "cpu")
     if config.max_seq_length:
         model.max_seq_length = config.max_seq_length
     freeze_towers(model, list(config.freeze))
 
-    train_sets = [load_data(spec, base_dir) for spec in config.train]
-    eval_sets = [eval_set(load_data(spec, base_dir)) for spec in config.eval]
+    train_sets = [load_data(spec, base_dir, confined=confined) for spec in config.train]
+    eval_sets = [eval_set(load_data(spec, base_dir, confined=confined)) for spec in config.eval]
     main = is_main_process()
     notify = on_progress if main else None
     if notify:
@@ -341,6 +354,8 @@ def run_training(
         restore_loss_state(loss, checkpoint)
         if notify:
             notify({"event": "stage", "stage": f"resuming from {Path(checkpoint).name}"})
+    if notify:
+        notify({"event": "stage", "stage": "training"})
     try:
         trainer.train(resume_from_checkpoint=checkpoint)
     except BaseException:
@@ -378,7 +393,17 @@ def run_training(
             current=current,
         )
     tracker.finish()
+    prune_run(run_dir, keep_model=result.version is None)
     return result
+
+
+def prune_run(run_dir: Path, keep_model: bool) -> None:
+    """After success: checkpoints (weights plus optimizer state, several times the model's
+    size) only serve a resume, which a finished run never needs; the model folder is a copy
+    of what the registry now holds (kept when nothing was registered: it is the result)."""
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    if not keep_model:
+        shutil.rmtree(run_dir / "model", ignore_errors=True)
 
 
 def current_holder_metrics(
