@@ -11,8 +11,13 @@ Whatever is not picked stays queued with what arrives meanwhile, so each pick ch
 everything waiting then: under many small requests the workers never sit idle while the
 event loop answers the last batch, and no fixed wait window delays a lone request.
 
-Backpressure: the queue is bounded in inputs; a request that would overflow it is refused
-at once with `QueueFullError` (HTTP 429 + Retry-After), never parked in an unbounded backlog.
+Admission control: a request is admitted or refused (`QueueFullError`, HTTP 429 + Retry-After)
+when it arrives, before its tokens are counted or its images decoded. `admit(n)` reserves its
+inputs; they count as work ahead of every later request from then on, while they are still
+being prepared, then queued, then run. A request is refused when the work ahead of it, divided
+by the measured throughput, exceeds the wait budget (`max_queue_wait_s`), or when its inputs
+would overflow the queue's bound in inputs. So overload turns into 429s instead of latency:
+what is accepted waits about the budget at most, never an unbounded backlog.
 
 Isolation: if a batch fails, its inputs are retried one by one so only the bad input's
 request sees an error, and the worker thread itself never exits on an input error; `alive`
@@ -43,8 +48,8 @@ EncodeFn = Callable[[list[Any], Modality], np.ndarray]
 
 
 class QueueFullError(Exception):
-    def __init__(self, pending: int, limit: int, retry_after: int) -> None:
-        super().__init__(f"queue full: {pending} inputs pending, limit {limit}")
+    def __init__(self, pending: int, limit: int, retry_after: int, detail: str | None = None) -> None:
+        super().__init__(detail or f"queue full: {pending} inputs pending, limit {limit}")
         self.retry_after = retry_after
 
 
@@ -80,6 +85,25 @@ class BatchLimits:
     max_batch_images: int = 64
     max_queue_items: int = 8192
     packed: bool = False
+    max_queue_wait_s: float = 0.0  # admission's wait budget; 0: only the queue's bound in inputs
+
+
+def wait_refusal(ahead: int, rate: float, budget_s: float) -> int | None:
+    """Admission by estimated wait: None to admit, else the Retry-After seconds.
+
+    `ahead` is the work admitted before this request and not yet finished (inputs being
+    prepared, queued or running), `rate` the measured throughput in inputs/s. The wait is
+    `ahead / rate`; past `budget_s` the request is refused, and told to come back once the
+    excess has drained. The request's own size is not counted (its own forward passes are
+    not waiting), so a large legal request is admitted whenever a small one would be.
+    Admitted when the budget is off, before any throughput is measured, or when nothing is ahead.
+    """
+    if budget_s <= 0 or rate <= 0 or ahead <= 0:
+        return None
+    wait = ahead / rate
+    if wait <= budget_s:
+        return None
+    return max(1, min(60, math.ceil(wait - budget_s)))
 
 
 def pick_batch(waiting: Sequence[_Item], limits: BatchLimits) -> list[_Item]:
@@ -130,8 +154,9 @@ def _least_padded_window(texts: list[_Item], oldest: _Item, limits: BatchLimits)
 
 
 @dataclass
-class _Throughput:
-    """Exponential moving average of inputs/second, for Retry-After estimates."""
+class Throughput:
+    """Exponential moving average of one worker's inputs/second (wall time of its forward
+    passes, so contention for the cores is in it), for admission and Retry-After."""
 
     rate: float = 0.0
     alpha: float = 0.2
@@ -161,7 +186,8 @@ class Batcher:
     _pending: int = field(default=0, init=False)
     _stopping: bool = field(default=False, init=False)
     _threads: list[threading.Thread] = field(default_factory=list, init=False)
-    _throughput: _Throughput = field(default_factory=_Throughput, init=False)
+    throughput: Throughput = field(default_factory=Throughput)
+    _reserved: int = field(default=0, init=False)  # admitted inputs not yet queued
     last_error: str | None = field(default=None, init=False)
 
     def start(self) -> None:
@@ -181,21 +207,70 @@ class Batcher:
     def pending(self) -> int:
         return self._pending
 
-    def retry_after(self, extra: int = 0) -> int:
-        rate = (self._throughput.rate or 50.0) * self.workers  # the rate is measured per worker
-        return max(1, min(60, math.ceil((self._pending + extra) / rate)))
+    @property
+    def reserved(self) -> int:
+        """Inputs admitted and still being prepared (not yet queued)."""
+        return self._reserved
 
-    async def embed(self, payloads: Sequence[Any], modality: Modality, costs: Sequence[int]) -> np.ndarray:
-        """Embed `payloads` (all of one modality); rows come back in input order."""
+    @property
+    def rate(self) -> float:
+        """Measured inputs/s of all workers together; 0 until a batch has run."""
+        return self.throughput.rate * self.workers  # the rate is measured per worker
+
+    def retry_after(self, extra: int = 0) -> int:
+        rate = self.rate or 50.0 * self.workers
+        return max(1, min(60, math.ceil((self._pending + self._reserved + extra) / rate)))
+
+    def admit(self, count: int) -> Admission:
+        """Admit a request of `count` inputs, or raise `QueueFullError` (see the module doc).
+
+        Call it before any expensive work for the request; pass the ticket to `embed`, and
+        release it (it is a context manager) when the request ends, whatever happened."""
+        with self._cond:
+            self._check_room(count)
+            self._reserved += count
+        return Admission(self, count)
+
+    def _check_room(self, count: int) -> None:
+        """Under `_cond`: raise unless `count` more inputs may join the work ahead."""
+        if self._stopping or not self.alive:
+            raise WorkerStoppedError(f"the batch worker for {self.name} is not running")
+        ahead = self._pending + self._reserved
+        if ahead + count > self.limits.max_queue_items:
+            raise QueueFullError(ahead, self.limits.max_queue_items, self.retry_after(count))
+        rate = self.rate
+        refusal = wait_refusal(ahead, rate, self.limits.max_queue_wait_s)
+        if refusal is not None:
+            raise QueueFullError(
+                ahead,
+                self.limits.max_queue_items,
+                refusal,
+                f"estimated wait {ahead / rate:.1f}s ({ahead} inputs ahead at {rate:.0f} inputs/s) is over "
+                f"the {self.limits.max_queue_wait_s:g}s budget (DUET_MAX_QUEUE_WAIT_MS)",
+            )
+
+    def _unreserve(self, count: int) -> None:
+        with self._cond:
+            self._reserved -= count
+
+    async def embed(
+        self, payloads: Sequence[Any], modality: Modality, costs: Sequence[int], admission: Admission | None = None
+    ) -> np.ndarray:
+        """Embed `payloads` (all of one modality); rows come back in input order.
+
+        With `admission` (from `admit`), the inputs were admitted already and move from its
+        reservation to the queue; without, they are admitted here."""
         if not payloads:
             raise ValueError("nothing to embed")
         loop = asyncio.get_running_loop()
         items = [_Item(p, modality, c, loop.create_future(), loop) for p, c in zip(payloads, costs)]
         with self._cond:
+            admitted = admission.take(len(items)) if admission is not None else 0
+            self._reserved -= admitted
             if self._stopping or not self.alive:
                 raise WorkerStoppedError(f"the batch worker for {self.name} is not running")
-            if self._pending + len(items) > self.limits.max_queue_items:
-                raise QueueFullError(self._pending, self.limits.max_queue_items, self.retry_after(len(items)))
+            if admitted < len(items):
+                self._check_room(len(items) - admitted)
             self._pending += len(items)
             self._queue.extend(items)
             self.metrics.queue_depth.labels(self.name).set(self._pending)
@@ -263,7 +338,7 @@ class Batcher:
                 logger.warning("batch of %d failed (%s); retrying inputs one by one", len(batch), exc)
                 vectors = [self._run_single(i) for i in batch]
         elapsed = time.perf_counter() - started
-        self._throughput.update(len(batch), elapsed)
+        self.throughput.update(len(batch), elapsed)
         self.metrics.batch_size.labels(self.name, modality).observe(len(batch))
         self.metrics.inference_latency.labels(self.name, modality).observe(elapsed)
         self.metrics.inputs.labels(self.name, modality).inc(len(batch))
@@ -288,6 +363,34 @@ class Batcher:
         for loop, pairs in by_loop.items():
             with contextlib.suppress(RuntimeError):  # the loop closed (app shut down): nobody waits
                 loop.call_soon_threadsafe(_settle, pairs)
+
+
+class Admission:
+    """A request's admitted inputs, held from `Batcher.admit` until they are queued by `embed`
+    or the request ends (`release`, or leaving the `with` block), so they count as work ahead
+    of later requests while they are still being prepared."""
+
+    def __init__(self, batcher: Batcher, count: int) -> None:
+        self._batcher = batcher
+        self.remaining = count
+
+    def take(self, count: int) -> int:
+        """Hand up to `count` inputs over to the queue (the caller holds the batcher's lock)."""
+        taken = min(count, self.remaining)
+        self.remaining -= taken
+        return taken
+
+    def release(self) -> None:
+        """Give back what was never queued (the request failed or ended early)."""
+        if self.remaining:
+            count, self.remaining = self.remaining, 0
+            self._batcher._unreserve(count)
+
+    def __enter__(self) -> Admission:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
 
 
 def _settle(pairs: list[tuple[asyncio.Future, Any]]) -> None:

@@ -153,6 +153,7 @@ class ModelPool:
             max_batch_size=settings.max_batch_size or default_batch_size(settings.device),
             max_batch_images=settings.max_batch_images,
             max_queue_items=settings.max_queue_items,
+            max_queue_wait_s=settings.max_queue_wait_ms / 1000,
         )
 
     def set_torch_threads(self) -> None:

@@ -90,6 +90,13 @@ class Settings(BaseSettings):
         "max_batch_tokens, bounds a batch. Attention spans the whole pack, so large packs waste work.",
     )
     max_queue_items: int = Field(default=8192, gt=0, description="Pending inputs per model before 429.")
+    max_queue_wait_ms: int = Field(
+        default=2000,
+        ge=0,
+        description="Admission control: a request is refused with 429 + Retry-After when the work ahead of it "
+        "(inputs being prepared, queued or running) divided by the measured throughput would make it wait "
+        "longer than this. Checked before tokens are counted or images decoded. 0: only DUET_MAX_QUEUE_ITEMS.",
+    )
 
     # Images.
     max_image_pixels: int = Field(

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 
 from service.deps import PoolDep, SettingsDep, require_json
-from service.embedding import embed_prepared
+from service.embedding import admitted, embed_prepared
 from service.errors import ApiError
 from service.inputs import PreparedInputs, check_modalities, prepare, split_inputs
 from service.schemas import EmbeddingRequest, EmbeddingResponse
@@ -36,8 +36,9 @@ async def create_embeddings(body: EmbeddingRequest, pool: PoolDep, settings: Set
             code="invalid_dimensions",
             param="dimensions",
         )
-    prepared = await prepare(items, model.encoder, settings)
-    vectors = await embed_prepared(model, prepared)
+    with admitted(model, len(items)) as admission:  # 429 here, before tokens are counted or images decoded
+        prepared = await prepare(items, model.encoder, settings)
+        vectors = await embed_prepared(model, prepared, admission)
     if body.dimensions is not None and body.dimensions < contract.dimension:
         vectors = truncate_and_normalize(vectors, body.dimensions)
     headers = {} if model.info.manifest.trained else {"X-Duet-Warning": f"{model.ref} is untrained"}

@@ -8,7 +8,17 @@ import threading
 import numpy as np
 import pytest
 
-from service.batching import Batcher, BatchLimits, ItemError, QueueFullError, WorkerStoppedError, _Item, pick_batch
+from service.batching import (
+    Batcher,
+    BatchLimits,
+    ItemError,
+    QueueFullError,
+    Throughput,
+    WorkerStoppedError,
+    _Item,
+    pick_batch,
+    wait_refusal,
+)
 from service.metrics import Metrics
 
 
@@ -174,3 +184,89 @@ def test_several_workers_run_batches_at_once_from_one_queue():
     np.testing.assert_array_equal(second[:, 0], [3, 4])
     assert len(threads_seen) == 2
     assert not b.alive
+
+
+# -- admission control: deterministic (a fixed throughput is injected, no timing is asserted) --
+
+
+class FixedThroughput(Throughput):
+    """A throughput that measuring does not move: the admission arithmetic is exact."""
+
+    def update(self, count: int, seconds: float) -> None:
+        pass
+
+
+def test_wait_refusal_is_work_ahead_over_throughput_against_the_budget():
+    assert wait_refusal(ahead=100, rate=100.0, budget_s=2.0) is None  # 1 s wait
+    assert wait_refusal(ahead=200, rate=100.0, budget_s=2.0) is None  # exactly the budget
+    assert wait_refusal(ahead=201, rate=100.0, budget_s=2.0) == 1
+    assert wait_refusal(ahead=750, rate=100.0, budget_s=2.0) == 6  # back once the excess drained
+    assert wait_refusal(ahead=10**9, rate=1.0, budget_s=2.0) == 60  # capped
+    assert wait_refusal(ahead=0, rate=1.0, budget_s=0.5) is None  # nothing ahead: always admitted
+    assert wait_refusal(ahead=500, rate=0.0, budget_s=2.0) is None  # nothing measured yet
+    assert wait_refusal(ahead=500, rate=1.0, budget_s=0.0) is None  # budget off
+
+
+def _gated_batcher(rate: float, budget_s: float, max_queue_items: int = 1000):
+    gate = threading.Event()
+
+    def encode(payloads, modality):
+        gate.wait(5)
+        return fake_encode(payloads, modality)
+
+    limits = BatchLimits(max_queue_items=max_queue_items, max_queue_wait_s=budget_s)
+    b = Batcher(name="gated", encode=encode, limits=limits, metrics=Metrics(), throughput=FixedThroughput(rate))
+    b.start()
+    return b, gate
+
+
+def test_admitted_requests_count_as_work_ahead_before_they_reach_the_queue():
+    """The overload attack: requests still counting tokens were invisible to the queue's bound,
+    so 4x capacity turned into 13 s medians and no 429. Reservations close that gap."""
+    b, gate = _gated_batcher(rate=10.0, budget_s=2.0)  # 20 inputs of work fit the budget
+    try:
+        first = b.admit(8)  # being prepared: nothing is queued yet
+        second = b.admit(8)
+        third = b.admit(8)  # 16 ahead: 1.6 s, admitted
+        assert b.pending == 0 and b.reserved == 24
+        with pytest.raises(QueueFullError) as refused:
+            b.admit(8)  # 24 ahead: 2.4 s > 2 s
+        assert refused.value.retry_after == 1 and "budget" in str(refused.value)
+        third.release()  # that request failed validation: its inputs no longer count
+        b.admit(8).release()
+        assert b.reserved == 16
+        with first, second:
+
+            async def run():
+                queued = asyncio.gather(
+                    b.embed([str(i) for i in range(8)], "text", [1] * 8, first),
+                    b.embed([str(i) for i in range(8)], "text", [1] * 8, second),
+                )
+                await asyncio.sleep(0.05)
+                assert b.reserved == 0 and b.pending == 16  # moved from reservation to queue, no double count
+                unadmitted = asyncio.ensure_future(b.embed(["1"] * 8, "text", [1] * 8))  # 1.6 s ahead: queued
+                await asyncio.sleep(0.05)
+                with pytest.raises(QueueFullError):
+                    await b.embed(["1"] * 8, "text", [1] * 8)  # 2.4 s ahead: judged at the queue, refused
+                gate.set()
+                return [*(await queued), await unadmitted]
+
+            results = asyncio.run(run())
+        assert [len(r) for r in results] == [8, 8, 8]
+        assert b.pending == 0 and b.reserved == 0
+    finally:
+        gate.set()
+        b.stop()
+
+
+def test_a_large_request_is_admitted_when_nothing_is_ahead():
+    b, gate = _gated_batcher(rate=1.0, budget_s=0.5, max_queue_items=64)
+    try:
+        with b.admit(64):  # 64 s of work for itself, but it waits for nothing
+            assert b.reserved == 64
+            with pytest.raises(QueueFullError):
+                b.admit(1)  # and the queue's bound in inputs still holds
+        assert b.reserved == 0
+    finally:
+        gate.set()
+        b.stop()
