@@ -81,6 +81,11 @@ class CollectionInfo(BaseModel):
     )
 
 
+class UnavailableCollection(BaseModel):
+    name: str
+    error: str = Field(description="Why it cannot be opened. DELETE /v1/collections/{name} removes it.")
+
+
 class CollectionList(BaseModel):
     object: Literal["list"] = "list"
     data: list[CollectionInfo]

@@ -104,7 +104,7 @@ def refresh_gauges(metrics: Metrics, state) -> None:
     metrics.collection_items.clear()  # dropped collections disappear from the scrape
     for name in names:
         try:
-            collection = state.collections.get(name)
-        except Exception:  # noqa: BLE001 - dropped between names() and get()
+            count = state.collections.get(name).count()
+        except Exception:  # noqa: BLE001 - dropped between names() and get(), or unavailable
             continue
-        metrics.collection_items.labels(name).set(sum(collection.store.modality_counts().values()))
+        metrics.collection_items.labels(name).set(count)

@@ -48,6 +48,7 @@ from service.collection_schemas import (
     ReembedRequest,
     ReembedStatus,
     SearchRequest,
+    UnavailableCollection,
     SearchResponse,
     UpsertRequest,
     UpsertResponse,
@@ -111,18 +112,31 @@ async def create_collection(body: CollectionCreate, state: StateDep, pool: PoolD
         modality_gap_correction=body.modality_gap_correction,
     )
     collection = await anyio.to_thread.run_sync(state.collections.create, config)
-    return _info(collection)
+    return await anyio.to_thread.run_sync(_info, collection)
 
 
 @router.get("/v1/collections", response_model=CollectionList)
 async def list_collections(state: StateDep) -> CollectionList:
-    names = await anyio.to_thread.run_sync(state.collections.names)
-    return CollectionList(data=[_info(await _collection(state, n), state.collections.reembed_status(n)) for n in names])
+    """Every collection; ones that cannot be opened are listed apart, with the reason."""
+    return await anyio.to_thread.run_sync(_listing, state.collections)
+
+
+def _listing(collections: Any) -> CollectionList:
+    opened, broken = collections.listing()
+    data = []
+    for collection in opened:
+        try:
+            data.append(_info(collection, collections.reembed_status(collection.name)))
+        except (CollectionNotFoundError, CollectionBusyError):
+            continue  # dropped, or replaced by a re-embed, while the list was made
+    unavailable = [UnavailableCollection(name=name, error=error) for name, error in sorted(broken.items())]
+    return CollectionList(data=data, unavailable=unavailable)
 
 
 @router.get("/v1/collections/{name}", response_model=CollectionInfo)
 async def get_collection(name: str, state: StateDep) -> CollectionInfo:
-    return _info(await _collection(state, name), state.collections.reembed_status(name))
+    collection = await _collection(state, name)
+    return await anyio.to_thread.run_sync(_info, collection, state.collections.reembed_status(name))
 
 
 @router.delete("/v1/collections/{name}")
@@ -232,7 +246,7 @@ async def rebuild_collection(name: str, state: StateDep) -> CollectionInfo:
     """Rebuild the index from the store (retrains IVF, recomputes modality centroids)."""
     collection = await _collection(state, name)
     await anyio.to_thread.run_sync(collection.rebuild)
-    return _info(collection)
+    return await anyio.to_thread.run_sync(_info, collection)
 
 
 # -- items ---------------------------------------------------------------------------
@@ -336,7 +350,7 @@ async def upsert_items(
         for i, item in enumerate(body.items)
     ]
     with _reembed_conflicts():
-        seq = await anyio.to_thread.run_sync(collection.upsert, stored)
+        seq = await anyio.to_thread.run_sync(collection.upsert, stored, limits)
     return UpsertResponse(upserted=len({item.id for item in body.items}), seq=seq, truncated=truncated_ids)
 
 
