@@ -28,7 +28,7 @@ from fastapi.responses import Response
 from encoders.contract import Modality
 from index.collection import Collection, CollectionConfig
 from index.engine import IndexSpec
-from index.errors import CollectionBusyError, InvalidVectorError, ReembedRefusedError
+from index.errors import CollectionBusyError, CollectionNotFoundError, InvalidVectorError, ReembedRefusedError
 from index.reembed import EmbedFn
 from index.store import StoredItem
 from registry.errors import VersionNotFoundError
