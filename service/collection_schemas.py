@@ -89,7 +89,6 @@ class UnavailableCollection(BaseModel):
 class CollectionList(BaseModel):
     object: Literal["list"] = "list"
     data: list[CollectionInfo]
-
     unavailable: list[UnavailableCollection] = Field(
         default_factory=list,
         description="Collections on disk that cannot be opened (damaged files): requests to them get 503.",
