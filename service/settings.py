@@ -134,6 +134,25 @@ class Settings(BaseSettings):
         default=120.0, gt=0, description="How long a cancelled job may take to reach a step boundary before a kill."
     )
     max_dataset_bytes: int = Field(default=512 * 1024 * 1024, gt=0, description="Largest dataset upload.")
+    max_dataset_files: int = Field(default=10_000, gt=0, description="Most entries in an uploaded .zip.")
+    max_dataset_unpacked_bytes: int = Field(
+        default=1024 * 1024 * 1024,
+        gt=0,
+        description="Most bytes an uploaded .zip may unpack to, counted while unpacking (headers can lie).",
+    )
+    dataset_storage_per_key_bytes: int = Field(
+        default=4 * 1024 * 1024 * 1024,
+        gt=0,
+        description="Disk the datasets of one API key may use, archives and what they unpack to together "
+        "(with auth off: all uploads together).",
+    )
+    job_max_batch_size: int = Field(default=4096, gt=0, description="Largest batch_size a job config may ask for.")
+    job_max_epochs: float = Field(default=100.0, gt=0, description="Most epochs a job config may ask for.")
+    job_max_steps: int = Field(default=1_000_000, gt=0, description="Largest max_steps a job config may ask for.")
+    job_max_dataloader_workers: int = Field(
+        default=8, ge=0, description="Most dataloader_workers (processes per job) a job config may ask for."
+    )
+    job_max_seq_length: int = Field(default=8192, gt=0, description="Largest max_seq_length a job config may ask for.")
     jobs_allow_local_paths: bool = Field(
         default=False,
         description="Let job configs name files and models by server-side path (outside uploaded datasets). "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any, TypeVar
 
 import anyio
@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from duet.logs import current_request_id
-from jobs.datasets import DatasetError, DatasetStore, check_filename
+from jobs.datasets import ANONYMOUS, DatasetError, DatasetLimits, DatasetStore, DatasetTooLarge, check_filename
 from jobs.records import InvalidTransition, JobNotFound, JobRecord, JobState, StoreUnavailable, new_job_id
 from jobs.sse import encode_event
 from jobs.store import JobStore
@@ -75,33 +75,22 @@ def _store(state) -> JobStore:
 
 
 def reference_problems(config: dict[str, Any], state, allow_local: bool) -> list[str]:
-    """What a config may point at from the API: uploaded datasets (paths relative to the
-    datasets folder, never escaping it) and, for the base model, a registry reference that
-    resolves, or a hub id. Server-side paths only with DUET_JOBS_ALLOW_LOCAL_PATHS."""
-    problems = []
-    for section in ("train", "eval"):
-        for i, spec in enumerate(config.get(section) or []):
-            path = str(spec.get("path", "")) if isinstance(spec, dict) else ""
-            if not path or allow_local:
-                continue
-            pure = PurePosixPath(path)
-            if pure.is_absolute() or ".." in pure.parts or "\\" in path:
-                problems.append(
-                    f"{section}[{i}].path: {path!r} must be the path of an uploaded dataset (POST /v1/datasets "
-                    "returns it), not a server path"
-                )
+    """What a config may point at from the API, beyond its datasets (which `parse_config`
+    confines to the datasets folder): for the base model, a registry reference that resolves,
+    or a hub id. Server-side paths only with DUET_JOBS_ALLOW_LOCAL_PATHS."""
     base = config.get("base_model")
     if isinstance(base, str) and base:
-        problems += _base_model_problems(base, state, allow_local)
-    return problems
+        return _base_model_problems(base, state, allow_local)
+    return []
 
 
 def _base_model_problems(base: str, state, allow_local: bool) -> list[str]:
     from registry.names import parse_model_ref
 
-    looks_local = base.startswith(("/", ".", "~")) or Path(base).expanduser().exists()
+    # By its shape only: whether a folder of that name exists here is not the caller's to learn.
+    looks_local = base.startswith(("/", ".", "~")) or ".." in PurePosixPath(base).parts or "\\" in base
     if looks_local and not allow_local:
-        return [f"base_model: {base!r} is a server path; name a registry model (e.g. 'minilm@production') instead"]
+        return [f"base_model: {base[:200]!r} is a server path; name a registry model (e.g. 'minilm@production')"]
     try:
         parsed = parse_model_ref(base)
     except ValueError:
@@ -115,13 +104,36 @@ def _base_model_problems(base: str, state, allow_local: bool) -> list[str]:
     return []
 
 
+def limit_problems(config, settings) -> list[str]:
+    """What this service lets one job ask for (DUET_JOB_MAX_*), beyond the trainer's own bounds."""
+    limits = [
+        ("batch_size", config.batch_size, settings.job_max_batch_size, "DUET_JOB_MAX_BATCH_SIZE"),
+        ("epochs", config.epochs, settings.job_max_epochs, "DUET_JOB_MAX_EPOCHS"),
+        ("max_steps", config.max_steps, settings.job_max_steps, "DUET_JOB_MAX_STEPS"),
+        (
+            "dataloader_workers",
+            config.dataloader_workers,
+            settings.job_max_dataloader_workers,
+            "DUET_JOB_MAX_DATALOADER_WORKERS",
+        ),
+        ("max_seq_length", config.max_seq_length, settings.job_max_seq_length, "DUET_JOB_MAX_SEQ_LENGTH"),
+    ]
+    return [
+        f"{name}: {value:g} is more than this service allows ({limit:g}, {setting})"
+        for name, value, limit, setting in limits
+        if value is not None and value > limit
+    ]
+
+
 def validate(body: JobCreate, state) -> None:
     from trainer.config import ConfigError, parse_config
 
     settings = state.settings
-    problems = reference_problems(body.config, state, settings.jobs_allow_local_paths)
+    allow_local = settings.jobs_allow_local_paths
+    problems = reference_problems(body.config, state, allow_local)
     try:
-        parse_config(body.config, base_dir=settings.datasets_dir)
+        config = parse_config(body.config, base_dir=settings.datasets_dir, confined=not allow_local)
+        problems += limit_problems(config, settings)
     except ConfigError as exc:
         problems = exc.problems + problems
     if problems:
@@ -265,7 +277,8 @@ async def upload_dataset(
         name = check_filename(filename)
     except DatasetError as exc:
         raise ApiError(400, str(exc), code="invalid_dataset_name", param="filename") from None
-    datasets = DatasetStore(settings.datasets_dir, settings.max_dataset_bytes)
+    datasets = dataset_store(settings)
+    owner = request.scope.get("duet.key") or ANONYMOUS  # the key's name, set by the auth middleware
     temp, digest = await anyio.to_thread.run_sync(datasets.begin)
     size = 0
     try:
@@ -282,7 +295,9 @@ async def upload_dataset(
                 await anyio.to_thread.run_sync(sink.write, chunk)
         if size == 0:
             raise ApiError(400, "the upload is empty; send the file as the request body", code="empty_dataset")
-        info = await anyio.to_thread.run_sync(datasets.commit, temp, digest.hexdigest(), size, name)
+        info = await anyio.to_thread.run_sync(datasets.commit, temp, digest.hexdigest(), size, name, owner)
+    except DatasetTooLarge as exc:
+        raise ApiError(413, str(exc), code=exc.code) from None
     except DatasetError as exc:
         raise ApiError(400, str(exc), code="invalid_dataset") from None
     finally:
@@ -290,8 +305,18 @@ async def upload_dataset(
     return JSONResponse(info.to_dict(), status_code=201)
 
 
+def dataset_store(settings) -> DatasetStore:
+    limits = DatasetLimits(
+        max_bytes=settings.max_dataset_bytes,
+        max_files=settings.max_dataset_files,
+        max_unpacked_bytes=settings.max_dataset_unpacked_bytes,
+        storage_per_owner=settings.dataset_storage_per_key_bytes,
+    )
+    return DatasetStore(settings.datasets_dir, limits)
+
+
 @router.get("/v1/datasets")
 async def list_datasets(state: StateDep) -> dict[str, Any]:
-    datasets = DatasetStore(state.settings.datasets_dir, state.settings.max_dataset_bytes)
+    datasets = dataset_store(state.settings)
     found = await anyio.to_thread.run_sync(datasets.list)
     return {"object": "list", "data": [d.to_dict() for d in found]}

@@ -1,0 +1,164 @@
+"""What a job config and an upload may ask of the server (issue 11): dataset references stay
+inside the datasets folder and errors never show server paths or file contents; the service's
+limits on what one job may ask for; uploads that are hostile archives or fill the disk get a
+clear 4xx, and listing datasets keeps working. No training runs here (no local worker)."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.auth import hash_key
+from tests.helpers import make_settings
+
+PAIRS = b'{"anchor": "a", "positive": "b"}\n'
+KEYS = [
+    {"name": "alice", "key_sha256": hash_key("alice-key"), "scopes": ["train"]},
+    {"name": "bob", "key_sha256": hash_key("bob-key"), "scopes": ["train"]},
+]
+
+
+def bearer(name: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {name}-key"}
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("guards")
+
+
+@pytest.fixture(scope="module")
+def client(data_root) -> Iterator[TestClient]:
+    from service.app import create_app
+
+    tmp_path = data_root
+    settings = make_settings(
+        tmp_path / "data",
+        preload_models=[],
+        register_default_models=False,
+        local_worker=False,
+        api_keys=KEYS,
+        max_dataset_files=20,
+        max_dataset_unpacked_bytes=200_000,
+        dataset_storage_per_key_bytes=300_000,
+    )
+    (tmp_path / "secret.csv").write_text("anchor,positive,score\na,b,TOP-SECRET-CONTENT\n")
+    with TestClient(create_app(settings)) as test_client:
+        test_client.headers.update(bearer("alice"))
+        yield test_client
+
+
+def config(path: str, **overrides) -> dict:
+    return {
+        "base_model": "org/model",
+        "train": [{"path": path, "kind": "graded"}],
+        "loss": {"name": "cosent"},
+        "output": {"name": "tuned"},
+        **overrides,
+    }
+
+
+def submit(client: TestClient, body: dict | str):
+    if isinstance(body, str):
+        return client.post("/v1/jobs", content=body, headers={"content-type": "application/json"})
+    return client.post("/v1/jobs", json={"config": body})
+
+
+@pytest.mark.parametrize("reference", ["~/secret.csv", "~systemd-network/secret.csv", "../secret.csv", "/etc/passwd"])
+def test_references_outside_the_datasets_folder_are_refused_without_showing_server_paths(client, data_root, reference):
+    response = submit(client, config(reference))
+    assert response.status_code == 422, response.text
+    message = response.json()["error"]["message"]
+    assert message.startswith("invalid training config: train[0].path: ")
+    assert f"{reference}'" in message  # named as given
+    assert str(data_root) not in message and "SECRET" not in message
+
+
+def test_an_absolute_path_is_refused_the_same_whether_or_not_it_exists(client):
+    there = submit(client, config("/etc/passwd")).json()["error"]["message"]
+    absent = submit(client, config("/etc/no-such-file-here")).json()["error"]["message"]
+    assert there.replace("/etc/passwd", "X") == absent.replace("/etc/no-such-file-here", "X")
+
+
+def test_a_link_out_of_the_datasets_folder_is_refused(client, data_root):
+    tmp_path = data_root
+    uploaded = client.post("/v1/datasets", params={"filename": "pairs.jsonl"}, content=PAIRS).json()
+    folder = tmp_path / "data" / "datasets" / uploaded["id"]
+    (folder / "link.csv").symlink_to(tmp_path / "secret.csv")
+    response = submit(client, config(f"{uploaded['id']}/link.csv"))
+    assert response.status_code == 422 and "outside the uploaded datasets" in response.json()["error"]["message"]
+    missing = submit(client, config(f"{uploaded['id']}/none.csv")).json()["error"]["message"]
+    assert f"no such file '{uploaded['id']}/none.csv'" in missing and str(tmp_path) not in missing
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("batch_size", 10**12, "batch_size"),
+        ("batch_size", 5000, "batch_size: 5000 is more than this service allows (4096, DUET_JOB_MAX_BATCH_SIZE)"),
+        ("epochs", 1e12, "epochs"),
+        ("epochs", 500, "epochs: 500 is more than this service allows (100, DUET_JOB_MAX_EPOCHS)"),
+        ("max_steps", 2**62, "max_steps"),
+        ("max_steps", 2_000_000, "DUET_JOB_MAX_STEPS"),
+        ("dataloader_workers", 64, "dataloader_workers: 64 is more than this service allows (8"),
+        ("max_seq_length", 10**9, "max_seq_length"),
+        ("max_seq_length", 10_000, "DUET_JOB_MAX_SEQ_LENGTH"),
+    ],
+)
+def test_job_sizes_are_bounded_with_the_field_and_limit_named(client, field, value, words):
+    path = client.post("/v1/datasets", params={"filename": "g.csv"}, content=b"anchor,positive,score\na,b,1\n")
+    response = submit(client, config(path.json()["path"], **{field: value}))
+    assert response.status_code == 422, response.text
+    assert words in response.json()["error"]["message"]
+
+
+def test_infinity_is_refused_by_the_api_not_the_worker(client):
+    path = client.post("/v1/datasets", params={"filename": "g.csv"}, content=b"anchor,positive,score\na,b,1\n")
+    body = json.dumps({"config": config(path.json()["path"])}).replace('"output"', '"epochs": Infinity, "output"')
+    response = submit(client, body)
+    assert response.status_code == 422 and "epochs" in response.text
+
+
+def zipped(entries: list[tuple[str, bytes]], compression=zipfile.ZIP_STORED) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression) as archive:
+        for name, data in entries:
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [
+        [("a", b"1"), ("a/b", b"2")],
+        [("a/b", b"2"), ("a", b"1")],
+        [(".", b"1")],
+        [(".evil.csv.dataset.json", b"not json")],
+        [("set.zip", b"overwrite the archive")],
+    ],
+)
+def test_hostile_archives_get_400_and_listing_keeps_working(client, entries):
+    response = client.post("/v1/datasets", params={"filename": "set.zip"}, content=zipped(entries))
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "invalid_dataset"
+    assert client.get("/v1/datasets").status_code == 200
+
+
+def test_archive_and_storage_limits_are_413(client):
+    many = zipped([(f"{i}.txt", b"") for i in range(21)])
+    response = client.post("/v1/datasets", params={"filename": "many.zip"}, content=many)
+    assert response.status_code == 413 and "DUET_MAX_DATASET_FILES" in response.json()["error"]["message"]
+    bomb = zipped([("big.csv", b"0" * 250_000)], zipfile.ZIP_DEFLATED)
+    response = client.post("/v1/datasets", params={"filename": "bomb.zip"}, content=bomb)
+    assert response.status_code == 413 and "DUET_MAX_DATASET_UNPACKED_BYTES" in response.json()["error"]["message"]
+    assert client.post("/v1/datasets", params={"filename": "a.txt"}, content=b"x" * 200_000).status_code == 201
+    full = client.post("/v1/datasets", params={"filename": "b.txt"}, content=b"y" * 150_000)
+    assert full.status_code == 413 and full.json()["error"]["code"] == "dataset_storage_full"
+    assert "alice" in full.json()["error"]["message"]
+    other = client.post("/v1/datasets", params={"filename": "b.txt"}, content=b"y" * 150_000, headers=bearer("bob"))
+    assert other.status_code == 201  # each key has its own allowance
