@@ -49,6 +49,7 @@ class RegisteredModelSummary:
     description: str
     latest_version: int | None
     aliases: dict[str, int]
+    created_at_ms: int = 0  # when the model (its first version) was registered
 
 
 def _mlflow_error_code(exc: Exception) -> str | None:
@@ -303,6 +304,7 @@ class ModelRegistry:
                     description=model.description or "",
                     latest_version=self._latest_version(model.name),
                     aliases={alias: int(v) for alias, v in (model.aliases or {}).items()},
+                    created_at_ms=int(model.creation_timestamp or 0),
                 )
             )
         return summaries

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
+
+from service.schemas import RequestBody
 
 IndexKind = Literal["auto", "flat", "ivf", "ivfpq", "hnsw"]
 
 
-class IndexOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class IndexOptions(RequestBody):
     kind: IndexKind = Field(default="auto", description="auto = exact until big enough for IVF, then IVF.")
     nprobe: int = Field(default=16, ge=1, le=2048, description="IVF lists visited per query (overridable per search).")
     auto_ivf_threshold: int = Field(default=100_000, ge=1000, description="Size at which `auto` switches to IVF.")
@@ -21,9 +21,7 @@ class IndexOptions(BaseModel):
     ef_search: int = Field(default=128, ge=1, le=4096)
 
 
-class CollectionCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class CollectionCreate(RequestBody):
     # The rule is enforced by index.collection (a 400 naming it); the schema states it too, so clients and
     # schema-driven tools (schemathesis) can produce valid names. Not validated here: that would turn the
     # documented 400 into a 422.
@@ -44,9 +42,7 @@ class CollectionCreate(BaseModel):
     )
 
 
-class ReembedRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ReembedRequest(RequestBody):
     model: str | None = Field(
         default=None,
         description="Model reference to re-embed with, resolved now and pinned. Default: the `production` alias "
@@ -94,9 +90,8 @@ class CollectionList(BaseModel):
         description="Collections on disk that cannot be opened (damaged files): requests to them get 503.",
     )
 
-class ItemIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
+class ItemIn(RequestBody):
     id: str = Field(min_length=1, max_length=256)
     text: str | None = None
     image: str | None = Field(default=None, description="data:image/<type>;base64,... URI")
@@ -114,9 +109,7 @@ class ItemIn(BaseModel):
         return self
 
 
-class UpsertRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class UpsertRequest(RequestBody):
     items: list[ItemIn] = Field(min_length=1)
     model: str | None = Field(default=None, description="If given, must resolve to the collection's pinned version.")
 
@@ -140,9 +133,7 @@ class ItemPage(BaseModel):
     next_cursor: str | None
 
 
-class DeleteRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class DeleteRequest(RequestBody):
     ids: list[str] | None = None
     filter: dict[str, Any] | None = None
 
@@ -153,9 +144,7 @@ class DeleteResponse(BaseModel):
     seq: int
 
 
-class Query(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class Query(RequestBody):
     text: str | None = None
     image: str | None = None
     vector: list[float] | None = None
@@ -169,9 +158,7 @@ class Query(BaseModel):
         return self
 
 
-class SearchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class SearchRequest(RequestBody):
     query: Query | None = None
     queries: list[Query] | None = None
     k: int = 10

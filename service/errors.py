@@ -110,15 +110,44 @@ def domain_status(exc: Exception) -> tuple[int, str]:
     return 500, "internal_error"
 
 
+_LOCATIONS = ("body", "query", "path", "header")
+
+
 def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """One message for up to five problems, and OpenAI's `param`: the first problem's top-level key.
+
+    A body that is not JSON names no parameter; an unknown key is named as OpenAI names it."""
+    for err in errors:
+        if err.get("type") == "json_invalid":
+            detail = (err.get("ctx") or {}).get("error")
+            return "the request body is not valid JSON" + (f" ({detail})" if detail else ""), None
     parts = []
     for err in errors[:5]:
-        location = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-        parts.append(f"{location or 'body'}: {err.get('msg', 'invalid')}")
-    first = errors[0].get("loc", ()) if errors else ()
-    param = next((str(p) for p in first if p != "body"), None)
+        loc = [str(p) for p in err.get("loc", ())]
+        location = ".".join(loc[1:] if loc and loc[0] in _LOCATIONS else loc)
+        if err.get("type") == "extra_forbidden":
+            parts.append(f"unknown parameter '{location}'")
+        else:
+            parts.append(f"{location or 'body'}: {err.get('msg', 'invalid')}")
+    first = [str(p) for p in errors[0].get("loc", ())] if errors else []
+    keys = first[1:] if first and first[0] in _LOCATIONS else first
+    param = keys[0] if keys else None
     more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
     return "; ".join(parts) + more, param
+
+
+def allowed_methods(app: Any, path: str) -> list[str]:
+    """Every method any route of `path` answers (Starlette's 405 names only the first route's),
+    with HEAD wherever GET is (see `HeadMiddleware`)."""
+    from service.auth import app_routes  # auth imports this module
+
+    methods: set[str] = set()
+    for route in app_routes(app.router.routes):
+        if route.regex.match(path):
+            methods |= route.methods
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)
 
 
 def _count(request: Request, code: str) -> None:
@@ -147,13 +176,17 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(list(exc.errors()))
         _count(request, "invalid_request_body")
-        return error_response(422, message, "invalid_request_body", param)
+        # 400, as OpenAI answers a malformed or misspelled request (its clients raise BadRequestError).
+        return error_response(400, message, "invalid_request_body", param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         _count(request, code)
-        return error_response(exc.status_code, str(exc.detail), code, headers=getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(allowed_methods(request.app, request.scope["path"]))
+        return error_response(exc.status_code, str(exc.detail), code, headers=headers or None)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -10,8 +10,29 @@ from pydantic import BaseModel, ConfigDict, Field
 from encoders.contract import VectorContract
 
 
-class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class RequestBody(BaseModel):
+    """Base of every request body: an unknown key is refused (a 400 naming it), as OpenAI refuses
+    unknown parameters, so a misspelled option (`modle`) is never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error, authentication_error, rate_limit_error or server_error.")
+    param: str | None = Field(description="The request parameter at fault, when there is one.")
+    code: str = Field(description="A stable, machine-readable code, e.g. collection_not_found.")
+
+
+class ErrorResponse(BaseModel):
+    """Every error response, in OpenAI's shape (see service/errors.py)."""
+
+    error: ErrorDetail
+
+
+class EmbeddingRequest(RequestBody):
+    """Every key the official `openai` client sends (`input`, `model`, `dimensions`, `encoding_format`,
+    `user`) plus Duet's `modality`; anything else is refused."""
 
     input: str | list[Any] = Field(
         description="A string or a list of strings. Images are 'data:image/<type>;base64,...' URIs.",
@@ -61,7 +82,7 @@ class ModelCard(BaseModel):
 
     id: str
     object: Literal["model"] = "model"
-    created: int
+    created: int = Field(description="When the model's first version was registered (Unix seconds).")
     owned_by: str = "duet"
     description: str = ""
     latest_version: int | None = None
@@ -74,11 +95,17 @@ class ModelList(BaseModel):
 
 
 class VersionCard(BaseModel):
+    """One version, with OpenAI's model fields (`id`, `object`, `created`, `owned_by`) first, so
+    `client.models.retrieve(ref)` works, and the registry's beside them."""
+
+    id: str = Field(description="The reference asked for (`GET /v1/models/{name}`) or the version's `name/version`.")
+    object: Literal["model"] = "model"
+    owned_by: str = "duet"
     name: str
     version: int
     ref: str
     aliases: list[str]
-    created: int
+    created: int = Field(description="When the version was registered (Unix seconds).")
     trained: bool
     description: str
     contract: VectorContract
@@ -92,5 +119,5 @@ class VersionList(BaseModel):
     data: list[VersionCard]
 
 
-class AliasUpdate(BaseModel):
+class AliasUpdate(RequestBody):
     version: int = Field(gt=0)

@@ -12,9 +12,10 @@ from service.schemas import AliasUpdate, ModelCard, ModelList, VersionCard, Vers
 router = APIRouter(tags=["models"])
 
 
-def _version_card(info: ModelVersionInfo, loaded: bool) -> VersionCard:
+def _version_card(info: ModelVersionInfo, loaded: bool, asked: str | None = None) -> VersionCard:
     manifest = info.manifest
     return VersionCard(
+        id=asked or info.ref,
         name=info.name,
         version=info.version,
         ref=info.ref,
@@ -35,7 +36,11 @@ async def list_models(registry: RegistryDep) -> ModelList:
     return ModelList(
         data=[
             ModelCard(
-                id=s.name, created=0, description=s.description, latest_version=s.latest_version, aliases=s.aliases
+                id=s.name,
+                created=s.created_at_ms // 1000,
+                description=s.description,
+                latest_version=s.latest_version,
+                aliases=s.aliases,
             )
             for s in summaries
         ]
@@ -44,9 +49,10 @@ async def list_models(registry: RegistryDep) -> ModelList:
 
 @router.get("/v1/models/{name}", response_model=VersionCard, summary="The version a reference resolves to")
 async def get_model(name: str, registry: RegistryDep, pool: PoolDep) -> VersionCard:
-    """`name`, `name@alias` (URL-encode '@' as %40 if your client needs to) or `name/version`."""
+    """`name` or `name@alias` (URL-encode '@' as %40 if your client needs to); OpenAI's fields name the
+    reference asked for, so `client.models.retrieve("minilm").id == "minilm"`."""
     info = await anyio.to_thread.run_sync(registry.resolve, name)
-    return _version_card(info, info.ref in pool.loaded)
+    return _version_card(info, info.ref in pool.loaded, asked=name)
 
 
 @router.get("/v1/models/{name}/versions", response_model=VersionList, summary="All versions of a model")

@@ -25,8 +25,8 @@ CASES = [
     ("non-string item", {"input": ["ok", {"a": 1}]}, 400, "invalid_input", "must be a string"),
     ("null item", {"input": [None]}, 400, "invalid_input", "must be a string"),
     ("token ids", {"input": [[101, 2023, 102]]}, 400, "invalid_input", "token-id arrays"),
-    ("object input", {"input": {"text": "x"}}, 422, "invalid_request_body", "input"),
-    ("missing input", {"model": "minilm"}, 422, "invalid_request_body", "input"),
+    ("object input", {"input": {"text": "x"}}, 400, "invalid_request_body", "input"),
+    ("missing input", {"model": "minilm"}, 400, "invalid_request_body", "input"),
     ("10,000 items", {"input": ["x"] * 10_000}, 400, "too_many_inputs", "10000 items"),
     ("1 MB string", {"input": "a" * 1_000_000}, 400, "input_too_long", "1000000 characters"),
     ("unknown model", {"input": "x", "model": "nope"}, 404, "model_not_found", "no model named 'nope'"),
@@ -36,7 +36,7 @@ CASES = [
     ("dimensions too large", {"input": "x", "dimensions": 385}, 400, "invalid_dimensions", "between 1 and 384"),
     ("dimensions zero", {"input": "x", "dimensions": 0}, 400, "invalid_dimensions", "between 1 and 384"),
     ("dimensions negative", {"input": "x", "dimensions": -3}, 400, "invalid_dimensions", "between 1 and 384"),
-    ("bad encoding format", {"input": "x", "encoding_format": "int8"}, 422, "invalid_request_body", "encoding_format"),
+    ("bad encoding format", {"input": "x", "encoding_format": "int8"}, 400, "invalid_request_body", "encoding_format"),
     ("image to text-only model", {"input": png_data_uri()}, 400, "unsupported_modality", "embeds only text"),
     (
         "invalid base64",
@@ -90,9 +90,9 @@ def test_wrong_content_type_is_415(http):
     assert "application/json" in response.json()["error"]["message"]
 
 
-def test_malformed_json_is_422_with_the_error_shape(http):
+def test_malformed_json_is_400_with_the_error_shape(http):
     response = http.post("/v1/embeddings", content=b'{"input": ', headers={"Content-Type": "application/json"})
-    assert response.status_code == 422
+    assert response.status_code == 400
     assert response.json()["error"]["code"] == "invalid_request_body"
 
 

@@ -134,11 +134,11 @@ BAD_SEARCHES = [
     ("unknown filter field", {"query": {"text": "x"}, "filter": {"colour": "red"}}, 400, "invalid_filter"),
     ("filter wrong type", {"query": {"text": "x"}, "filter": {"year": "2020"}}, 400, "invalid_filter"),
     ("malformed filter", {"query": {"text": "x"}, "filter": {"year": {"$between": [1, 2]}}}, 400, "invalid_filter"),
-    ("filter not an object", {"query": {"text": "x"}, "filter": []}, 422, "invalid_request_body"),
+    ("filter not an object", {"query": {"text": "x"}, "filter": []}, 400, "invalid_request_body"),
     ("wrong dimension", {"query": {"vector": [0.1, 0.2]}}, 400, "invalid_vector"),
     ("image to text-only model", {"query": {"image": png_data_uri()}}, 400, "unsupported_modality"),
-    ("two query kinds", {"query": {"text": "x", "id": "y"}}, 422, "invalid_request_body"),
-    ("query and queries", {"query": {"text": "x"}, "queries": [{"text": "y"}]}, 422, "invalid_request_body"),
+    ("two query kinds", {"query": {"text": "x", "id": "y"}}, 400, "invalid_request_body"),
+    ("query and queries", {"query": {"text": "x"}, "queries": [{"text": "y"}]}, 400, "invalid_request_body"),
     ("unknown item id", {"query": {"id": "nope"}}, 404, "item_not_found"),
     ("empty text", {"query": {"text": ""}}, 400, "invalid_input"),
 ]
@@ -170,7 +170,7 @@ def test_collection_level_errors(http, docs):
     mismatch = http.post("/v1/collections", json={"name": _name(), "model": "minilm", "dimension": 8})
     assert mismatch.status_code == 400
     bad_item = http.put(f"/v1/collections/{docs}/items", json={"items": [{"id": "x"}]})
-    assert bad_item.status_code == 422 and "exactly one of" in bad_item.json()["error"]["message"]
+    assert bad_item.status_code == 400 and "exactly one of" in bad_item.json()["error"]["message"]
     bad_payload = http.put(
         f"/v1/collections/{docs}/items", json={"items": [{"id": "x", "text": "t", "payload": {"year": "old"}}]}
     )

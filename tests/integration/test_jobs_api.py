@@ -123,11 +123,11 @@ def test_server_paths_are_refused(api, uploaded, tiny_model_dir):
 
 def test_bad_requests(api):
     assert api.post("/v1/jobs", content="{}", headers={"content-type": "text/plain"}).status_code == 415
-    assert api.post("/v1/jobs", json={"cfg": {}}).status_code == 422
+    assert api.post("/v1/jobs", json={"cfg": {}}).status_code == 400
     assert api.get("/v1/jobs/job_nope").status_code == 404
     assert api.post("/v1/jobs/job_nope/cancel").json()["error"]["code"] == "job_not_found"
     assert api.get("/v1/jobs/job_nope/events").status_code == 404
-    assert api.get("/v1/jobs", params={"state": "sleeping"}).status_code == 422
+    assert api.get("/v1/jobs", params={"state": "sleeping"}).status_code == 400
 
 
 def test_dataset_uploads(api):

@@ -187,7 +187,7 @@ def test_bad_reembed_requests_are_clear_4xx(http):
         ({"json": {"model": "re/1"}}, 409, "already holds vectors of re/1"),
         ({"json": {"model": "nosuchmodel"}}, 404, "no model named"),
         ({"json": {"model": "re/99"}}, 404, "no version 99"),
-        ({"json": {"modle": "re/2"}}, 422, "modle"),
+        ({"json": {"modle": "re/2"}}, 400, "modle"),
         ({"content": b"model=re/2", "headers": {"Content-Type": "text/plain"}}, 415, "content type"),
     ]
     for kwargs, status, message in cases:
