@@ -57,7 +57,7 @@ ROUTE_SCOPES: dict[tuple[str, str], str] = {
     ("GET", "/v1/collections"): "search",
     ("GET", "/v1/collections/{name}"): "search",
     ("GET", "/v1/collections/{name}/items"): "search",
-    ("GET", "/v1/collections/{name}/items/{item_id}"): "search",
+    ("GET", "/v1/collections/{name}/items/{item_id:path}"): "search",
     ("POST", "/v1/collections/{name}/search"): "search",
     ("POST", "/v1/collections"): "write",
     ("PUT", "/v1/collections/{name}/items"): "write",

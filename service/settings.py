@@ -113,6 +113,14 @@ class Settings(BaseSettings):
     )
     max_search_k: int = Field(default=1000, gt=0, description="Largest k a search may ask for.")
     max_search_queries: int = Field(default=256, gt=0, description="Most queries in one batched search.")
+    max_payload_fields: int = Field(default=64, gt=0, description="Most top-level fields in one item's payload.")
+    max_payload_bytes: int = Field(default=64 * 1024, gt=0, description="Largest item payload, as compact JSON.")
+    max_payload_key_chars: int = Field(default=128, gt=0, description="Longest key anywhere in a payload.")
+    max_collection_fields: int = Field(
+        default=256,
+        gt=0,
+        description="Most distinct filterable payload fields per collection (every upsert reads and writes the list).",
+    )
     faiss_gpu: bool = Field(default=True, description="Clone indexes to the GPU for search when FAISS has GPU support.")
 
     # Jobs.

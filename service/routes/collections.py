@@ -29,6 +29,7 @@ from encoders.contract import Modality
 from index.collection import Collection, CollectionConfig
 from index.engine import IndexSpec
 from index.errors import CollectionBusyError, CollectionNotFoundError, InvalidVectorError, ReembedRefusedError
+from index.payloads import PayloadLimits, check_payload
 from index.reembed import EmbedFn
 from index.store import StoredItem
 from registry.errors import VersionNotFoundError
@@ -317,6 +318,9 @@ async def upsert_items(
             code="too_many_items",
             param="items",
         )
+    limits = _payload_limits(settings)
+    for i, item in enumerate(body.items):  # before any embedding; Collection.upsert checks again
+        check_payload(item.payload, limits, f"items[{i}].payload")
     collection = await _collection(state, name)
     with _reembed_conflicts():
         collection.check_writable()  # early, to spare the embedding; upsert checks again under its lock
@@ -354,6 +358,15 @@ async def upsert_items(
     return UpsertResponse(upserted=len({item.id for item in body.items}), seq=seq, truncated=truncated_ids)
 
 
+def _payload_limits(settings: Settings) -> PayloadLimits:
+    return PayloadLimits(
+        max_fields=settings.max_payload_fields,
+        max_bytes=settings.max_payload_bytes,
+        max_key_chars=settings.max_payload_key_chars,
+        max_collection_fields=settings.max_collection_fields,
+    )
+
+
 def _item_modality(item: ItemIn) -> str:
     if item.vector is not None:
         return item.modality or "vector"
@@ -370,7 +383,8 @@ def _item_out(item: StoredItem, with_vector: bool) -> ItemOut:
     )
 
 
-@router.get("/v1/collections/{name}/items/{item_id}", response_model=ItemOut)
+# `:path`: an id may hold '/' (sent as %2F or plainly); '.' and '..' segments are refused at write time.
+@router.get("/v1/collections/{name}/items/{item_id:path}", response_model=ItemOut)
 async def get_item(name: str, item_id: str, state: StateDep, with_vector: bool = False) -> ItemOut:
     collection = await _collection(state, name)
     return _item_out(await anyio.to_thread.run_sync(collection.get, item_id), with_vector)
@@ -383,6 +397,8 @@ def _parse_filter(raw: str | None) -> dict[str, Any] | None:
         parsed = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise ApiError(400, f"filter is not valid JSON: {exc}", code="invalid_filter", param="filter") from None
+    except RecursionError:
+        raise ApiError(400, "filter is nested too deeply", code="invalid_filter", param="filter") from None
     return parsed
 
 
