@@ -11,7 +11,8 @@ from service.auth import AuthMiddleware, KeyRing
 from service.body import include_body_schemas
 from service.errors import install_error_handlers
 from service.limits import build_limiter
-from service.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from service.middleware import BodyLimitMiddleware, HeadMiddleware, RequestIdMiddleware
+from service.openapi import install_openapi
 from service.routes import collections, embeddings, health, jobs, models, pages
 from service.settings import Settings
 from service.state import ServiceState
@@ -39,7 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
     )
-    # Outermost last: request id -> metrics -> auth and limits -> body limit -> routes.
+    # Outermost last: request id -> metrics -> HEAD as GET -> auth and limits -> body limit -> routes.
     app.add_middleware(
         BodyLimitMiddleware,
         max_bytes=settings.max_body_bytes,
@@ -53,11 +54,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings=settings,
         metrics_getter=lambda: _metrics_of(app),
     )
+    app.add_middleware(HeadMiddleware)
     app.add_middleware(RequestIdMiddleware, metrics_getter=lambda: _metrics_of(app))
     install_error_handlers(app)
     for module in (embeddings, models, collections, jobs, health, pages):
         app.include_router(module.router)
     include_body_schemas(app)
+    install_openapi(app)
     return app
 
 

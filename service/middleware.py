@@ -73,6 +73,40 @@ class BodyLimitMiddleware:
         await response(scope, receive, send)
 
 
+class HeadMiddleware:
+    """HEAD wherever GET is answered (load balancers probe with HEAD): the request runs as a GET
+    (the same route, auth scope and status) and the response keeps its headers, Content-Length
+    included, without its body. FastAPI routes declare only GET; Starlette's own routes add HEAD
+    but FastAPI's do not, so one place does it for every route, pages and docs included.
+
+    Once the response has started, the app is told the client left, so a stream (job events)
+    ends instead of running on for a body nobody reads."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") != "HEAD":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def head_receive() -> Message:
+            if started:
+                return {"type": "http.disconnect"}
+            return await receive()
+
+        async def head_send(message: Message) -> None:
+            # The response ends with its headers; the app's body messages are dropped.
+            nonlocal started
+            if message["type"] == "http.response.start" and not started:
+                started = True
+                await send(message)
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        await self.app({**scope, "method": "GET"}, head_receive, head_send)
+
+
 class RequestIdMiddleware:
     """Gives every request an id: the client's `X-Request-ID` (cleaned, at most 128 characters)
     or a new one. It is bound to every log line of the request (a contextvar, so concurrent
