@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
+import faiss
 import numpy as np
 
 from index.engine import FaissIndex, IndexSpec, as_matrix
@@ -47,7 +48,7 @@ logger = logging.getLogger(__name__)
 Metric = Literal["cosine", "dot"]
 # \Z, not $: Python's $ also matches before a final newline, which let "name\n" through as a folder name.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}\Z")
-_ID = re.compile(r"^[^\x00-\x1f]{1,256}\Z")
+_ID = re.compile(r"^[^\x00-\x1f\ud800-\udfff]{1,256}\Z")  # no lone surrogates: SQLite stores UTF-8
 SNAPSHOT_FILE = "index.snapshot"
 STORE_FILE = "store.sqlite"
 CONFIG_FILE = "collection.json"
@@ -78,7 +79,9 @@ def validate_item_id(item_id: Any, *, new: bool = False) -> str:
     '/' is fine (the route takes the rest of the path), but '.' and '..' segments are resolved
     away by URL normalisation in clients, so the item could never be fetched."""
     if not isinstance(item_id, str) or not _ID.match(item_id):
-        raise InvalidCollectionError(f"invalid item id {item_id!r}: ids are 1-256 characters, no control characters")
+        raise InvalidCollectionError(
+            f"invalid item id {item_id!r}: ids are 1-256 characters, no control characters or lone surrogates"
+        )
     if new and any(segment in (".", "..") for segment in item_id.split("/")):
         raise InvalidCollectionError(
             f"invalid item id {item_id!r}: '.' and '..' cannot be parts of an id between slashes "
@@ -294,10 +297,14 @@ class Collection:
         self._snapshotted_seq = index.applied_seq
 
     def _check_replayed(self, index: FaissIndex) -> None:
-        """After replay the index must hold exactly the store's items (HNSW keeps tombstones of vectors
-        added and replaced after the snapshot, so its count is not exact and is not compared)."""
-        if not index.is_hnsw and index.live_count != self.store.count():
-            raise ValueError(f"after replay the index holds {index.live_count} vectors, the store {self.store.count()}")
+        """After replay the index must hold exactly the store's items."""
+        live = index.live_count
+        if index.is_hnsw and index.deleted:
+            # Replay may tombstone vectors added and replaced after the snapshot, never in this index.
+            ids = faiss.vector_to_array(index.index.id_map)
+            live = int(np.count_nonzero(~np.isin(ids, np.fromiter(index.deleted, dtype=np.int64))))
+        if live != self.store.count():
+            raise ValueError(f"after replay the index holds {live} vectors, the store {self.store.count()}")
 
     def _replay(self, index: FaissIndex) -> None:
         removed = self.store.tombstones_after(index.applied_seq)
