@@ -45,6 +45,7 @@ from service.metrics import Metrics
 logger = logging.getLogger(__name__)
 
 EncodeFn = Callable[[list[Any], Modality], np.ndarray]
+BUSY_WINDOW_S = 1.0  # busy seconds per throughput sample
 
 
 class QueueFullError(Exception):
@@ -155,8 +156,10 @@ def _least_padded_window(texts: list[_Item], oldest: _Item, limits: BatchLimits)
 
 @dataclass
 class Throughput:
-    """Exponential moving average of one worker's inputs/second (wall time of its forward
-    passes, so contention for the cores is in it), for admission and Retry-After."""
+    """Exponential moving average of the batcher's inputs/second while it is busy, for admission
+    and Retry-After. Fed once per `BUSY_WINDOW_S` of busy time (some batch in flight), with the
+    inputs delivered in it: all workers together, and everything that slows them down (other
+    processes, the event loop, the GIL) is in it, while idle time is not."""
 
     rate: float = 0.0
     alpha: float = 0.2
@@ -187,7 +190,12 @@ class Batcher:
     _stopping: bool = field(default=False, init=False)
     _threads: list[threading.Thread] = field(default_factory=list, init=False)
     throughput: Throughput = field(default_factory=Throughput)
+    clock: Callable[[], float] = time.monotonic
     _reserved: int = field(default=0, init=False)  # admitted inputs not yet queued
+    _running: int = field(default=0, init=False)  # batches taken and not yet delivered
+    _busy_mark: float = field(default=0.0, init=False)
+    _busy_seconds: float = field(default=0.0, init=False)
+    _busy_inputs: int = field(default=0, init=False)
     last_error: str | None = field(default=None, init=False)
 
     def start(self) -> None:
@@ -215,7 +223,7 @@ class Batcher:
     @property
     def rate(self) -> float:
         """Measured inputs/s of all workers together; 0 until a batch has run."""
-        return self.throughput.rate * self.workers  # the rate is measured per worker
+        return self.throughput.rate
 
     def retry_after(self, extra: int = 0) -> int:
         rate = self.rate or 50.0 * self.workers
@@ -310,6 +318,7 @@ class Batcher:
                 if live:
                     break
             batch = pick_batch(live, self.limits)
+            self._started_batch()
             picked = {id(i) for i in batch}
             self._queue.extendleft(reversed([i for i in live if id(i) not in picked]))
         return batch
@@ -338,7 +347,6 @@ class Batcher:
                 logger.warning("batch of %d failed (%s); retrying inputs one by one", len(batch), exc)
                 vectors = [self._run_single(i) for i in batch]
         elapsed = time.perf_counter() - started
-        self.throughput.update(len(batch), elapsed)
         self.metrics.batch_size.labels(self.name, modality).observe(len(batch))
         self.metrics.inference_latency.labels(self.name, modality).observe(elapsed)
         self.metrics.inputs.labels(self.name, modality).inc(len(batch))
@@ -353,9 +361,27 @@ class Batcher:
         except Exception as exc:
             return exc
 
+    def _started_batch(self) -> None:
+        """Under `_cond`: a batch was taken; busy time starts when the first one in flight does."""
+        if self._running == 0:
+            self._busy_mark = self.clock()
+        self._running += 1
+
+    def _finished_batch(self, count: int) -> None:
+        """Under `_cond`: a batch of `count` inputs was delivered; measure throughput over busy time."""
+        now = self.clock()
+        self._busy_seconds += now - self._busy_mark
+        self._busy_mark = now
+        self._busy_inputs += count
+        self._running -= 1
+        if self._busy_seconds >= BUSY_WINDOW_S:
+            self.throughput.update(self._busy_inputs, self._busy_seconds)
+            self._busy_seconds, self._busy_inputs = 0.0, 0
+
     def _deliver(self, batch: list[_Item], results: list[Any]) -> None:
         with self._cond:
             self._pending -= len(batch)
+            self._finished_batch(len(batch))
             self.metrics.queue_depth.labels(self.name).set(self._pending)
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, Any]]] = {}
         for item, result in zip(batch, results):

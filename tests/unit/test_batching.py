@@ -270,3 +270,27 @@ def test_a_large_request_is_admitted_when_nothing_is_ahead():
     finally:
         gate.set()
         b.stop()
+
+
+def test_throughput_is_measured_over_busy_time_only():
+    """Inputs per second while a batch is in flight: idle gaps between requests are not capacity
+    (a fake clock that only the 'model' and the test move: nothing here depends on timing)."""
+    now = [0.0]
+
+    def encode(payloads, modality):
+        now[0] += 0.01 * len(payloads)  # 100 inputs per busy second
+        return fake_encode(payloads, modality)
+
+    b = Batcher(name="clocked", encode=encode, limits=BatchLimits(), metrics=Metrics(), clock=lambda: now[0])
+    b.start()
+    try:
+
+        async def run():
+            for _ in range(3):
+                await b.embed([str(i) for i in range(50)], "text", [1] * 50)
+                now[0] += 100.0  # idle
+
+        asyncio.run(run())
+    finally:
+        b.stop()
+    assert b.rate == pytest.approx(100.0)
