@@ -16,7 +16,7 @@ import re
 from typing import Any
 
 from index.errors import FilterError
-from index.payloads import number_problem
+from index.payloads import not_utf8, number_problem
 
 FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _RANGE_OPS = {"$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
@@ -47,6 +47,8 @@ def _check_value(field: str, expected: str, value: Any) -> Any:
     actual = value_type(value)
     if actual != expected:
         raise FilterError(f"filter on '{field}' expects a {expected}, got {type(value).__name__} {repr(value)[:80]}")
+    if actual == "string" and not_utf8(value):
+        raise FilterError(f"filter on '{field}': a string with a lone surrogate (not valid UTF-8)")
     problem = number_problem(value) if actual == "number" else None
     if problem:  # SQLite would raise OverflowError, or compare against NaN
         raise FilterError(f"filter on '{field}': {problem}")

@@ -48,6 +48,17 @@ def number_problem(value: int | float) -> str | None:
     return None
 
 
+def not_utf8(text: str) -> bool:
+    """A str SQLite cannot store: a lone surrogate (a JSON "\\ud800" parsed by Python's json)."""
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def check_payload(payload: Any, limits: PayloadLimits | None, label: str = "payload") -> None:
     """Refuse a payload SQLite's JSON functions could not read, or one past the limits,
     with a PayloadError naming the offending field (`label.a.b[2]`)."""
@@ -63,7 +74,11 @@ def check_payload(payload: Any, limits: PayloadLimits | None, label: str = "payl
 
 
 def _check_value(value: Any, path: str, depth: int, limits: PayloadLimits | None) -> None:
-    if isinstance(value, bool) or value is None or isinstance(value, str):
+    if isinstance(value, bool) or value is None:
+        return
+    if isinstance(value, str):
+        if not_utf8(value):
+            raise PayloadError(f"{_short(path)}: a string with a lone surrogate (not valid UTF-8)")
         return
     if isinstance(value, (int, float)):
         problem = number_problem(value)
@@ -74,8 +89,8 @@ def _check_value(value: Any, path: str, depth: int, limits: PayloadLimits | None
         raise PayloadError(f"{_short(path)}: nested deeper than {MAX_DEPTH} levels")
     if isinstance(value, dict):
         for key, child in value.items():
-            if not isinstance(key, str):
-                raise PayloadError(f"{_short(path)}: keys must be strings, got {key!r}")
+            if not isinstance(key, str) or not_utf8(key):
+                raise PayloadError(f"{_short(path)}: keys must be UTF-8 strings, got {key!r}")
             if limits is not None and len(key) > limits.max_key_chars:
                 raise PayloadError(
                     f"{_short(path)}: key '{key[:40]}...' is {len(key)} characters; at most {limits.max_key_chars}"

@@ -275,3 +275,25 @@ def test_ids_a_url_would_resolve_away_are_refused_at_write(api, item_id):
     name = _collection(api)
     message = _error(_upsert_payload(api, name, item_id, {}), 400, "invalid_collection_request")
     assert "'.' and '..' cannot be parts of an id" in message
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "code"),
+    [
+        ("POST", "items/delete", '{"ids": ["\\ud800"]}', "invalid_collection_request"),
+        ("POST", "items/delete", '{"filter": {"lang": "\\ud800"}}', "invalid_filter"),
+        (
+            "POST",
+            "search",
+            '{"query": {"vector": [1, 0, 0, 0]}, "filter": {"lang": {"$in": ["\\udfff"]}}}',
+            "invalid_request_body",
+        ),
+        ("GET", "items?filter=%7B%22lang%22%3A%20%22%5Cud800%22%7D", "", "invalid_filter"),
+    ],
+)
+def test_lone_surrogates_sqlite_cannot_bind_are_400s(api, method, path, body, code):
+    """Before: Python's json accepts "\\ud800"; sqlite3 could not encode it (UnicodeEncodeError, a 500)."""
+    name = _collection(api)
+    response = _raw(api, method, f"/v1/collections/{name}/{path}", body)
+    assert "surrogate" in _error(response, 400, code)
+    _still_serves(api, name)

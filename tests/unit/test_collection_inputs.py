@@ -44,6 +44,8 @@ def _item(item_id: str, payload: dict | None = None) -> StoredItem:
         ({"a": {"b": [1, float("-inf")]}}, "payload.a.b[1]: -inf is not a finite number"),
         ({"big": 2**63}, "payload.big: 9223372036854775808 is outside the 64-bit integer range"),
         ({"a": [-(2**63) - 1]}, "payload.a[0]:"),
+        ({"t": ["ok", "\ud800"]}, "payload.t[1]: a string with a lone surrogate"),
+        ({"\udfff": 1}, "keys must be UTF-8 strings"),
         (_nested(MAX_DEPTH), f"nested deeper than {MAX_DEPTH} levels"),
     ],
 )
@@ -131,6 +133,11 @@ def test_dot_vectors_whose_products_overflow_are_refused():
 )
 def test_ids_a_url_can_address_are_accepted(item_id):
     assert validate_item_id(item_id, new=True) == item_id
+
+
+def test_ids_sqlite_cannot_encode_are_refused():
+    with pytest.raises(InvalidCollectionError, match="lone surrogates"):
+        validate_item_id("a\ud800")
 
 
 @pytest.mark.parametrize("item_id", [".", "..", "a/../b", "./a", "a/."])

@@ -95,3 +95,9 @@ def test_unknown_field_errors_list_a_bounded_number_of_fields():
     message = str(error.value)
     assert len(message) < 600, len(message)
     assert "field_0000" in message and "and 9980 more" in message
+
+
+def test_strings_sqlite_cannot_encode_are_refused():
+    with pytest.raises(FilterError, match="lone surrogate"):
+        compile_filter({"lang": {"$in": ["en", "\ud800"]}}, SCHEMA)
+    assert _select({"lang": {"$in": ["en", "ünï😀"]}}) == [0]
