@@ -150,7 +150,7 @@ def test_dataset_uploads(api):
 # -- running -------------------------------------------------------------------------------------
 
 
-def test_a_job_runs_streams_events_registers_and_promotes(api, uploaded):
+def test_a_job_runs_streams_events_registers_and_promotes(api, uploaded, jobs_server):
     body = {"config": job_config(uploaded), "idempotency_key": "run-1"}
     created = api.post("/v1/jobs", json=body)
     assert created.status_code == 201, created.text
@@ -170,6 +170,14 @@ def test_a_job_runs_streams_events_registers_and_promotes(api, uploaded):
     assert final["result"]["model"].startswith("tiny-tuned/")
     assert final["metrics"]["before"] and final["metrics"]["after"]
     assert final["progress"]["step"] == 6
+    # what the jobs page reads: a training stage between the evaluations, the learning rate kept,
+    # no stage left once the job is over
+    stages = [data["stage"] for _, kind, data in stream if kind == "stage"]
+    assert stages.index("evaluating base model") < stages.index("training") < stages.index("evaluating trained model")
+    assert final["progress"]["learning_rate"] is not None and final["progress"]["stage"] is None
+    # a finished run keeps no checkpoints (optimizer state) nor a second copy of the registered model
+    run_dir = jobs_server.state.settings.data_dir / "jobs" / job["id"]
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "model").exists()
 
     # reconnecting after the last id replays nothing but the end
     assert [kind for _, kind, _ in events(api, job["id"], after=len(stream) - 1)] == ["end"]
