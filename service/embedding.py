@@ -32,17 +32,20 @@ async def embed_prepared(
 ) -> np.ndarray:
     """Vectors in input order, one row per prepared input (admitted by `admission`, or here)."""
     vectors = np.empty((prepared.count, model.info.manifest.contract.dimension), dtype=np.float32)
-    for modality, group in prepared.groups.items():
-        try:
-            rows = await model.batcher.embed(group.payloads, modality, group.costs, admission)
-        except (QueueFullError, WorkerStoppedError) as exc:
-            raise _queue_error(model, exc) from None
-        except ItemError as exc:
-            name = prepared.labels[group.indices[exc.index]]
-            status, code = domain_status(exc.cause)
-            status = status if status != 500 else 422
-            raise ApiError(status, f"{name} could not be embedded: {exc.cause}", code=code, param=name) from None
-        vectors[group.indices] = rows
+    try:
+        for modality, group in prepared.groups.items():
+            try:
+                rows = await model.batcher.embed(group.payloads, modality, group.costs, admission)
+            except (QueueFullError, WorkerStoppedError) as exc:
+                raise _queue_error(model, exc) from None
+            except ItemError as exc:
+                name = prepared.labels[group.indices[exc.index]]
+                status, code = domain_status(exc.cause)
+                status = status if status != 500 else 422
+                raise ApiError(status, f"{name} could not be embedded: {exc.cause}", code=code, param=name) from None
+            vectors[group.indices] = rows
+    finally:
+        prepared.release()  # the decoded images are done with: their memory goes back to the budget
     return vectors
 
 

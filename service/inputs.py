@@ -7,6 +7,7 @@ queued, so a bad input is a 4xx naming the offending index and never reaches a b
 from __future__ import annotations
 
 import re
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -14,14 +15,17 @@ import anyio
 
 from encoders.contract import Modality, VectorContract
 from encoders.errors import ImageDecodeError
-from encoders.images import decode_data_uri, decode_image, is_image_data_uri
+from encoders.images import PendingImage, decode_data_uri, is_image_data_uri, open_image
 from service.errors import ApiError
+from service.limits import memory_budget, return_freed_memory
 from service.settings import Settings
 
 ModalityHint = Literal["auto", "text", "image"]
 # Below this many characters in a request, tokenising on the event loop is cheaper than a
 # thread hop; above it, it would stall other requests.
 _INLINE_CHARS = 20_000
+# Return freed heap pages to the system after decoding images that needed this much at once.
+_TRIM_AFTER_BYTES = 32 * 1024 * 1024
 # UTF-16 surrogate code points: JSON may spell them (`"\\ud800"`), but alone they are no
 # character, cannot be encoded as UTF-8, and the Rust tokenizer refuses them.
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -43,10 +47,17 @@ class PreparedInputs:
     tokens: list[int]
     truncated: list[bool]
     labels: list[str]  # how error messages name each input: "input[3]", "items[7].image"
+    # Gives the memory budget back what the decoded images hold; runs once, at the latest when
+    # this object is collected (embed_prepared calls it as soon as the vectors are back).
+    release_images: weakref.finalize | None = None
 
     @property
     def prompt_tokens(self) -> int:
         return sum(self.tokens)
+
+    def release(self) -> None:
+        if self.release_images is not None:
+            self.release_images()
 
 
 def _bad(message: str, index: int | None = None, code: str = "invalid_input") -> ApiError:
@@ -167,22 +178,83 @@ async def prepare(
         texts.costs = [n for n, _ in counts]
         for index, (n, cut) in zip(texts.indices, counts):
             tokens[index], truncated[index] = n, cut
+    prepared = PreparedInputs(count=len(items), groups=groups, tokens=tokens, truncated=truncated, labels=labels)
     if "image" in groups:
         images = groups["image"]
         names = [labels[i] for i in images.indices]
-        images.payloads = await anyio.to_thread.run_sync(_decode_all, names, images.payloads, settings)
+        min_side = getattr(getattr(encoder, "contract", None), "image_size", None)
+        pending = await anyio.to_thread.run_sync(_open_all, names, images.payloads, settings, min_side)
+        held = _reserve_image_memory(pending, settings)
+        budget = memory_budget(settings.max_image_memory_bytes)
+        # From here the images' memory is released whatever happens: the transient part when
+        # decoding ends, the rest with `prepared` (explicitly, or when it is collected).
+        prepared.release_images = weakref.finalize(prepared, budget.release, held)
+        try:
+            images.payloads = await anyio.to_thread.run_sync(_decode_all, names, pending)
+        except BaseException:
+            prepared.release()
+            raise
+        finally:
+            budget.release(_peak_bytes(pending) - held)
         images.costs = [1] * len(images.payloads)
-    return PreparedInputs(count=len(items), groups=groups, tokens=tokens, truncated=truncated, labels=labels)
+    return prepared
 
 
-def _decode_all(names: list[str], values: list[str], settings: Settings) -> list[Any]:
-    decoded = []
+def _open_all(names: list[str], values: list[str], settings: Settings, min_side: int | None) -> list[PendingImage]:
+    """Every image's bytes and checked header, nothing decoded: what they will need is known."""
+    opened = []
     for name, value in zip(names, values):
         try:
             data = _fetch(value, settings) if not is_image_data_uri(value) else decode_data_uri(value)
-            decoded.append(decode_image(data, max_pixels=settings.max_image_pixels, max_side=settings.max_image_side))
+            opened.append(
+                open_image(
+                    data, max_pixels=settings.max_image_pixels, min_side=min_side, max_side=settings.max_image_side
+                )
+            )
         except ImageDecodeError as exc:
             raise ApiError(400, f"{name}: {exc}", code="invalid_image", param=name) from None
+    return opened
+
+
+def _peak_bytes(pending: list[PendingImage]) -> int:
+    """Most memory the request's images hold at once: decoded one at a time, each decode holds its
+    full-size pixels beside the reduced images decoded before it."""
+    return max(p.decode_bytes - p.held_bytes for p in pending) + sum(p.held_bytes for p in pending)
+
+
+def _reserve_image_memory(pending: list[PendingImage], settings: Settings) -> int:
+    """Reserve the request's peak image memory before decoding; the bytes it keeps after decoding."""
+    need = _peak_bytes(pending)
+    total = settings.max_image_memory_bytes
+    if need > total:
+        raise ApiError(
+            413,
+            f"the images of this request need {need} bytes of memory once decoded; the server allows "
+            f"{total} (DUET_MAX_IMAGE_MEMORY_BYTES): send fewer or smaller images per request",
+            code="images_too_large",
+            param="input",
+        )
+    if not memory_budget(total).reserve(need):
+        raise ApiError(
+            429,
+            f"the server is decoding other images and has no room for this request's {need} bytes now; retry",
+            code="image_memory_full",
+            headers={"Retry-After": "1"},
+        )
+    return sum(p.held_bytes for p in pending)
+
+
+def _decode_all(names: list[str], pending: list[PendingImage]) -> list[Any]:
+    decoded = []
+    try:
+        for name, image in zip(names, pending):
+            try:
+                decoded.append(image.decode())
+            except ImageDecodeError as exc:
+                raise ApiError(400, f"{name}: {exc}", code="invalid_image", param=name) from None
+    finally:
+        if _peak_bytes(pending) >= _TRIM_AFTER_BYTES:
+            return_freed_memory()
     return decoded
 
 

@@ -14,13 +14,19 @@ If Redis cannot be reached the limiter fails open: requests pass unlimited (logg
 outage, counted in `duet_limiter_unavailable_total`) and Redis is tried again a few seconds
 later. Refusing all traffic because the limiter's store is away would turn a Redis blip into
 an outage of embeddings and search, which do not otherwise need Redis.
+
+Also here: `MemoryBudget`, the bytes decoded images may hold at once in this process (see
+`service.inputs.prepare`), and `return_freed_memory`, which hands freed heap back to the system.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import functools
 import logging
 import math
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -285,3 +291,74 @@ async def release_shielded(limiter: Limiter, decision: Decision) -> None:
     """Release even when the request's task is being cancelled (a client that disconnected)."""
     with anyio.CancelScope(shield=True):
         await limiter.release(decision)
+
+
+# -- memory for decoded images ------------------------------------------------------------------
+
+
+class MemoryBudget:
+    """Bytes that decoded images may hold at once in this process, all requests together.
+
+    Memory belongs to the process, so there is one budget per configured size
+    (`memory_budget`), shared by every app in it. `reserve` is all-or-nothing and thread-safe.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, amount: int) -> bool:
+        """Take `amount` bytes if they fit now; False (nothing taken) if they do not."""
+        with self._lock:
+            if self.used + amount > self.total:
+                return False
+            self.used += amount
+            return True
+
+    def release(self, amount: int) -> None:
+        with self._lock:
+            self.used = max(0, self.used - amount)
+
+
+_BUDGETS: dict[int, MemoryBudget] = {}
+_BUDGETS_LOCK = threading.Lock()
+
+
+def memory_budget(total: int) -> MemoryBudget:
+    """The process's budget of `total` bytes (created on first use, never at import)."""
+    with _BUDGETS_LOCK:
+        budget = _BUDGETS.get(total)
+        if budget is None:
+            budget = _BUDGETS[total] = MemoryBudget(total)
+        return budget
+
+
+_TRIM_EVERY_S = 1.0
+_trimmed_at = 0.0
+
+
+def return_freed_memory(force: bool = False) -> bool:
+    """Hand the heap's free pages back to the system (glibc `malloc_trim`), at most once a second.
+
+    Decoding large images frees tens of MB at a time; glibc keeps freed heap memory (in every
+    thread's arena) for reuse, so without this the process stays at its peak RSS after a burst
+    of big images. A no-op where there is no glibc. True when it ran."""
+    global _trimmed_at
+    now = time.monotonic()
+    if not force and now - _trimmed_at < _TRIM_EVERY_S:
+        return False
+    _trimmed_at = now
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None

@@ -102,7 +102,19 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         default=40_000_000, gt=0, description="Declared width x height above this is refused."
     )
-    max_image_side: int = Field(default=1024, gt=0, description="Decoded images are shrunk to this side at once.")
+    max_image_side: int = Field(
+        default=1024,
+        gt=0,
+        description="Decoded images are shrunk at once to the model's input size (its shorter edge), and their "
+        "longer edge to this.",
+    )
+    max_image_memory_bytes: int = Field(
+        default=1024 * 1024 * 1024,
+        gt=0,
+        description="Memory that images being decoded or waiting for the model may hold at once, all requests "
+        "together, counted from their headers before any pixel is decoded: a request that needs more than this "
+        "gets 413, one that does not fit now 429 + Retry-After.",
+    )
     allow_remote_images: bool = Field(default=False, description="Fetch http(s) image URLs (an SSRF risk).")
     remote_image_timeout_seconds: float = Field(default=5.0, gt=0, description="Timeout of a remote image fetch.")
     remote_image_max_bytes: int = Field(default=10 * 1024 * 1024, gt=0, description="Largest remote image fetched.")

@@ -154,3 +154,41 @@ def test_surrogate_pairs_and_nul_are_text(http):
     response = http.post("/v1/embeddings", content=body, headers={"Content-Type": "application/json"})
     assert response.status_code == 200, response.text
     assert len(response.json()["data"]) == 2
+
+
+def _jpeg_data_uri(width: int, height: int) -> str:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (10, 200, 10)).save(buffer, "JPEG")
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_many_large_images_wait_for_the_model_reduced_to_its_input_size(http, server):
+    """Issue 11: 512 images of 1024 x 1024 in one request held +2.3 GB, because the batch queue held
+    them at full size. Now each is reduced to the model's input size (64 px) as it is decoded, and
+    its memory is counted against DUET_MAX_IMAGE_MEMORY_BYTES and given back after the response."""
+    from service.limits import memory_budget
+
+    assert http.post("/v1/embeddings", json={"input": [png_data_uri()], "model": "minilm-dual"}).status_code == 200
+    model = server.state.pool.loaded["minilm-dual/1"]
+    seen: list[tuple[int, int]] = []
+    original = model.batcher.encode
+
+    def recording(payloads, modality):
+        if modality == "image":
+            seen.extend(p.size for p in payloads)
+        return original(payloads, modality)
+
+    images = [png_data_uri(1024, 1024, color=(4 * i, 0, 0)) for i in range(48)] + [_jpeg_data_uri(1024, 768)]
+    model.batcher.encode = recording
+    try:
+        response = http.post("/v1/embeddings", json={"input": images, "model": "minilm-dual"})
+    finally:
+        model.batcher.encode = original
+    assert response.status_code == 200, response.text
+    assert len(response.json()["data"]) == len(images) == len(seen)
+    assert set(seen) == {(64, 64), (85, 64)}  # nothing full-size ever reached the queue
+    assert memory_budget(server.state.settings.max_image_memory_bytes).used == 0
