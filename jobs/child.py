@@ -107,7 +107,7 @@ def main(spec: JobSpec, conn: Any, cancel: Any) -> None:
         send(*outcome)
     except BaseException as exc:  # noqa: BLE001 - the worker must always get a reason
         logger.exception("job %s failed", spec.job_id)
-        send("failed", failure(exc, spec.run_dir))
+        send("failed", failure(exc, spec.run_dir, data_dir=Path(spec.data_dir)))
     finally:
         conn.close()
 
@@ -146,18 +146,27 @@ def run(spec: JobSpec, notify, should_stop) -> tuple[str, dict[str, Any]]:
 MAX_ERROR_CHARS = 2000
 
 
-def failure(exc: BaseException, run_dir: Path) -> dict[str, Any]:
+def failure(exc: BaseException, run_dir: Path, data_dir: Path | None = None) -> dict[str, Any]:
     """The reason a user can act on, and whether resuming could help. The job's reader sees
-    it, so it is bounded; the traceback (server paths, library internals) goes to the job's
-    events only for internal errors, never for the user's own mistakes."""
+    it, so it is bounded and says `<data dir>` where a library's message named the server's
+    data folder; the traceback goes to the job's events only for internal errors, never for
+    the user's own mistakes."""
     name = type(exc).__name__
-    message = str(exc).strip() or name
+    message = _hide(str(exc).strip() or name, data_dir)
     if len(message) > MAX_ERROR_CHARS:
         message = message[:MAX_ERROR_CHARS] + f"... ({len(message)} characters)"
     input_error = name in _INPUT_ERRORS  # anything else (a lost file, OOM, a kill) may pass on a resume
     return {
         "error": f"{name}: {message}",
         "resumable": not input_error,
-        "traceback": None if input_error else "".join(traceback.format_exception(exc))[-4000:],
+        "traceback": None if input_error else _hide("".join(traceback.format_exception(exc)), data_dir)[-4000:],
         "checkpoints": sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")),
     }
+
+
+def _hide(text: str, data_dir: Path | None) -> str:
+    if data_dir is None:
+        return text
+    for form in {str(data_dir.resolve()), str(data_dir)}:
+        text = text.replace(form, "<data dir>")
+    return text

@@ -75,3 +75,7 @@ def test_child_failures_keep_input_errors_short_and_without_traceback(tmp_path: 
     assert reason["traceback"] is None and reason["resumable"] is False
     assert len(reason["error"]) < 2100
     assert child.failure(RuntimeError("boom"), tmp_path)["traceback"]
+    lost = FileNotFoundError(2, "No such file or directory", str(tmp_path / "datasets" / "abc" / "x.png"))
+    reason = child.failure(lost, tmp_path / "jobs" / "j1", data_dir=tmp_path)
+    assert str(tmp_path) not in reason["error"] + reason["traceback"]
+    assert "'<data dir>/datasets/abc/x.png'" in reason["error"]
