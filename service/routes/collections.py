@@ -488,6 +488,7 @@ async def search(name: str, request: Request, state: StateDep, pool: PoolDep, se
             code="invalid_queries",
             param="queries",
         )
+    _check_not_empty(queries, single=body.query is not None)
     collection = await _collection(state, name)
     await _check_model(pool, collection, body.model)
     vectors, modalities, exclude = await _query_vectors(queries, collection, pool, settings)
@@ -516,4 +517,26 @@ async def search(name: str, request: Request, state: StateDep, pool: PoolDep, se
             }
         ),
         media_type="application/json",
+        headers=await _untrained_warning(pool, collection),
     )
+
+
+def _check_not_empty(queries: list[Query], single: bool) -> None:
+    """An empty text query is refused in plain words (it is what an empty search box sends)."""
+    for i, query in enumerate(queries):
+        if query.text == "":
+            where = "the query" if single else f"query {i + 1} (queries[{i}])"
+            raise ApiError(
+                400,
+                f"{where} is empty; type some text, or search by an image, a vector or an item id",
+                code="invalid_input",
+                param="query" if single else f"queries[{i}]",
+            )
+
+
+async def _untrained_warning(pool: ModelPool, collection: Collection) -> dict[str, str]:
+    """`X-Duet-Warning` when the collection's pinned version is untrained, as embeddings responses say."""
+    if collection.config.model is None:
+        return {}
+    info = await pool.resolve(collection.config.model)
+    return {} if info.manifest.trained else {"X-Duet-Warning": f"{info.ref} is untrained"}

@@ -196,6 +196,10 @@ def test_playground_searches_and_shows_errors(server, browser, collection, tmp_p
         assert sorted(c["id"] for c in images) == ["img-blue", "img-green", "img-red"]
         assert all(c["naturalWidth"] and c["naturalWidth"] > 0 for c in images), images
         assert browser.find_element(By.ID, "banner").get_attribute("hidden") is not None
+        # minilm-dual's image tower is untrained: the server's X-Duet-Warning is shown with the results.
+        warning = browser.find_element(By.ID, "results-warning")
+        log(f"warning: {warning.text!r}")
+        assert warning.is_displayed() and "minilm-dual/1 is untrained" in warning.text
         shot = browser.save_screenshot(str(SCREENSHOT))
         log(f"screenshot of the results: {SCREENSHOT}")
 
@@ -229,6 +233,7 @@ def test_playground_searches_and_shows_errors(server, browser, collection, tmp_p
         browser.find_element(By.ID, "search").click()
         wait.until(lambda d: expected in d.find_element(By.ID, "banner-text").text)
         log(f"empty query -> banner {browser.find_element(By.ID, 'banner-text').text!r}")
+        assert expected.startswith("the query is empty"), expected  # plain words, not `queries[0].text`
 
         # The page links to the jobs page.
         assert browser.find_element(By.LINK_TEXT, "Training jobs").get_attribute("href").endswith("/jobs")
@@ -248,3 +253,38 @@ def _server_message(url: str, collection: str, body: dict) -> str:
     response = httpx.post(f"{url}/v1/collections/{collection}/search", json=body, timeout=60)
     assert response.status_code == 400, response.text
     return response.json()["error"]["message"]
+
+
+def narrow(browser, width: int = 400, height: int = 900) -> None:
+    """Emulate a phone-sized screen (a headless window is not made narrower than 500 px)."""
+    metrics = {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
+
+
+# What sticks out past the window; a wide table scrolling inside its own box is fine.
+OVERFLOW_JS = """return [window.innerWidth, document.documentElement.scrollWidth,
+  [...document.querySelectorAll('body *')].filter((e) => e.getBoundingClientRect().right > window.innerWidth + 1
+     && !e.closest('.list, .metrics-wrap')).map((e) => e.id || e.tagName).slice(0, 8)]"""
+
+
+def test_playground_fits_a_400px_screen(server, browser, collection):
+    """On a phone-sized screen nothing is wider than the screen, results shown: no sideways scrolling."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    narrow(browser)
+    try:
+        browser.get(f"{server.url}/playground")
+        wait = WebDriverWait(browser, WAIT_SECONDS)
+        options = lambda d: [o.get_attribute("value") for o in Select(d.find_element(By.ID, "collection")).options]  # noqa: E731
+        wait.until(lambda d: collection in options(d))
+        Select(browser.find_element(By.ID, "collection")).select_by_value(collection)
+        browser.find_element(By.ID, "query").send_keys("a guitar")
+        browser.find_element(By.ID, "search").click()
+        wait.until(lambda d: d.find_element(By.ID, "results-title").text.startswith("6 results"))
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "playground-400px.png"))
+        inner, scroll, wide = browser.execute_script(OVERFLOW_JS)
+        assert inner == 400 and scroll <= inner and not wide, f"page {scroll} px wide in {inner} px: {wide}"
+    finally:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
