@@ -233,7 +233,7 @@ class Collection:
         those in flight, and only then closes; calls after that raise why the collection is gone."""
         with self._life:
             if self._gone is not None:
-                raise self._gone
+                raise type(self._gone)(str(self._gone))  # a fresh one: threads must not share a traceback
             self._users += 1
         try:
             yield
@@ -642,7 +642,9 @@ class CollectionManager:
         name = config.name
         folder = self._folder(name)
         with self._lock:
-            if name in self._busy or name in self._open or name in self._broken or os.path.lexists(folder):
+            if name in self._busy:
+                raise CollectionBusyError(f"collection '{name}' is being created or dropped right now; retry")
+            if name in self._open or name in self._broken or os.path.lexists(folder):
                 raise CollectionExistsError(f"collection '{name}' already exists")
             self._busy.add(name)
         try:
