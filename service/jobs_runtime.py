@@ -99,7 +99,9 @@ class JobsRuntime:
                 logger.exception("the job reaper failed; will retry")
 
     def _spawn_worker(self) -> subprocess.Popen[bytes]:
-        command = [sys.executable, "-m", "duet.cli", "worker", "--embedded"]
+        """Called on the event loop's thread, which lives as long as the server: the worker asks
+        to be killed when that thread ends (`PR_SET_PDEATHSIG` follows the starting thread)."""
+        command = [sys.executable, "-m", "duet.cli", "worker", "--embedded", "--parent-pid", str(os.getpid())]
         return subprocess.Popen(command, env=worker_environment(self.settings))
 
     async def _supervise_local_worker(self) -> None:

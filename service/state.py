@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import anyio
 
+from duet.lifetime import DataDirLease, hold_data_dir
+from duet.logs import adopt_library_loggers
 from index.collection import CollectionManager
 from registry.store import ModelRegistry
 from service.bootstrap import register_default_models
@@ -35,14 +37,27 @@ class ServiceState:
     ready: bool = False
     startup_error: str | None = None
     jobs: JobsRuntime | None = None
+    lease: DataDirLease | None = field(default=None, repr=False)
     _preload: asyncio.Task[None] | None = field(default=None, repr=False)
     _snapshots: asyncio.Task[None] | None = field(default=None, repr=False)
     _alias_watch: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @classmethod
     async def start(cls, settings: Settings) -> ServiceState:
-        """Open the registry and register defaults (blocking start-up), then preload in the background."""
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        """Lock the data dir, open the registry and register defaults (blocking start-up), then
+        preload in the background. A second server on the same data dir is refused here, before
+        it opens (and replays into) a single collection."""
+        lease = await anyio.to_thread.run_sync(hold_data_dir, settings.data_dir)
+        try:
+            state = await cls._open(settings)
+        except BaseException:
+            lease.release()
+            raise
+        state.lease = lease
+        return state
+
+    @classmethod
+    async def _open(cls, settings: Settings) -> ServiceState:
         registry = await anyio.to_thread.run_sync(open_registry, settings)
         if settings.register_default_models:
             await anyio.to_thread.run_sync(register_default_models, registry, settings.data_dir)
@@ -56,6 +71,7 @@ class ServiceState:
             pool=ModelPool(registry, settings, metrics),
             collections=collections,
         )
+        adopt_library_loggers()  # MLflow and transformers are imported by now: their lines go through ours
         state.pool.set_torch_threads()
         state.jobs = await JobsRuntime.start(settings)
         state._preload = asyncio.create_task(state._preload_models())
@@ -82,6 +98,7 @@ class ServiceState:
         try:
             for ref in self.settings.preload_models:
                 await self.pool.get(ref)
+            adopt_library_loggers()
             _freeze_startup_objects()  # before ready: its one collection pauses the event loop
             self.ready = True
             logger.info("ready: %s", ", ".join(self.pool.loaded) or "no models preloaded")
@@ -99,6 +116,8 @@ class ServiceState:
             await self.jobs.close()
         await self.pool.close()
         await anyio.to_thread.run_sync(self.collections.close)
+        if self.lease is not None:
+            self.lease.release()
 
 
 def _freeze_startup_objects() -> None:
