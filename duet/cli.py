@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Annotated
 
@@ -18,7 +18,11 @@ from duet.config_cli import config_reference
 from duet.index_cli import index_app
 from duet.keys_cli import keys_app
 
-app = typer.Typer(help="Duet: fine-tune contrastive encoders and serve them.", no_args_is_help=True)
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}  # subcommands inherit it from the group
+
+app = typer.Typer(
+    help="Duet: fine-tune contrastive encoders and serve them.", no_args_is_help=True, context_settings=HELP_OPTIONS
+)
 models_app = typer.Typer(help="Inspect and change the model registry.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(index_app, name="index")
@@ -26,6 +30,42 @@ app.add_typer(keys_app, name="keys")
 app.command("config-reference")(config_reference)
 
 DataDir = Annotated[Path | None, typer.Option(help="State folder (default: $DUET_DATA_DIR or ./duet-data).")]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"duet {version('duet')}")
+        except PackageNotFoundError:
+            typer.echo("duet (not installed)")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Duet: fine-tune contrastive encoders and serve them."""
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    """One line on stderr, no traceback: what a user can act on (a JSON error line when the
+    process writes JSON lines)."""
+    import logging
+    import sys
+
+    from duet.logs import JsonFormatter, JsonLinesStream
+
+    if isinstance(sys.stderr, JsonLinesStream):
+        record = logging.LogRecord("duet", logging.ERROR, "", 0, message, None, None)
+        sys.stderr.write(JsonFormatter().format(record) + "\n")
+    else:
+        typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code)
 
 
 def _settings(data_dir: Path | None = None, **overrides):
@@ -37,11 +77,43 @@ def _settings(data_dir: Path | None = None, **overrides):
     return Settings(**values)
 
 
-def _setup_logging(level: str, log_format: str = "auto") -> None:
-    """JSON lines or text (DUET_LOG_FORMAT; 'auto': text on a terminal), with request ids."""
-    from duet.logs import setup_logging
+def _setup_logging(level: str, log_format: str = "auto", capture: bool = False) -> None:
+    """JSON lines or text (DUET_LOG_FORMAT; 'auto': text on a terminal), with request ids.
+    `capture`: with JSON lines, whatever else the process prints becomes a JSON line too."""
+    from duet.logs import capture_stray_output, resolve_format, setup_logging
 
     setup_logging(level, log_format)
+    if capture and resolve_format(log_format) == "json":
+        capture_stray_output()
+
+
+def _hold_data_dir(data_dir: Path):
+    """The data-dir lock for this process's lifetime (the kernel drops it when we exit)."""
+    from duet.lifetime import DataDirError, hold_data_dir
+
+    try:
+        return hold_data_dir(data_dir)
+    except DataDirError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _listen(host: str, port: int):
+    """Bind the port before start-up, so a busy port is one line at once, not an error after
+    models loaded and a local worker started; uvicorn then serves on this very socket."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no conflict
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise _fail(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc} (another server on that port? "
+            "set DUET_PORT or --port)"
+        ) from None
+    return sock
 
 
 @app.command()
@@ -51,22 +123,36 @@ def serve(
     data_dir: DataDir = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
 ) -> None:
-    """Start the HTTP service (registers the default models on first start)."""
+    """Start the HTTP service (registers the default models on first start).
+
+    One server per data dir: a second one is refused with the first one's pid."""
+    import logging
+
+    settings = _settings(data_dir, host=host, port=port, log_level=log_level)
+    _setup_logging(settings.log_level, settings.log_format, capture=True)
+    _hold_data_dir(settings.data_dir)  # before the port: a second server names the first
+    sock = _listen(settings.host, settings.port)
+
     import uvicorn
 
     from service.app import create_app
 
-    settings = _settings(data_dir, host=host, port=port, log_level=log_level)
-    _setup_logging(settings.log_level, settings.log_format)
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings),
-        host=settings.host,
-        port=settings.port,
         log_level=settings.log_level,
         log_config=None,  # uvicorn's lines go through Duet's handlers (JSON or text)
         access_log=False,  # Duet writes the access line itself, with the request id and key name
         timeout_graceful_shutdown=10,
     )
+    scheme_host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    logging.getLogger("duet.serve").info(
+        "serving http://%s:%d once start-up completes", scheme_host, sock.getsockname()[1]
+    )
+    server = uvicorn.Server(config)
+    with suppress(KeyboardInterrupt):
+        server.run(sockets=[sock])
+    if not server.started:
+        raise typer.Exit(3)  # start-up failed (logged above); uvicorn's own exit code for it
 
 
 @app.command()
@@ -80,6 +166,9 @@ def worker(
         bool, typer.Option(help="Use the SQLite job store under the data dir (what `duet serve` starts).")
     ] = False,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
+    parent_pid: Annotated[
+        int | None, typer.Option(hidden=True, help="Exit when this process (the server that started us) ends.")
+    ] = None,
 ) -> None:
     """Run fine-tuning jobs from the queue, one at a time, each in a spawned training process.
 
@@ -94,9 +183,10 @@ def worker(
     from jobs.worker import Worker, WorkerOptions
 
     settings = _settings(data_dir, log_level=log_level)
-    _setup_logging(settings.log_level, settings.log_format)
+    _setup_logging(settings.log_level, settings.log_format, capture=True)
     url = redis_url or settings.redis_url
     if embedded:
+        _beside_a_server(settings.data_dir, parent_pid)
         store = SqliteJobStore(settings.jobs_db)
     elif url:
         store = RedisJobStore(url, prefix=settings.redis_prefix)
@@ -124,6 +214,30 @@ def worker(
         signal.signal(signum, lambda *_: runner.stopping.set())
     runner.run_forever()
     store.close()
+
+
+def _beside_a_server(data_dir: Path, parent_pid: int | None) -> None:
+    """An embedded worker works for the server holding the data dir, and dies with it: a
+    worker of a killed server must not keep writing beside the next one. Started by the
+    server (`parent_pid`): SIGKILL when it ends. Started by hand: only while a server holds
+    the data dir, and killed when that server ends."""
+    from duet.lifetime import DataDirError, check_writable, exit_with_parent, exit_with_process, server_pid
+
+    if parent_pid is not None:
+        exit_with_parent(parent_pid)
+        return
+    try:
+        path = check_writable(data_dir)
+    except DataDirError as exc:
+        raise _fail(str(exc)) from None
+    pid = server_pid(path)
+    if pid is None:
+        raise _fail(
+            f"no `duet serve` holds the data dir {path}: an embedded worker runs beside its server "
+            "(start `duet serve`, which starts one itself)"
+        )
+    if pid > 0:
+        exit_with_process(pid)
 
 
 @contextmanager

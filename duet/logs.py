@@ -9,10 +9,13 @@ hands it to the training process it spawns. This module is a stdlib-only leaf: `
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
 import re
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -130,11 +133,110 @@ def setup_logging(
     level: str = "info", log_format: str = "auto", file: Path | None = None, fields: dict[str, Any] | None = None
 ) -> None:
     """Configure the root logger (stderr, and `file` when given) for a Duet process; replaces
-    handlers a previous call installed, so it can be called again with other settings."""
+    handlers a previous call installed, so it can be called again with other settings.
+
+    With JSON lines, the libraries' own output joins them: progress bars are turned off (for
+    this process and those it starts), MLflow is told not to install its handler, warnings
+    become log records, and libraries already imported are adopted (`adopt_library_loggers`)."""
     chosen = formatter(log_format, fields)
-    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.__stderr__ or sys.stderr)]
     if file is not None:
         handlers.append(logging.FileHandler(file))
     for handler in handlers:
         handler.setFormatter(chosen)
     logging.basicConfig(level=level.upper(), handlers=handlers, force=True)
+    if isinstance(chosen, JsonFormatter):
+        for name, value in QUIET_LIBRARIES_ENV.items():
+            os.environ.setdefault(name, value)
+        logging.captureWarnings(True)
+        adopt_library_loggers()
+
+
+# Read by the libraries when they are imported (or when a bar starts), here and in children.
+QUIET_LIBRARIES_ENV = {
+    "TQDM_DISABLE": "1",  # tqdm's bars (transformers' "Loading weights", sentence-transformers)
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "MLFLOW_CONFIGURE_LOGGING": "false",  # MLflow's own stderr handler, plain text
+}
+
+
+def adopt_library_loggers() -> None:
+    """Route libraries' log records through the root logger's handlers (Duet's format).
+
+    MLflow, transformers and alembic attach their own stderr handlers and stop propagation,
+    so their lines bypass ours. Call again after importing such a library: the service does
+    once start-up has imported them. A file handler a library set up is left alone."""
+    ours = set(logging.getLogger().handlers)
+    for logger in list(logging.Logger.manager.loggerDict.values()):
+        if not isinstance(logger, logging.Logger):
+            continue
+        for handler in list(logger.handlers):
+            if handler in ours or isinstance(handler, logging.FileHandler):
+                continue
+            if isinstance(handler, logging.StreamHandler):
+                logger.removeHandler(handler)
+                logger.propagate = True
+    transformers_logging = sys.modules.get("transformers.utils.logging")
+    if transformers_logging is not None:  # its module keeps the handler too, and re-adds it if it sees none
+        transformers_logging.disable_default_handler()
+        transformers_logging.enable_propagation()
+        transformers_logging.disable_progress_bar()
+
+
+class JsonLinesStream(io.TextIOBase):
+    """A stand-in for stdout/stderr that keeps the stream JSON lines: a line that is already a
+    JSON object passes through, any other line (a library's print, a stray progress bar) is
+    wrapped as `{"logger": "stdout" | "stderr", "message": ...}`. Writes through the original
+    stream, whose file descriptor it reports (faulthandler, subprocesses)."""
+
+    def __init__(self, stream: Any, name: str) -> None:
+        super().__init__()
+        self.stream = stream
+        self.name = name
+        self._pending = ""
+        self._lock = threading.Lock()
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self.stream, "encoding", "utf-8")
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            *lines, self._pending = re.split(r"[\r\n]", self._pending + text)
+            for line in lines:
+                if line.strip():
+                    self.stream.write(self._as_json(line) + "\n")
+            self.stream.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            self.stream.flush()
+
+    def _as_json(self, line: str) -> str:
+        if line.startswith("{"):
+            try:
+                if isinstance(json.loads(line), dict):
+                    return line
+            except ValueError:
+                pass
+        record = logging.LogRecord(self.name, logging.INFO, "", 0, line.rstrip(), None, None)
+        return JsonFormatter().format(record)
+
+
+def capture_stray_output() -> None:
+    """JSON lines only, even from code that prints: wrap sys.stdout and sys.stderr (once).
+    For `duet serve` and `duet worker` with JSON logs; never in a test process."""
+    if not isinstance(sys.stdout, JsonLinesStream):
+        sys.stdout = JsonLinesStream(sys.stdout, "stdout")
+    if not isinstance(sys.stderr, JsonLinesStream):
+        sys.stderr = JsonLinesStream(sys.stderr, "stderr")

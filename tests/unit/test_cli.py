@@ -33,3 +33,19 @@ def test_user_errors_are_one_line_and_exit_1(bootstrapped_data_dir):
     result = runner.invoke(app, ["models", "alias", "minilm", "staging", "7", "--data-dir", str(bootstrapped_data_dir)])
     assert result.exit_code == 1
     assert "has no version 7" in result.output and "Traceback" not in result.output
+
+
+def test_version_and_short_help():
+    version = runner.invoke(app, ["--version"])
+    assert version.exit_code == 0 and version.output.startswith("duet ")
+    for args in (["-h"], ["serve", "-h"], ["models", "list", "-h"]):
+        shown = runner.invoke(app, args)
+        assert shown.exit_code == 0 and "Usage:" in shown.output, args
+
+
+def test_an_embedded_worker_without_its_server_is_refused(tmp_path):
+    """Its server holds the data dir; with no server, a worker would run jobs nobody reaps."""
+    result = runner.invoke(app, ["worker", "--embedded", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "no `duet serve` holds the data dir" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "jobs.sqlite3").exists()

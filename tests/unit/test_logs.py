@@ -11,7 +11,14 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from duet.logs import JsonFormatter, TextFormatter, clean_request_id, log_context
+from duet.logs import (
+    JsonFormatter,
+    JsonLinesStream,
+    TextFormatter,
+    adopt_library_loggers,
+    clean_request_id,
+    log_context,
+)
 from jobs.records import JobRecord, JobState
 from jobs.sqlite_store import SqliteJobStore
 from jobs.worker import Worker, WorkerOptions
@@ -125,3 +132,30 @@ def test_the_worker_and_the_training_process_log_with_the_job_request_id(tmp_pat
     ]
     assert child_lines and all(line["request_id"] == "req-from-api" for line in child_lines)
     store.close()
+
+
+def test_libraries_with_their_own_stderr_handler_are_routed_through_ours():
+    """MLflow, transformers and alembic attach a plain-text stderr handler and stop propagation."""
+    library = logging.getLogger("some_library")
+    plain = logging.StreamHandler(io.StringIO())
+    library.addHandler(plain)
+    library.propagate = False
+    try:
+        with Lines("") as lines:  # the root logger, where Duet's handler lives
+            adopt_library_loggers()
+            library.warning("from the library")
+        assert plain not in library.handlers and library.propagate
+        assert plain.stream.getvalue() == ""
+        assert lines.records()[-1]["logger"] == "some_library"
+    finally:
+        library.handlers.clear()
+
+
+def test_stray_output_becomes_json_lines():
+    out = io.StringIO()
+    stream = JsonLinesStream(out, "stderr")
+    stream.write('plain words\n{"already": "json"}\nhalf')
+    stream.write(" a line\rLoading: 50%\r\n")
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [line.get("message") for line in lines] == ["plain words", None, "half a line", "Loading: 50%"]
+    assert lines[0]["logger"] == "stderr" and lines[1] == {"already": "json"}
