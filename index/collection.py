@@ -8,6 +8,7 @@ writes (the index's readers-writer lock keeps FAISS from seeing both at once).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -707,10 +708,8 @@ class CollectionManager:
     def open_all(self) -> None:
         """Open every collection (replaying its index); ones that fail are recorded, not raised."""
         for name in self.names():
-            try:
+            with contextlib.suppress(CollectionNotFoundError, CollectionUnavailableError):
                 self.get(name)
-            except (CollectionNotFoundError, CollectionUnavailableError):
-                pass
 
     def listing(self) -> tuple[list[Collection], dict[str, str]]:
         """(open collections, {name: why it cannot be opened}); ones dropped meanwhile are left out."""

@@ -335,7 +335,9 @@ def read_snapshot_trailer(path: Path) -> tuple[dict[str, Any], int, int]:
         magic = handle.read(len(_MAGIC))
         if magic != _MAGIC:
             old = magic[:7] == _MAGIC[:7]
-            raise ValueError("an older snapshot format, without a trailer checksum" if old else "not a Duet index snapshot")
+            raise ValueError(
+                "an older snapshot format, without a trailer checksum" if old else "not a Duet index snapshot"
+            )
         handle.seek(size - _DIGEST - len(_END))
         stored, end_marker = handle.read(_DIGEST), handle.read(len(_END))
         if end_marker != _END:

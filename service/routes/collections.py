@@ -49,8 +49,8 @@ from service.collection_schemas import (
     ReembedRequest,
     ReembedStatus,
     SearchRequest,
-    UnavailableCollection,
     SearchResponse,
+    UnavailableCollection,
     UpsertRequest,
     UpsertResponse,
 )

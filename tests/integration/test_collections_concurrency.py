@@ -189,14 +189,14 @@ def test_drop_against_six_concurrent_writes_never_crashes(running):
             assert http.post("/v1/collections", json={"name": "race", "dimension": DIM}).status_code == 201
             barrier = threading.Barrier(7)
 
-            def put(seed: int) -> None:
+            def put(seed: int, barrier: threading.Barrier = barrier) -> None:
                 local = random.Random(seed)
                 items = [{"id": f"i{j}", "vector": _vector(local)} for j in range(25)]
                 barrier.wait()
                 with httpx.Client(base_url=running.url, timeout=60) as client:
                     statuses["put"].append(client.put("/v1/collections/race/items", json={"items": items}).status_code)
 
-            def drop() -> None:
+            def drop(barrier: threading.Barrier = barrier) -> None:
                 barrier.wait()
                 time.sleep(rng.random() * 0.05)
                 with httpx.Client(base_url=running.url, timeout=60) as client:

@@ -31,7 +31,9 @@ def vectors(n: int, seed: int = 0) -> np.ndarray:
 
 
 def items(vs: np.ndarray, start: int = 0) -> list[StoredItem]:
-    return [StoredItem(id=f"i{start + i}", modality="vector", vector=v, payload={"n": start + i}) for i, v in enumerate(vs)]
+    return [
+        StoredItem(id=f"i{start + i}", modality="vector", vector=v, payload={"n": start + i}) for i, v in enumerate(vs)
+    ]
 
 
 @pytest.fixture()
@@ -125,7 +127,7 @@ def test_concurrent_drops_one_wins_the_other_is_not_found(manager):
         outcomes: list[str] = []
         barrier = threading.Barrier(2)
 
-        def drop():
+        def drop(barrier: threading.Barrier = barrier, outcomes: list[str] = outcomes) -> None:
             barrier.wait()
             try:
                 manager.drop("c")
@@ -167,7 +169,7 @@ def test_drop_races_writes_searches_and_listing_without_errors(manager):
         errors: list[BaseException] = []
         start = threading.Barrier(7)
 
-        def work(kind: int) -> None:
+        def work(kind: int, start: threading.Barrier = start, errors: list[BaseException] = errors) -> None:
             start.wait()
             for j in range(5):
                 try:
@@ -183,7 +185,7 @@ def test_drop_races_writes_searches_and_listing_without_errors(manager):
                 except BaseException as exc:  # noqa: BLE001
                     errors.append(exc)
 
-        def drop() -> None:
+        def drop(start: threading.Barrier = start, errors: list[BaseException] = errors) -> None:
             start.wait()
             try:
                 manager.drop("c")
