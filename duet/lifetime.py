@@ -1,11 +1,14 @@
 """What ties a Duet process to its data dir and to its parent: the data-dir lock and death
 with the parent. Stdlib only, so `service` and the CLI share it.
 
-One server per data dir: two would each replay and write the same collections, indexes and
-job store, and acknowledged items would go missing from search. `duet serve` (and every app's
-lifespan) holds an exclusive `flock` on `<data_dir>/duet.lock` for its whole life; the kernel
+One server per data dir: two would each replay and write the same collections and indexes,
+and acknowledged items would go missing from search. `duet serve` (and every app's lifespan)
+holds an exclusive `flock` on `<data_dir>/collections/.duet.lock` for its whole life; the kernel
 releases it when the process ends, `kill -9` included, so a stale lock never needs cleaning up.
 The file holds the holder's pid, for the refusal message only (the lock itself is the truth).
+It lives in the collections folder because that is what one process must own: API replicas
+may share a data dir (datasets, checkpoints) when each mounts its own collections folder over
+it (README, "Scaling out"), and they then hold different locks.
 
 The lock is per process, counted: apps created in one process on one data dir (tests) share
 it. The embedded job worker does not take it: its server holds it, and the worker dies with
@@ -30,7 +33,7 @@ except ImportError:  # pragma: no cover - Windows: no flock; run one server per 
 
 logger = logging.getLogger(__name__)
 
-LOCK_FILE = "duet.lock"
+LOCK_FILE = Path("collections") / ".duet.lock"  # under the data dir; dot-names are no collection
 PR_SET_PDEATHSIG = 1
 PARENT_POLL_SECONDS = 1.0
 
@@ -49,8 +52,8 @@ class DataDirLocked(DataDirError):
     def __init__(self, path: Path, pid: int | None) -> None:
         holder = f"pid {pid}" if pid else "another process"
         super().__init__(
-            f"the data dir {path} is in use by another Duet server ({holder}); stop it, or point "
-            "DUET_DATA_DIR (--data-dir) at another folder"
+            f"the data dir {path} is in use by another Duet server ({holder}), which has its collections "
+            "open; stop it, or point DUET_DATA_DIR (--data-dir) at another folder"
         )
         self.path = path
         self.pid = pid
@@ -112,6 +115,7 @@ def hold_data_dir(data_dir: Path, wait_seconds: float = 2.0) -> DataDirLease:
             _held[path].count += 1
             return DataDirLease(path)
         try:
+            (path / LOCK_FILE).parent.mkdir(exist_ok=True)
             fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise DataDirUnwritable(path, exc.strerror or str(exc)) from None
