@@ -104,7 +104,14 @@ class HeadMiddleware:
                 await send(message)
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-        await self.app({**scope, "method": "GET"}, head_receive, head_send)
+        inner = {**scope, "method": "GET"}
+        try:
+            await self.app(inner, head_receive, head_send)
+        finally:
+            # What the router and auth noted, for the access line and metrics outside (by route).
+            for key in ("route", "duet.route", "duet.key"):
+                if key in inner:
+                    scope[key] = inner[key]
 
 
 class RequestIdMiddleware:

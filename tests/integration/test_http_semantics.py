@@ -33,6 +33,19 @@ def test_head_of_a_missing_thing_is_its_get_status(http):
     assert http.head("/v1/collections/not-there").status_code == 404
 
 
+def test_head_is_counted_under_its_route(http):
+    http.head("/v1/models")
+    metrics = http.get("/metrics").text
+    assert 'route="/v1/models",status="200"' in metrics
+    before = _count(metrics, '/v1/models",status="200"')
+    http.head("/v1/models")
+    assert _count(http.get("/metrics").text, '/v1/models",status="200"') == before + 1
+
+
+def _count(metrics: str, needle: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if needle in line and "_total" in line)
+
+
 @pytest.mark.parametrize(
     ("method", "path", "allowed"),
     [

@@ -49,8 +49,9 @@ def test_openai_client_gets_bad_request_error(client):
     assert "modle" in caught.value.message
 
 
-def test_invalid_json_says_the_body_is_not_json(http):
-    response = http.post("/v1/embeddings", content=b'{"input": ', headers={"Content-Type": "application/json"})
+@pytest.mark.parametrize("path", ["/v1/embeddings", "/v1/collections", "/v1/collections/any/search"])
+def test_invalid_json_says_the_body_is_not_json(http, path):
+    response = http.post(path, content=b'{"input": ', headers={"Content-Type": "application/json"})
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["param"] is None and "not valid JSON" in error["message"], error
