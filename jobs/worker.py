@@ -12,6 +12,7 @@ goes on through a Redis restart and nothing it reported is lost.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import multiprocessing
 import os
@@ -124,7 +125,10 @@ class Heartbeat:
         self.relay = relay
         self.interval = interval
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name=f"heartbeat-{relay.job_id}")
+        context = contextvars.copy_context()  # its log lines carry the job's request and job ids too
+        self._thread = threading.Thread(
+            target=context.run, args=(self._run,), daemon=True, name=f"heartbeat-{relay.job_id}"
+        )
 
     def start(self) -> Heartbeat:
         self._thread.start()
