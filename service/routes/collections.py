@@ -66,8 +66,19 @@ JSON = [Depends(require_json)]
 
 
 def _info(collection: Collection, reembed: dict[str, Any] | None = None) -> CollectionInfo:
-    config = collection.config
-    stats = collection.stats()
+    return _info_of(collection.config, collection.stats(), reembed)
+
+
+def _created_info(collection: Collection) -> CollectionInfo:
+    """A new collection's info. Another request may drop it before this answer is made; the create
+    still happened (201), and the answer says the collection is already gone."""
+    try:
+        return _info(collection)
+    except CollectionNotFoundError:
+        return _info_of(collection.config, {"count": 0, "dropped": True})
+
+
+def _info_of(config: CollectionConfig, stats: dict[str, Any], reembed: dict[str, Any] | None = None) -> CollectionInfo:
     return CollectionInfo(
         name=config.name,
         model=config.model,
@@ -113,7 +124,7 @@ async def create_collection(body: CollectionCreate, state: StateDep, pool: PoolD
         modality_gap_correction=body.modality_gap_correction,
     )
     collection = await anyio.to_thread.run_sync(state.collections.create, config)
-    return await anyio.to_thread.run_sync(_info, collection)
+    return await anyio.to_thread.run_sync(_created_info, collection)
 
 
 @router.get("/v1/collections", response_model=CollectionList)

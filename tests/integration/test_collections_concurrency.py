@@ -13,6 +13,7 @@ import json
 import random
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 
 import httpx
@@ -52,13 +53,15 @@ def _vector(rng: random.Random) -> list[float]:
 class Hammer:
     """One worker's random operations; every answer that is not clean is recorded."""
 
-    def __init__(self, url: str, seed: int, failures: list[str], deadline: float) -> None:
+    def __init__(self, url: str, seed: int, failures: list[str], seen: Counter[str], deadline: float) -> None:
         self.client = httpx.Client(base_url=url, timeout=60)
         self.rng = random.Random(seed)
         self.failures = failures
+        self.seen = seen  # "op status" -> count: shows which interleavings the run actually met
         self.deadline = deadline
 
     def check(self, what: str, response: httpx.Response, clean: set[int] = CLEAN) -> None:
+        self.seen[f"{what} {response.status_code}"] += 1
         if response.status_code not in clean:
             self.failures.append(f"{what}: {response.status_code} {response.text[:300]}")
 
@@ -72,7 +75,8 @@ class Hammer:
                 self.rng.choice(ops)(self.rng.choice(NAMES))
 
     def create(self, name: str) -> None:
-        self.check("create", self.client.post("/v1/collections", json={"name": name, "dimension": DIM}))
+        response = self.client.post("/v1/collections", json={"name": name, "dimension": DIM})
+        self.check("create", response, {201, 409})
 
     def drop(self, name: str) -> None:
         self.check("drop", self.client.delete(f"/v1/collections/{name}"))
@@ -116,9 +120,9 @@ class Hammer:
         self.check("reembed", self.client.post(f"/v1/collections/{TEXT}/reembed", json={"model": target}))
 
 
-def _hammer(url: str, seeds: range, deadline: float) -> list[str]:
+def _hammer(url: str, seeds: range, deadline: float, seen: Counter[str]) -> list[str]:
     failures: list[str] = []
-    threads = [threading.Thread(target=Hammer(url, seed, failures, deadline).run) for seed in seeds]
+    threads = [threading.Thread(target=Hammer(url, seed, failures, seen, deadline).run) for seed in seeds]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -167,10 +171,13 @@ def test_interleaved_operations_answer_cleanly_and_leave_store_and_index_in_step
         assert http.put(f"/v1/collections/{TEXT}/items", json={"items": seed_items}).status_code == 200
 
         started = time.monotonic()
-        failures = _hammer(running.url, range(WORKERS), started + DEADLINE_SECONDS)
+        seen: Counter[str] = Counter()
+        failures = _hammer(running.url, range(WORKERS), started + DEADLINE_SECONDS, seen)
         elapsed = time.monotonic() - started
 
         assert failures == [], "\n".join(failures[:20])
+        # The run met the races it is about: drops that happened, and calls that found a collection gone.
+        assert seen["drop 200"] and seen["upsert 404"] and seen["search 404"], seen
         assert running.thread.is_alive() and http.get("/health").status_code == 200
         _wait_for_reembed(http, TEXT)
         listed = http.get("/v1/collections").json()
@@ -178,6 +185,7 @@ def test_interleaved_operations_answer_cleanly_and_leave_store_and_index_in_step
         checked = {c["name"]: assert_store_and_index_agree(http, c["name"]) for c in listed["data"]}
         assert TEXT in checked
         print(f"{WORKERS} workers x {OPS_PER_WORKER} ops in {elapsed:.1f} s; items per collection: {checked}")
+        print(dict(sorted(seen.items())))
 
 
 def test_drop_against_six_concurrent_writes_never_crashes(running):
