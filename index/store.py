@@ -10,6 +10,7 @@ from here, so an index snapshot can be old, missing or corrupt without losing an
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -22,6 +23,8 @@ import numpy as np
 from index.errors import PayloadError
 from index.filters import FIELD, value_type
 from index.payloads import dump_payload, load_payload, repair_payloads
+
+logger = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -87,6 +90,7 @@ class CollectionStore:
         self._writer = self._connect()
         self._writer.executescript(_SCHEMA)
         repair_payloads(self._writer)
+        self._check_counters()
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
@@ -130,6 +134,24 @@ class CollectionStore:
 
     def _set_meta(self, key: str, value: Any) -> None:
         self._writer.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+
+    def _check_counters(self) -> None:
+        """The `seq` and `next_vid` counters must be past every row's: a lower `seq` would let a snapshot
+        claim writes the store never numbered, a lower `next_vid` would reuse FAISS ids (every write then
+        fails on the UNIQUE vid). Raised to what the rows prove, and logged."""
+        conn = self._writer
+        rows_seq, rows_vid = conn.execute(
+            "SELECT MAX(m), MAX(v) FROM (SELECT MAX(seq) AS m, MAX(vid) AS v FROM items "
+            "UNION ALL SELECT MAX(seq), MAX(vid) FROM tombstones)"
+        ).fetchone()
+        with self._write_lock:
+            seq, next_vid = int(self.get_meta("seq", 0, conn)), int(self.get_meta("next_vid", 1, conn))
+            if rows_seq is not None and rows_seq > seq:
+                logger.warning("store %s: seq counter %d is behind its rows' %d; raised", self.path, seq, rows_seq)
+                self._set_meta("seq", rows_seq)
+            if rows_vid is not None and rows_vid >= next_vid:
+                logger.warning("store %s: next_vid %d is not past its rows' %d; raised", self.path, next_vid, rows_vid)
+                self._set_meta("next_vid", rows_vid + 1)
 
     @property
     def seq(self) -> int:

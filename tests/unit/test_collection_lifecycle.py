@@ -377,3 +377,26 @@ def test_hnsw_replay_after_replacements_is_trusted_not_rebuilt(root, caplog):
     assert reopened.stats()["count"] == 48
     hits = reopened.search(data[50:60], 1)
     assert [h[0].id for h in hits] == [f"i{i}" for i in range(40, 50)]
+
+
+def test_store_counters_behind_their_rows_are_raised_not_trusted(root, caplog):
+    """A damaged `seq` or `next_vid` in the store's meta: writes would reuse FAISS ids (every upsert
+    failing on the UNIQUE vid) and a snapshot could claim writes the store never numbered."""
+    import sqlite3
+
+    manager = CollectionManager(root)
+    c = manager.create(CollectionConfig(name="c", dim=DIM))
+    data = vectors(30)
+    for start in range(0, 30, 10):
+        c.upsert(items(data[start : start + 10], start=start))
+    manager.close()
+    conn = sqlite3.connect(root / "c" / "store.sqlite")
+    conn.execute("UPDATE meta SET value = '1' WHERE key IN ('seq', 'next_vid')")
+    conn.commit()
+    conn.close()
+    with caplog.at_level("WARNING"):
+        reopened = CollectionManager(root).get("c")
+    assert "seq counter" in caplog.text and "next_vid" in caplog.text
+    assert reopened.store.seq == 3
+    assert reopened.upsert(items(vectors(5, seed=9), start=100)) == 4  # new ids, no clash
+    assert _all_findable(reopened, data) and reopened.stats()["count"] == 35
