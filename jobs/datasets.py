@@ -14,8 +14,9 @@ JSONL/CSV file plus the images it names) is unpacked beside it. The archive is u
   files already in the dataset's folder are never overwritten with other bytes.
 
 Each name's manifest records the keys that uploaded it and the disk it uses, which is what
-`dataset_storage_per_key_bytes` counts. Listing skips (and logs) anything on disk it cannot
-read instead of failing for everyone.
+`dataset_storage_per_key_bytes` counts. A key sees (lists, names in job configs) only the
+datasets it uploaded; with auth off every upload is the one anonymous owner's. Listing skips
+(and logs) anything on disk it cannot read instead of failing for everyone.
 """
 
 from __future__ import annotations
@@ -318,8 +319,27 @@ class DatasetStore:
                 except (OSError, ValueError, TypeError) as exc:
                     logger.warning("skipping unreadable dataset manifest %s: %s", manifest, exc)
 
-    def list(self) -> list[DatasetInfo]:
-        return list(self._manifests())
+    def list(self, owner: str | None = None) -> list[DatasetInfo]:
+        """All datasets, or those `owner` uploaded (or that predate owners being recorded)."""
+        return [info for info in self._manifests() if owner is None or _visible(info, owner)]
+
+    def visible(self, path: str, owner: str) -> bool:
+        """Whether `owner` may use `path` (`<id>/...`): some name of that upload is theirs."""
+        dataset_id = PurePosixPath(path).parts[0] if path else ""
+        folder = self.root / dataset_id
+        if not dataset_id or dataset_id.startswith(".") or not folder.is_dir():
+            return False
+        for manifest in folder.glob(f".*.{MANIFEST}"):
+            try:
+                if _visible(DatasetInfo.from_json(manifest.read_text()), owner):
+                    return True
+            except (OSError, ValueError, TypeError):
+                continue
+        return False
+
+
+def _visible(info: DatasetInfo, owner: str) -> bool:
+    return owner in info.owners or not info.owners  # no owners: uploaded before they were recorded
 
 
 def _entry_parts(name: str) -> tuple[str, ...]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
@@ -212,9 +213,11 @@ def _name_problems(config: TrainConfig) -> list[str]:
     return problems
 
 
-def _file_problems(config: TrainConfig, base_dir: Path | None, confined: bool) -> list[str]:
+def _file_problems(
+    config: TrainConfig, base_dir: Path | None, confined: bool, visible: Callable[[str], bool] | None
+) -> list[str]:
     """Missing or out-of-bounds data files, each named as the config names it (never by the
-    server path it resolves to)."""
+    server path it resolves to). A file the caller may not see is missing, in the same words."""
     problems = []
     for section in ("train", "eval"):
         for i, spec in enumerate(getattr(config, section)):
@@ -227,23 +230,27 @@ def _file_problems(config: TrainConfig, base_dir: Path | None, confined: bool) -
                     continue
             else:
                 path = resolve_path(spec.path, base_dir)
-            if not path.is_file():
+            if not path.is_file() or (visible is not None and not visible(spec.path)):
                 problems.append(f"{where}: no such file {clip(spec.path)}" + ("" if confined else f" ({path})"))
     return problems
 
 
-def parse_config(data: Any, base_dir: Path | None = None, *, confined: bool = False) -> TrainConfig:
+def parse_config(
+    data: Any, base_dir: Path | None = None, *, confined: bool = False, visible: Callable[[str], bool] | None = None
+) -> TrainConfig:
     """Validate a config dict; raise `ConfigError` listing every problem found.
 
     Shape and type errors come first (all of them); once the shape is right, the rules across
     fields, the names and the data files are checked together. `confined`: data files must be
-    uploaded datasets, i.e. inside `base_dir` (see `resolve_inside`).
+    uploaded datasets, i.e. inside `base_dir` (see `resolve_inside`); `visible(path)`: whether
+    this caller may use that one (the API: datasets its key uploaded).
     """
     try:
         config = TrainConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError([_format_error(err) for err in exc.errors()]) from None
-    problems = _combination_problems(config) + _name_problems(config) + _file_problems(config, base_dir, confined)
+    problems = _combination_problems(config) + _name_problems(config)
+    problems += _file_problems(config, base_dir, confined, visible)
     if problems:
         raise ConfigError(problems)
     return config

@@ -8,9 +8,9 @@ so an image set larger than memory trains fine. The content hash (file bytes, pl
 of every image it references) goes into the trained model's lineage.
 
 Errors name the file as the config gave it and quote at most a clipped cell of the offending
-row. Loaded `confined` (jobs from the API), the data file and every image it references must
-lie inside the datasets folder (real paths, links followed): an uploaded file cannot point
-at the server's files.
+row. Loaded `confined` (jobs from the API), the data file must lie inside the datasets folder
+and every image it references inside the file's own upload (`<id>/`; real paths, links
+followed): an uploaded file can point neither at the server's files nor at another upload.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import hashlib
 import logging
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
@@ -97,7 +97,9 @@ def _check_image(value: str, base: Path, root: Path | None) -> str:
         try:
             path = resolve_inside(value, root, relative_to=base)
         except OutsideRoot:
-            raise RowError(f"image {clip(value)} is not inside the uploaded datasets") from None
+            raise RowError(
+                f"image {clip(value)} is not inside this upload (a .zip carries a data file and its images)"
+            ) from None
     else:
         path = resolve_path(value, base)
     if not path.is_file():
@@ -200,10 +202,12 @@ def sniff_format(path: Path, spec: DatasetSpec) -> str:
 def load_data(spec: DatasetSpec, base_dir: Path | None = None, *, confined: bool = False) -> LoadedData:
     """Read and check one dataset file; `RowError` names the file (as the spec gives it) and
     line of a bad row. `confined`: the file and its images must be inside `base_dir`."""
-    root = base_dir if confined else None
+    root = None
     if confined:
         try:
             path = resolve_inside(spec.path, base_dir)
+            # images: inside the same upload (a .zip carries a data file and its images)
+            root = resolve_inside(PurePosixPath(spec.path).parts[0], base_dir)
         except OutsideRoot as exc:
             raise RowError(str(exc)) from None
     else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from pathlib import PurePosixPath
 from typing import Any, TypeVar
 
@@ -125,14 +126,17 @@ def limit_problems(config, settings) -> list[str]:
     ]
 
 
-def validate(body: JobCreate, state) -> None:
+def validate(body: JobCreate, state, owner: str = ANONYMOUS) -> None:
+    """`owner`: the caller's key; its config may name only datasets that key uploaded (another
+    key's dataset reads as missing, in the same words, so ids cannot be probed)."""
     from trainer.config import ConfigError, parse_config
 
     settings = state.settings
     allow_local = settings.jobs_allow_local_paths
     problems = reference_problems(body.config, state, allow_local)
+    visible = None if allow_local else partial(dataset_store(settings).visible, owner=owner)
     try:
-        config = parse_config(body.config, base_dir=settings.datasets_dir, confined=not allow_local)
+        config = parse_config(body.config, base_dir=settings.datasets_dir, confined=not allow_local, visible=visible)
         problems += limit_problems(config, settings)
     except ConfigError as exc:
         problems = exc.problems + problems
@@ -149,13 +153,14 @@ def validate(body: JobCreate, state) -> None:
 async def create_job(
     body: JobCreate,
     state: StateDep,
+    request: Request,
     idempotency_key: str | None = Header(default=None, max_length=200),
 ) -> JSONResponse:
     """Validate a training config and queue it. With an idempotency key (header
     `Idempotency-Key` or body field) a retried POST returns the job it created: 200."""
     store = _store(state)
     key = body.idempotency_key or idempotency_key
-    await anyio.to_thread.run_sync(validate, body, state)
+    await anyio.to_thread.run_sync(validate, body, state, _owner(request))
     # The middleware's id (the client's X-Request-ID, cleaned, or a new one): the worker and the
     # training process log with it, so one id finds the request and everything the job did.
     record = JobRecord(id=new_job_id(), config=body.config, idempotency_key=key, request_id=current_request_id())
@@ -278,7 +283,7 @@ async def upload_dataset(
     except DatasetError as exc:
         raise ApiError(400, str(exc), code="invalid_dataset_name", param="filename") from None
     datasets = dataset_store(settings)
-    owner = request.scope.get("duet.key") or ANONYMOUS  # the key's name, set by the auth middleware
+    owner = _owner(request)
     temp, digest = await anyio.to_thread.run_sync(datasets.begin)
     size = 0
     try:
@@ -315,8 +320,14 @@ def dataset_store(settings) -> DatasetStore:
     return DatasetStore(settings.datasets_dir, limits)
 
 
+def _owner(request: Request) -> str:
+    """The caller's key name (set by the auth middleware); with auth off, everyone's one owner."""
+    return request.scope.get("duet.key") or ANONYMOUS
+
+
 @router.get("/v1/datasets")
-async def list_datasets(state: StateDep) -> dict[str, Any]:
+async def list_datasets(state: StateDep, request: Request) -> dict[str, Any]:
+    """The datasets the caller's key uploaded."""
     datasets = dataset_store(state.settings)
-    found = await anyio.to_thread.run_sync(datasets.list)
+    found = await anyio.to_thread.run_sync(datasets.list, _owner(request))
     return {"object": "list", "data": [d.to_dict() for d in found]}

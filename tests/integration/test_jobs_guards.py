@@ -162,3 +162,22 @@ def test_archive_and_storage_limits_are_413(client):
     assert "alice" in full.json()["error"]["message"]
     other = client.post("/v1/datasets", params={"filename": "b.txt"}, content=b"y" * 150_000, headers=bearer("bob"))
     assert other.status_code == 201  # each key has its own allowance
+
+
+def test_a_key_sees_and_uses_only_its_own_datasets(client):
+    mine = client.post("/v1/datasets", params={"filename": "own.csv"}, content=b"anchor,positive,score\nq,r,2\n")
+    path = mine.json()["path"]
+    assert path in [d["path"] for d in client.get("/v1/datasets").json()["data"]]
+    assert path not in [d["path"] for d in client.get("/v1/datasets", headers=bearer("bob")).json()["data"]]
+    theirs = client.post("/v1/jobs", json={"config": config(path)}, headers=bearer("bob"))
+    absent = client.post("/v1/jobs", json={"config": config(path + "x")}, headers=bearer("bob"))
+    assert theirs.status_code == absent.status_code == 422
+    assert theirs.json()["error"]["message"].replace(path, "P") == absent.json()["error"]["message"].replace(
+        path + "x", "P"
+    )  # another key's dataset reads exactly as a missing one
+    assert submit(client, config(path)).status_code == 201  # its owner may use it
+    again = client.post(
+        "/v1/datasets", params={"filename": "own.csv"}, content=b"anchor,positive,score\nq,r,2\n", headers=bearer("bob")
+    )
+    assert again.json()["path"] == path  # the same bytes uploaded by bob: now bob's too
+    assert client.post("/v1/jobs", json={"config": config(path)}, headers=bearer("bob")).status_code == 201

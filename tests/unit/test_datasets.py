@@ -126,3 +126,13 @@ def test_a_good_archive_unpacks_and_counts_its_files(store):
     info = upload(store, make_zip([("data/pairs.jsonl", b"{}\n"), ("img/", b""), ("img/a.png", b"png")]), "set.zip")
     assert info.files == 3 and info.disk_bytes == info.bytes + 6
     assert (store.root / info.id / "img" / "a.png").read_bytes() == b"png"
+
+
+def test_each_owner_sees_its_own_datasets(store):
+    alices = upload(store, b"a\n", "a.txt", owner="alice")
+    upload(store, b"b\n", "b.txt", owner="bob")
+    assert [d.path for d in store.list("alice")] == [alices.path] and len(store.list()) == 2
+    assert store.visible(alices.path, "alice") and not store.visible(alices.path, "bob")
+    assert not store.visible("nonexistent/a.txt", "alice") and not store.visible("", "alice")
+    upload(store, b"a\n", "a.txt", owner="bob")  # the same bytes: bob's too, stored once
+    assert store.visible(alices.path, "bob") and store.usage("bob") == 4

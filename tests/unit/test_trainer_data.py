@@ -120,12 +120,18 @@ def test_confined_image_references_stay_inside(datasets):
     write_jsonl(datasets / "abc" / "d.jsonl", rows)
     with pytest.raises(RowError) as error:
         load_data(DatasetSpec(path="abc/d.jsonl"), datasets, confined=True)
-    assert "abc/d.jsonl:1: image '../../secret.png' is not inside the uploaded datasets" in str(error.value)
+    assert "abc/d.jsonl:1: image '../../secret.png' is not inside this upload" in str(error.value)
     assert str(datasets) not in str(error.value)
-    # a file's own references may climb inside the folder (to another upload's images)
-    Image.new("RGB", (4, 4)).save(datasets / "img.png")
-    write_jsonl(datasets / "abc" / "ok.jsonl", [{"anchor": "a", "positive": "../img.png"}])
-    assert len(load_data(DatasetSpec(path="abc/ok.jsonl"), datasets, confined=True)) == 1
+    # nor into another upload (another key's, perhaps); within its own upload a file may climb
+    (datasets / "other").mkdir()
+    Image.new("RGB", (4, 4)).save(datasets / "other" / "img.png")
+    Image.new("RGB", (4, 4)).save(datasets / "abc" / "img.png")
+    write_jsonl(datasets / "abc" / "x.jsonl", [{"anchor": "a", "positive": "../other/img.png"}])
+    with pytest.raises(RowError, match="not inside this upload"):
+        load_data(DatasetSpec(path="abc/x.jsonl"), datasets, confined=True)
+    (datasets / "abc" / "sub").mkdir()
+    write_jsonl(datasets / "abc" / "sub" / "ok.jsonl", [{"anchor": "a", "positive": "../img.png"}])
+    assert len(load_data(DatasetSpec(path="abc/sub/ok.jsonl"), datasets, confined=True)) == 1
 
 
 def test_errors_name_the_reference_and_clip_quoted_cells(datasets):
