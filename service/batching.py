@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from encoders.contract import Modality
+from service.limits import return_freed_memory
 from service.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -354,6 +355,9 @@ class Batcher:
             tokens = sum(i.cost for i in batch) if self.limits.packed else len(batch) * max(i.cost for i in batch)
             self.metrics.batch_tokens.labels(self.name).observe(tokens)
         self._deliver(batch, vectors)
+        if modality == "image" and not self._queue:
+            # The image batches are done: hand the tens of MB their tensors freed back to the system.
+            return_freed_memory(force=True)
 
     def _run_single(self, item: _Item) -> Any:
         try:
