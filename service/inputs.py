@@ -132,6 +132,8 @@ def _modality_of(item: str, hint: ModalityHint, index: int, settings: Settings) 
             f"input[{index}] is not an image: with modality 'image' send 'data:image/<type>;base64,...' URIs",
             index,
         )
+    if _SURROGATE.search(item) is not None:
+        raise _bad(f"input[{index}] holds a lone UTF-16 surrogate, which no image URI may hold", index)
     if is_url and not settings.allow_remote_images:
         raise _bad(
             f"input[{index}] is a URL, and fetching remote images is off (DUET_ALLOW_REMOTE_IMAGES); "
@@ -273,6 +275,6 @@ def _fetch(url: str, settings: Settings) -> bytes:
                 if size > limit:
                     raise ImageDecodeError(f"image at {url} is larger than {limit} bytes")
                 chunks.append(chunk)
-    except httpx.HTTPError as exc:
-        raise ImageDecodeError(f"cannot fetch {url}: {exc}") from None
+    except (httpx.HTTPError, httpx.InvalidURL, UnicodeError) as exc:
+        raise ImageDecodeError(f"cannot fetch {url!r}: {exc}") from None
     return b"".join(chunks)
