@@ -27,25 +27,25 @@ SUCCEEDED = {
     "id": "job_0000000000000001",
     "object": "job",
     "state": "succeeded",
-    "config": {"base_model": "minilm", "output_name": "tuned", "learning_rate": 2e-5},
+    "config": {"base_model": "minilm", "output": {"name": "tuned"}, "learning_rate": 2e-5},
     "progress": {"step": 40, "max_steps": 40, "epoch": 1.0, "loss": 0.31, "learning_rate": 2e-5, "stage": None},
     "metrics": {
         "before": {"sts/spearman": 0.70, "sts/alignment": 0.80, "sts/uniformity": -2.0, "sts/modality_gap": 0.3},
         "after": {"sts/spearman": 0.80, "sts/alignment": 0.60, "sts/uniformity": -2.5, "sts/modality_gap": 0.4},
     },
     "result": {"model": "tuned/1", "promotion": None},
-    "created_at": "2026-12-03T12:00:00Z",
-    "finished_at": "2026-12-03T12:05:00Z",
+    "created_at": 1_796_300_000.0,
+    "finished_at": 1_796_300_300.0,
 }
 FAILED = {
     "id": "job_0000000000000002",
     "object": "job",
     "state": "failed",
-    "config": {"base_model": "minilm", "output_name": "broken"},
+    "config": {"base_model": "minilm", "output": {"name": "broken"}},
     "progress": {},
     "metrics": {"before": {}, "after": {}},
     "error": TRACEBACK,
-    "created_at": "2026-12-03T12:10:00Z",
+    "created_at": 1_796_300_600.0,
 }
 
 # Runs before the page's own script: `fetch` answers from the records above, EventSource stays silent.
