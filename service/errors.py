@@ -132,6 +132,8 @@ def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     first = [str(p) for p in errors[0].get("loc", ())] if errors else []
     keys = first[1:] if first and first[0] in _LOCATIONS else first
     param = keys[0] if keys else None
+    if errors and errors[0].get("type") == "extra_forbidden":
+        param = ".".join(keys)  # the unknown key itself, by its path when nested
     more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
     return "; ".join(parts) + more, param
 

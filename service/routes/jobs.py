@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import anyio
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from duet.logs import current_request_id
 from jobs.datasets import ANONYMOUS, DatasetError, DatasetLimits, DatasetStore, DatasetTooLarge, check_filename
@@ -27,6 +27,7 @@ from jobs.sse import encode_event
 from jobs.store import JobStore
 from service.deps import StateDep, require_json
 from service.errors import ApiError
+from service.schemas import RequestBody
 
 router = APIRouter(tags=["jobs"])
 JSON = [Depends(require_json)]
@@ -35,9 +36,7 @@ T = TypeVar("T")
 KEEPALIVE_SECONDS = 15.0
 
 
-class JobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class JobCreate(RequestBody):
     config: dict[str, Any] = Field(description="A training config: the schema `duet train` reads from a file.")
     idempotency_key: str | None = Field(
         default=None, min_length=1, max_length=200, description="A retried POST with the same key returns that job."

@@ -63,13 +63,16 @@ def test_invalid_json_says_the_body_is_not_json(http, path):
         ("POST", "/v1/embeddings", {"input": "x", "modle": "minilm"}),
         ("POST", "/v1/collections", {"name": "typo", "modle": "minilm"}),
         ("PUT", "/v1/models/minilm/aliases/staging", {"version": 1, "modle": "x"}),
+        ("POST", "/v1/collections/any/search", {"query": {"text": "x", "modle": "x"}}),
+        ("POST", "/v1/jobs", {"config": {}, "modle": "x"}),
     ],
 )
 def test_unknown_body_keys_are_refused_by_name(http, method, path, body):
     response = http.request(method, path, json=body)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
-    assert error["param"] == "modle" and "unknown parameter 'modle'" in error["message"], error
+    param = "query.modle" if "query" in body else "modle"  # a nested key is named by its path
+    assert error["param"] == param and f"unknown parameter '{param}'" in error["message"], error
 
 
 def test_every_key_the_openai_client_sends_is_accepted(client):
