@@ -9,6 +9,9 @@ hands it to the training process it spawns. This module is a stdlib-only leaf: `
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import io
 import json
 import logging
@@ -150,6 +153,7 @@ def setup_logging(
             os.environ.setdefault(name, value)
         logging.captureWarnings(True)
         adopt_library_loggers()
+        _adopt_after_import("transformers.utils.logging")  # imported later (models load on demand)
 
 
 # Read by the libraries when they are imported (or when a bar starts), here and in children.
@@ -181,6 +185,39 @@ def adopt_library_loggers() -> None:
         transformers_logging.disable_default_handler()
         transformers_logging.enable_propagation()
         transformers_logging.disable_progress_bar()
+
+
+class _AdoptAfterImport(importlib.abc.MetaPathFinder):
+    """Runs `adopt_library_loggers` right after one module is imported: transformers installs
+    its stderr handler at import, which may come after logging was set up (a model loaded on
+    demand, the training process importing the trainer)."""
+
+    def __init__(self, module: str) -> None:
+        self.module = module
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if fullname != self.module:
+            return None
+        sys.meta_path.remove(self)  # once, and so the real finders answer the call below
+        spec = importlib.util.find_spec(fullname)
+        loader = spec.loader if spec is not None else None
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        exec_module = loader.exec_module
+
+        def exec_then_adopt(module: Any) -> None:
+            exec_module(module)
+            adopt_library_loggers()
+
+        loader.exec_module = exec_then_adopt  # type: ignore[method-assign]
+        return spec
+
+
+def _adopt_after_import(module: str) -> None:
+    if module in sys.modules:
+        return
+    if not any(isinstance(finder, _AdoptAfterImport) and finder.module == module for finder in sys.meta_path):
+        sys.meta_path.insert(0, _AdoptAfterImport(module))
 
 
 class JsonLinesStream(io.TextIOBase):

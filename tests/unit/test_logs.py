@@ -159,3 +159,19 @@ def test_stray_output_becomes_json_lines():
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [line.get("message") for line in lines] == ["plain words", None, "half a line", "Loading: 50%"]
     assert lines[0]["logger"] == "stderr" and lines[1] == {"already": "json"}
+
+
+def test_a_library_imported_after_set_up_logs_json_lines_too():
+    """transformers adds its plain-text stderr handler when imported: on a model loaded on
+    demand, or in the training process, that comes after logging was set up."""
+    import subprocess
+    import sys
+
+    code = (
+        "from duet.logs import setup_logging; setup_logging('info', 'json');"
+        "import transformers.utils.logging as t; t.get_logger('transformers.demo').warning('plain?')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and all(json.loads(line) for line in lines), result.stderr
+    assert json.loads(lines[-1])["logger"] == "transformers.demo"
