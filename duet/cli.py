@@ -185,6 +185,7 @@ def worker(
     settings = _settings(data_dir, log_level=log_level)
     _setup_logging(settings.log_level, settings.log_format, capture=True)
     url = redis_url or settings.redis_url
+    _writable(settings.data_dir)  # checkpoints and training runs go there
     if embedded:
         _beside_a_server(settings.data_dir, parent_pid)
         store = SqliteJobStore(settings.jobs_db)
@@ -221,15 +222,12 @@ def _beside_a_server(data_dir: Path, parent_pid: int | None) -> None:
     worker of a killed server must not keep writing beside the next one. Started by the
     server (`parent_pid`): SIGKILL when it ends. Started by hand: only while a server holds
     the data dir, and killed when that server ends."""
-    from duet.lifetime import DataDirError, check_writable, exit_with_parent, exit_with_process, server_pid
+    from duet.lifetime import exit_with_parent, exit_with_process, server_pid
 
     if parent_pid is not None:
         exit_with_parent(parent_pid)
         return
-    try:
-        path = check_writable(data_dir)
-    except DataDirError as exc:
-        raise _fail(str(exc)) from None
+    path = data_dir.expanduser().resolve()
     pid = server_pid(path)
     if pid is None:
         raise _fail(
@@ -238,6 +236,16 @@ def _beside_a_server(data_dir: Path, parent_pid: int | None) -> None:
         )
     if pid > 0:
         exit_with_process(pid)
+
+
+def _writable(data_dir: Path) -> None:
+    """An unwritable data dir is one line naming it and DUET_DATA_DIR, not a library's traceback."""
+    from duet.lifetime import DataDirError, check_writable
+
+    try:
+        check_writable(data_dir)
+    except DataDirError as exc:
+        raise _fail(str(exc)) from None
 
 
 @contextmanager
@@ -258,6 +266,7 @@ def _registry(data_dir: Path | None):
     from service.state import open_registry
 
     settings = _settings(data_dir)
+    _writable(settings.data_dir)
     registry = open_registry(settings)
     if settings.register_default_models:
         register_default_models(registry, settings.data_dir)

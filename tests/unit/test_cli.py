@@ -49,3 +49,14 @@ def test_an_embedded_worker_without_its_server_is_refused(tmp_path):
     assert result.exit_code == 1
     assert "no `duet serve` holds the data dir" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "jobs.sqlite3").exists()
+
+
+def test_an_unwritable_data_dir_is_one_line_for_every_command(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    data = str(blocker / "data")
+    for args in (["models", "list"], ["worker", "--embedded"]):
+        result = runner.invoke(app, [*args, "--data-dir", data])
+        assert result.exit_code == 1, (args, result.output)
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert len(lines) == 1 and data in lines[0] and "DUET_DATA_DIR" in lines[0], (args, result.output)
