@@ -69,12 +69,21 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
 
 
 def _settings(data_dir: Path | None = None, **overrides):
+    from pydantic import ValidationError
+
     from service.settings import Settings
 
     values = {k: v for k, v in overrides.items() if v is not None}
     if data_dir is not None:
         values["data_dir"] = data_dir
-    return Settings(**values)
+    try:
+        return Settings(**values)
+    except ValidationError as exc:  # one line naming each variable, not pydantic's report
+        problems = "; ".join(
+            f"DUET_{'_'.join(str(part) for part in error['loc']).upper() or 'SETTINGS'}: {error['msg']}"
+            for error in exc.errors()
+        )
+        raise _fail(f"invalid settings: {problems}", code=2) from None
 
 
 def _setup_logging(level: str, log_format: str = "auto", capture: bool = False) -> None:

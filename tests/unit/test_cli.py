@@ -60,3 +60,10 @@ def test_an_unwritable_data_dir_is_one_line_for_every_command(tmp_path):
         assert result.exit_code == 1, (args, result.output)
         lines = [line for line in result.output.splitlines() if line.strip()]
         assert len(lines) == 1 and data in lines[0] and "DUET_DATA_DIR" in lines[0], (args, result.output)
+
+
+def test_an_invalid_setting_is_one_line_naming_its_variable(tmp_path):
+    result = runner.invoke(app, ["models", "list", "--data-dir", str(tmp_path)], env={"DUET_PORT": "eighty"})
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "DUET_PORT" in lines[0] and "Traceback" not in result.output
