@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 
+import httpx
 import numpy as np
 import openai
 import pytest
@@ -192,3 +193,55 @@ def test_many_large_images_wait_for_the_model_reduced_to_its_input_size(http, se
     assert len(response.json()["data"]) == len(images) == len(seen)
     assert set(seen) == {(64, 64), (85, 64)}  # nothing full-size ever reached the queue
     assert memory_budget(server.state.settings.max_image_memory_bytes).used == 0
+
+
+def test_overload_is_refused_at_entry_before_tokens_are_counted(http, server):
+    """Issue 11: at 4x capacity nothing was refused and requests waited 13.5 s (p50) in front of the
+    queue. Admission now refuses a request whose estimated wait (work ahead / measured throughput)
+    passes DUET_MAX_QUEUE_WAIT_MS (2 s here) before any of its tokens are counted. The throughput
+    is pinned, so nothing depends on this machine's speed."""
+    import threading
+
+    from service.batching import Throughput
+
+    class Pinned(Throughput):
+        def update(self, count: int, seconds: float) -> None:
+            pass
+
+    model = server.state.pool.loaded["minilm/1"]
+    batcher, encoder = model.batcher, model.encoder
+    gate, counted = threading.Event(), []
+    original_encode, original_throughput = batcher.encode, batcher.throughput
+    original_count = encoder.count_tokens
+
+    def count_tokens(texts):
+        counted.append(len(texts))
+        return original_count(texts)
+
+    batcher.encode = lambda payloads, modality: (gate.wait(30), original_encode(payloads, modality))[1]
+    batcher.throughput = Pinned(rate=1.0)  # 1 input/s: 3 inputs ahead are a 3 s wait
+    encoder.count_tokens = count_tokens
+    results = {}
+    first = threading.Thread(
+        target=lambda: results.setdefault("first", http.post("/v1/embeddings", json={"input": ["a", "b", "c"]}))
+    )
+    try:
+        first.start()
+        for _ in range(500):
+            if batcher.pending == 3:
+                break
+            threading.Event().wait(0.01)
+        assert batcher.pending == 3
+        counted.clear()
+        with httpx.Client(base_url=server.url, timeout=30) as other:
+            refused = other.post("/v1/embeddings", json={"input": ["d"]})
+        assert refused.status_code == 429, refused.text
+        assert refused.headers["retry-after"] == "1"  # 3 s ahead, 2 s budget: back in 1 s
+        assert "DUET_MAX_QUEUE_WAIT_MS" in refused.json()["error"]["message"]
+        assert counted == []  # refused before its tokens were counted
+    finally:
+        gate.set()
+        first.join(30)
+        batcher.encode, batcher.throughput = original_encode, original_throughput
+        del encoder.count_tokens
+    assert results["first"].status_code == 200
