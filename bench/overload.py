@@ -342,9 +342,12 @@ def render(args, machine: str, code: str, capacity: Phase, phases: list[Phase], 
         p99 = overload.pct_ms(overload.accepted, 99)
         share = overload.statuses.get(429, 0) / max(1, overload.sent)
         verdict = "met" if p99 <= 2 * budget_ms else "NOT met"
+        served = overload.accepted_inputs_per_s
         lines += [
             f"Overload target (p99 of accepted <= 2 x budget = {2 * budget_ms} ms, excess refused with 429): "
-            f"p99 {p99:.0f} ms, {share:.0%} of requests refused: **{verdict}**.",
+            f"p99 {p99:.0f} ms, {share:.0%} of requests refused: **{verdict}**. The server answered {served:.0f} "
+            f"inputs/s meanwhile, so the offered load was {overload.offered_rps * PER_REQUEST / served:.1f}x what it "
+            "could serve then (capacity moves with what else runs on the machine).",
             "",
         ]
     lines += [f"Server RSS (MiB, process tree) every {args.rss_every:g} s; peak (VmHWM) {_mib(peak_kb)} MiB:", ""]
