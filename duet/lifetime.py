@@ -142,6 +142,9 @@ def _lock(fd: int, path: Path, wait_seconds: float) -> None:
             if time.monotonic() >= deadline:
                 raise DataDirLocked(path, _read_pid(fd)) from None
             time.sleep(0.1)
+        except OSError as exc:  # a filesystem without locks (some network mounts): say so, go on
+            logger.warning("cannot lock the data dir %s (%s): make sure no other server uses it", path, exc)
+            return
 
 
 def _read_pid(fd: int) -> int | None:
