@@ -171,7 +171,7 @@ class DatasetStore:
                         dataset_id, f"{dataset_id}/{filename}", filename, digest, size, files, (owner,), size + unpacked
                     )
                     self._write(staging, info)
-                    self._place(staging, folder)
+                    self._place(staging, folder, self._manifest(staging, filename))
                 finally:
                     shutil.rmtree(staging, ignore_errors=True)
                 return info
@@ -201,9 +201,10 @@ class DatasetStore:
         self._write(folder, info)
         return info
 
-    def _place(self, staging: Path, folder: Path) -> None:
+    def _place(self, staging: Path, folder: Path, manifest: Path) -> None:
         """A new dataset: the staging folder becomes it, in one rename. The same bytes under a
-        new name: its files join the folder; one already there must hold the same bytes."""
+        new name: its files join the folder; one already there must hold the same bytes, except
+        `manifest` (this name's own, written in staging; an entry may be named `x.dataset.json`)."""
         try:
             staging.rename(folder)
             return
@@ -213,8 +214,8 @@ class DatasetStore:
         files = sorted(p for p in staging.rglob("*") if not p.is_dir())
         for source in files:
             target = folder / source.relative_to(staging)
-            if source.name.endswith(f".{MANIFEST}"):
-                continue  # our own manifest (entries cannot be named so): written below
+            if source == manifest:
+                continue  # written below
             if target.is_dir() or (target.exists() and not filecmp.cmp(source, target, shallow=False)):
                 raise DatasetError(
                     f"entry {str(source.relative_to(staging))!r} would replace a different file of this dataset; "
@@ -222,7 +223,7 @@ class DatasetStore:
                 )
         for source in files:
             target = folder / source.relative_to(staging)
-            if source.name.endswith(f".{MANIFEST}") or not target.exists():
+            if source == manifest or not target.exists():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(source, target)
 

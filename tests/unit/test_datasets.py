@@ -110,6 +110,17 @@ def test_an_archive_entry_never_replaces_a_stored_file(store):
         upload(store, other, "pairs.jsonl")
 
 
+def test_an_entry_named_like_a_manifest_never_replaces_a_stored_file(store):
+    # '.dataset.json' is how our manifests end, but only '.<name>.dataset.json' is one: an upload
+    # named 'x.dataset.json' is a plain stored file, which the same bytes as an archive holding
+    # an entry 'x.dataset.json' with other content overwrote (its manifest's sha256 then lied)
+    data = make_zip([("x.dataset.json", b'{"evil": true}')])
+    plain = upload(store, data, "x.dataset.json")
+    with pytest.raises(DatasetError, match="would replace a different file"):
+        upload(store, data, "shapes.zip")
+    assert (store.root / plain.id / "x.dataset.json").read_bytes() == data
+
+
 def test_listing_survives_anything_on_disk(store):
     good = upload(store, b'{"anchor": "a", "positive": "b"}\n', "pairs.jsonl")
     bad = store.root / "0123456789abcdef"
