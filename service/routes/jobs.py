@@ -34,6 +34,7 @@ JSON = [Depends(require_json)]
 T = TypeVar("T")
 
 KEEPALIVE_SECONDS = 15.0
+MAX_EVENT_ID = 2**63 - 1  # event ids are SQLite INTEGERs: a larger position cannot be bound
 
 
 class JobCreate(RequestBody):
@@ -211,7 +212,9 @@ async def resume_job(job_id: str, state: StateDep) -> JobRecord:
 async def job_events(
     job_id: str,
     state: StateDep,
-    after: int | None = Query(default=None, ge=0, description="Replay events after this id (default: all)."),
+    after: int | None = Query(
+        default=None, ge=0, le=MAX_EVENT_ID, description="Replay events after this id (default: all)."
+    ),
     last_event_id: str | None = Header(default=None),
 ) -> StreamingResponse:
     """Progress, stage, evaluation, log and state events as server-sent events; the stream
@@ -228,7 +231,12 @@ async def job_events(
 
 
 def _event_id(header: str | None) -> int:
-    return int(header) if header and header.strip().isdigit() else 0
+    """The event id a reconnecting client last saw: ASCII digits (`isdigit` also takes '\u00b2',
+    which `int` refuses), anything past the ids SQLite can hold meaning 'after every event'."""
+    value = (header or "").strip()
+    if not (value.isascii() and value.isdigit()):
+        return 0
+    return MAX_EVENT_ID if len(value) > 19 else min(int(value), MAX_EVENT_ID)  # int() refuses 4300+ digits
 
 
 async def _stream(store: JobStore, job_id: str, after: int) -> AsyncIterator[bytes]:

@@ -181,3 +181,23 @@ def test_a_key_sees_and_uses_only_its_own_datasets(client):
     )
     assert again.json()["path"] == path  # the same bytes uploaded by bob: now bob's too
     assert client.post("/v1/jobs", json={"config": config(path)}, headers=bearer("bob")).status_code == 201
+
+
+@pytest.mark.parametrize(
+    ("params", "headers"),
+    [
+        ({"after": str(2**63)}, {}),  # past SQLite's INTEGER: OverflowError inside the stream
+        ({}, {"Last-Event-ID": str(10**30)}),
+        ({}, {"Last-Event-ID": "9" * 5000}),  # int() refuses more than 4300 digits
+        ({}, {"Last-Event-ID": "\u00b2"}),  # isdigit() but not int(): ValueError, a 500
+    ],
+)
+def test_event_stream_positions_out_of_range_are_not_a_500(client, params, headers):
+    dataset = client.post("/v1/datasets", params={"filename": "ev.csv"}, content=b"anchor,positive,score\ne,f,1\n")
+    job = submit(client, config(dataset.json()["path"])).json()
+    assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 200  # no worker here: cancelled at once
+    with client.stream("GET", f"/v1/jobs/{job['id']}/events", params=params, headers=headers) as response:
+        body = response.read().decode()
+    assert response.status_code in (200, 400), body
+    if response.status_code == 200:
+        assert body.startswith("retry:")
