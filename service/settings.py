@@ -173,6 +173,11 @@ class Settings(BaseSettings):
         default=8, ge=0, description="Most dataloader_workers (processes per job) a job config may ask for."
     )
     job_max_seq_length: int = Field(default=8192, gt=0, description="Largest max_seq_length a job config may ask for.")
+    job_max_config_bytes: int = Field(
+        default=1024 * 1024,
+        gt=0,
+        description="Largest job config, as compact JSON: the record keeps it and every job listing returns it.",
+    )
     jobs_allow_local_paths: bool = Field(
         default=False,
         description="Let job configs name files and models by server-side path (outside uploaded datasets). "

@@ -9,6 +9,7 @@ routes answer 503 with Retry-After; embeddings and search do not depend on it.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from functools import partial
@@ -132,6 +133,15 @@ def validate(body: JobCreate, state, owner: str = ANONYMOUS) -> None:
     from trainer.config import ConfigError, parse_config
 
     settings = state.settings
+    size = len(json.dumps(body.config, separators=(",", ":")))
+    if size > settings.job_max_config_bytes:  # the record keeps it, and GET /v1/jobs returns up to 500 of them
+        raise ApiError(
+            413,
+            f"the job config is {size} bytes as JSON; at most {settings.job_max_config_bytes} are allowed "
+            "(DUET_JOB_MAX_CONFIG_BYTES)",
+            code="job_config_too_large",
+            param="config",
+        )
     allow_local = settings.jobs_allow_local_paths
     problems = reference_problems(body.config, state, allow_local)
     visible = None if allow_local else partial(dataset_store(settings).visible, owner=owner)

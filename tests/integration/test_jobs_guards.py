@@ -117,6 +117,18 @@ def test_job_sizes_are_bounded_with_the_field_and_limit_named(client, field, val
     assert words in response.json()["error"]["message"]
 
 
+def test_a_config_too_large_to_keep_in_the_record_is_413(client):
+    # Every job listing returns the configs of up to 500 jobs: a 10 MB 'name' was stored as it came
+    dataset = client.post("/v1/datasets", params={"filename": "big.csv"}, content=b"anchor,positive,score\ng,h,1\n")
+    big = config(dataset.json()["path"])
+    big["train"][0]["name"] = "x" * (2 * 1024 * 1024)
+    response = submit(client, big)
+    assert response.status_code == 413, response.text[:300]
+    assert response.json()["error"]["code"] == "job_config_too_large"
+    assert "DUET_JOB_MAX_CONFIG_BYTES" in response.json()["error"]["message"]
+    assert all(len(json.dumps(job["config"])) < 10_000 for job in client.get("/v1/jobs").json()["data"])
+
+
 def test_infinity_is_refused_by_the_api_not_the_worker(client):
     path = client.post("/v1/datasets", params={"filename": "g.csv"}, content=b"anchor,positive,score\na,b,1\n")
     body = json.dumps({"config": config(path.json()["path"])}).replace('"output"', '"epochs": Infinity, "output"')
