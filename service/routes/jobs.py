@@ -249,8 +249,24 @@ def _event_id(header: str | None) -> int:
     return MAX_EVENT_ID if len(value) > 19 else min(int(value), MAX_EVENT_ID)  # int() refuses 4300+ digits
 
 
+async def _end_before(store: JobStore, job_id: str, after: int) -> bytes | None:
+    """The `end` event again, if the job has ended and has no event after `after`: the client is
+    past its end (an EventSource reconnecting after it), nothing more will come, and the stream
+    would have sent keep-alives forever."""
+    try:
+        record = await anyio.to_thread.run_sync(store.get, job_id)
+    except (StoreUnavailable, JobNotFound):
+        return None  # the loop's next wait reports either
+    if not record.state.terminal or record.events > after:
+        return None
+    return encode_event(record.events, "end", record.model_dump(mode="json"))
+
+
 async def _stream(store: JobStore, job_id: str, after: int) -> AsyncIterator[bytes]:
     yield b"retry: 3000\n\n"
+    if end := await _end_before(store, job_id, after):
+        yield end
+        return
     while True:
         try:
             events = await anyio.to_thread.run_sync(store.wait_events, job_id, after, KEEPALIVE_SECONDS)
@@ -262,6 +278,9 @@ async def _stream(store: JobStore, job_id: str, after: int) -> AsyncIterator[byt
             yield encode_event(None, "error", {"message": f"job {job_id} no longer exists"})
             return
         if not events:
+            if end := await _end_before(store, job_id, after):
+                yield end
+                return
             yield f": keep-alive {time.time():.0f}\n\n".encode()
             continue
         for event in events:

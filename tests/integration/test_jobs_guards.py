@@ -201,10 +201,13 @@ def test_a_key_sees_and_uses_only_its_own_datasets(client):
         ({"after": str(2**63)}, {}),  # past SQLite's INTEGER: OverflowError inside the stream
         ({}, {"Last-Event-ID": str(10**30)}),
         ({}, {"Last-Event-ID": "9" * 5000}),  # int() refuses more than 4300 digits
-        ({}, {"Last-Event-ID": "\u00b2"}),  # isdigit() but not int(): ValueError, a 500
+        ({}, {"Last-Event-ID": b"\xb2"}),  # latin-1 "²": isdigit() but not int(): ValueError, a 500
+        ({}, {"Last-Event-ID": "3"}),  # the end event's id: an EventSource reconnecting after the end
+        ({"after": "7"}, {}),
     ],
 )
 def test_event_stream_positions_out_of_range_are_not_a_500(client, params, headers):
+    """...nor a stream of keep-alives that never ends: past a finished job's last event, it ends at once."""
     dataset = client.post("/v1/datasets", params={"filename": "ev.csv"}, content=b"anchor,positive,score\ne,f,1\n")
     job = submit(client, config(dataset.json()["path"])).json()
     assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 200  # no worker here: cancelled at once
@@ -212,4 +215,4 @@ def test_event_stream_positions_out_of_range_are_not_a_500(client, params, heade
         body = response.read().decode()
     assert response.status_code in (200, 400), body
     if response.status_code == 200:
-        assert body.startswith("retry:")
+        assert body.startswith("retry:") and "event: end" in body and '"state":"cancelled"' in body
