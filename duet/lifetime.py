@@ -183,7 +183,9 @@ def exit_with_parent(parent: int) -> None:
     prctl took effect: a thread polls `getppid()` each second. PDEATHSIG fires when the
     *thread* that started us ends, so the parent must start us from a long-lived thread (the
     server's event loop does)."""
-    _exit_unless(lambda: os.getppid() == parent, f"parent pid {parent}")
+    def alive() -> bool:
+        return os.getppid() == parent
+
     try:
         import ctypes
 
@@ -191,8 +193,8 @@ def exit_with_parent(parent: int) -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         pass  # not Linux: the polling thread below does it
-    _exit_unless(lambda: os.getppid() == parent, f"parent pid {parent}")
-    _watch(lambda: os.getppid() == parent, f"parent pid {parent}")
+    _exit_unless(alive, f"parent pid {parent}")  # after the prctl: a parent gone before it took effect
+    _watch(alive, f"parent pid {parent}")
 
 
 def exit_with_process(pid: int) -> None:

@@ -160,14 +160,11 @@ def write_config(folder: Path, config: CollectionConfig) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, folder / CONFIG_FILE)
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    _fsync_dir(folder)
 
 
 def _fsync_dir(folder: Path) -> None:
+    """Make a rename or a new entry in `folder` durable (the folder's own entry list)."""
     dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
