@@ -48,7 +48,9 @@ logger = logging.getLogger(__name__)
 
 Metric = Literal["cosine", "dot"]
 # \Z, not $: Python's $ also matches before a final newline, which let "name\n" through as a folder name.
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}\Z")
+# Unanchored, so the API's schemas (service/collection_schemas.py, service/openapi.py) state the same rule.
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}"
+_NAME = re.compile(rf"^{NAME_PATTERN}\Z")
 _ID = re.compile(r"^[^\x00-\x1f\ud800-\udfff]{1,256}\Z")  # no lone surrogates: SQLite stores UTF-8
 SNAPSHOT_FILE = "index.snapshot"
 STORE_FILE = "store.sqlite"

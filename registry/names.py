@@ -15,9 +15,13 @@ from registry.errors import InvalidNameError
 DEFAULT_ALIAS = "production"
 LATEST = "latest"
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-_ALIAS = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
-_VERSION = re.compile(r"^[1-9][0-9]{0,8}$")
+# Unanchored, so the OpenAPI document (service/openapi.py) states the same rules.
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
+ALIAS_PATTERN = r"[A-Za-z][A-Za-z0-9_-]{0,63}"
+VERSION_PATTERN = r"[1-9][0-9]{0,8}"
+_NAME = re.compile(rf"^{NAME_PATTERN}$")
+_ALIAS = re.compile(rf"^{ALIAS_PATTERN}$")
+_VERSION = re.compile(rf"^{VERSION_PATTERN}$")
 # MLflow reserves these alias spellings (they would shadow versions and `latest`).
 _RESERVED_ALIAS = re.compile(r"^(latest|v[0-9]+|version[0-9]+)$", re.IGNORECASE)
 

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from index.collection import NAME_PATTERN
 from service.schemas import RequestBody
 
 IndexKind = Literal["auto", "flat", "ivf", "ivfpq", "hnsw"]
@@ -27,7 +28,7 @@ class CollectionCreate(RequestBody):
     # documented 400 into a 422.
     name: str = Field(
         description="1-100 letters, digits, '_' or '-', starting with a letter or digit.",
-        json_schema_extra={"pattern": "^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$", "minLength": 1, "maxLength": 100},
+        json_schema_extra={"pattern": f"^{NAME_PATTERN}$", "minLength": 1, "maxLength": 100},
     )
     model: str | None = Field(
         default=None,

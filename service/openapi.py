@@ -23,6 +23,8 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from index.collection import NAME_PATTERN as COLLECTION_NAME_PATTERN
+from registry.names import ALIAS_PATTERN, NAME_PATTERN, VERSION_PATTERN
 from service.schemas import ErrorResponse
 
 DESCRIPTIONS = {
@@ -65,15 +67,15 @@ ROUTE_ERRORS: dict[tuple[str, str], set[int]] = {
     ("GET", "/metrics"): {401, 403},
 }
 
-_MODEL_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
-_ALIAS = r"[A-Za-z][A-Za-z0-9_-]{0,63}"
+_MODEL_NAME = NAME_PATTERN
+_ALIAS = ALIAS_PATTERN
 # (path prefix, parameter) -> pattern; the first matching prefix wins.
 PATH_PATTERNS: list[tuple[str, str, str]] = [
     ("/v1/models/{name}/", "name", f"^{_MODEL_NAME}$"),
     ("/v1/models/{name}", "name", f"^{_MODEL_NAME}(@{_ALIAS})?$"),  # a name, or name@alias
-    ("/v1/models/", "version", r"^[1-9][0-9]{0,8}$"),
+    ("/v1/models/", "version", f"^{VERSION_PATTERN}$"),
     ("/v1/models/", "alias", f"^{_ALIAS}$"),
-    ("/v1/collections/", "name", r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$"),
+    ("/v1/collections/", "name", f"^{COLLECTION_NAME_PATTERN}$"),
     ("/v1/collections/", "item_id", r"^[^\u0000-\u001f]{1,256}$"),
     ("/v1/jobs/", "job_id", r"^job_[0-9a-f]{1,64}$"),
 ]
