@@ -79,9 +79,12 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from index.collection import SNAPSHOT_FILE, Collection, CollectionConfig, CollectionManager  # noqa: E402
+from index.collection import Collection  # noqa: E402
+from index.config import CollectionConfig  # noqa: E402
 from index.engine import FaissIndex, IndexSpec  # noqa: E402
-from index.store import StoredItem  # noqa: E402
+from index.items import StoredItem  # noqa: E402
+from index.layout import SNAPSHOT_FILE  # noqa: E402
+from index.manager import CollectionManager  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
 from results import write_section  # noqa: E402

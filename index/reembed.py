@@ -28,14 +28,14 @@ import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 
-from index.store import StoredItem
-
-if TYPE_CHECKING:
-    from index.collection import Collection, CollectionConfig
+from index.collection import Collection
+from index.config import CollectionConfig
+from index.items import StoredItem
+from index.layout import data_folder
 
 logger = logging.getLogger(__name__)
 
@@ -130,8 +130,6 @@ class ReembedJob:
 
     def _copy(self) -> None:
         """Every item, embedded again from its content, into the new generation."""
-        from index.collection import Collection, data_folder
-
         staging = data_folder(self.source.folder, self.config.generation)
         shutil.rmtree(staging, ignore_errors=True)  # leftovers of an attempt cut short
         staging.mkdir(parents=True)
@@ -151,8 +149,6 @@ class ReembedJob:
 
     def _discard(self) -> None:
         """Remove the half-built generation; the source was never touched."""
-        from index.collection import data_folder
-
         if self.target is not None:
             self.target.store.close()
         shutil.rmtree(data_folder(self.source.folder, self.config.generation), ignore_errors=True)

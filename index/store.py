@@ -14,7 +14,7 @@ import logging
 import sqlite3
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import numpy as np
 
 from index.errors import PayloadError
 from index.filters import FIELD, value_type
+from index.items import StoredItem
 from index.payloads import dump_payload, load_payload, repair_payloads
 
 logger = logging.getLogger(__name__)
@@ -41,16 +42,6 @@ CREATE INDEX IF NOT EXISTS items_seq ON items(seq);
 CREATE TABLE IF NOT EXISTS tombstones (vid INTEGER PRIMARY KEY, seq INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS tombstones_seq ON tombstones(seq);
 """
-
-
-@dataclass
-class StoredItem:
-    id: str
-    modality: str
-    vector: np.ndarray
-    payload: dict[str, Any] = field(default_factory=dict)
-    content: str | None = None
-    vid: int = -1
 
 
 @dataclass(frozen=True)

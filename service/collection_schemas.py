@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from index.collection import NAME_PATTERN
+from index.config import NAME_PATTERN
 from service.schemas import RequestBody
 
 IndexKind = Literal["auto", "flat", "ivf", "ivfpq", "hnsw"]

@@ -21,11 +21,11 @@ from duet.logs import current_request_id
 from encoders.errors import EncoderError, ImageDecodeError, ModelLoadError, UnsupportedModalityError
 from index.errors import (
     CollectionBusyError,
+    CollectionError,
     CollectionExistsError,
     CollectionNotFoundError,
     CollectionUnavailableError,
     FilterError,
-    IndexError_,
     InvalidCollectionError,
     InvalidVectorError,
     ItemNotFoundError,
@@ -99,7 +99,7 @@ _DOMAIN_ERRORS: list[tuple[type[Exception], int, str]] = [
     (FilterError, 400, "invalid_filter"),
     (PayloadError, 400, "invalid_payload"),
     (InvalidCollectionError, 400, "invalid_collection_request"),
-    (IndexError_, 500, "index_error"),
+    (CollectionError, 500, "index_error"),
 ]
 
 
@@ -166,7 +166,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RegistryError)
     @app.exception_handler(EncoderError)
-    @app.exception_handler(IndexError_)
+    @app.exception_handler(CollectionError)
     async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
         status, code = domain_status(exc)
         if status >= 500:

@@ -23,7 +23,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from index.collection import NAME_PATTERN as COLLECTION_NAME_PATTERN
+from index.config import NAME_PATTERN as COLLECTION_NAME_PATTERN
 from registry.names import ALIAS_PATTERN, NAME_PATTERN, VERSION_PATTERN
 from service.schemas import ErrorResponse
 

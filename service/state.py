@@ -11,7 +11,7 @@ import anyio
 
 from duet.lifetime import DataDirLease, hold_data_dir
 from duet.logs import adopt_library_loggers
-from index.collection import CollectionManager
+from index.manager import CollectionManager
 from registry.store import ModelRegistry
 from service.bootstrap import register_default_models
 from service.jobs_runtime import JobsRuntime

@@ -62,3 +62,20 @@ def tiny_model_dir(tmp_path_factory, minilm_path) -> Path:
     from encoders.tiny import build_tiny_text_model
 
     return build_tiny_text_model(minilm_path, tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def milvus_uri(tmp_path_factory) -> Iterator[str]:
+    """A real Milvus endpoint (milvus-lite's gRPC server): `DUET_TEST_MILVUS_URI` when CI started one
+    (`.ci/run`), else a private `milvus-lite server` for this session. Tests namespace their collections
+    with a unique prefix, so runs sharing one server never meet."""
+    import os
+
+    from tests.helpers import MilvusLiteServer
+
+    uri = os.environ.get("DUET_TEST_MILVUS_URI")
+    if uri:
+        yield uri
+        return
+    with MilvusLiteServer(tmp_path_factory.mktemp("milvus")) as running:
+        yield running.uri

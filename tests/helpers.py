@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import io
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -85,3 +87,50 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = np.atleast_2d(a)
     b = np.atleast_2d(b)
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+class MilvusLiteServer:
+    """`milvus-lite server` (the gRPC server the milvus-lite package ships) on a loopback port, as a child
+    process: a real Milvus endpoint for the milvus backend's tests. `stop()`/`start()` simulate an outage."""
+
+    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+        self.data_dir = data_dir
+        self.port = port or free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        import shutil
+
+        exe = shutil.which("milvus-lite") or str(Path(sys.executable).parent / "milvus-lite")
+        self.process = subprocess.Popen(
+            [exe, "server", "--data-dir", str(self.data_dir), "--host", "127.0.0.1", "--port", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"milvus-lite server exited with {self.process.returncode}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("milvus-lite server did not listen in 60 s")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self) -> MilvusLiteServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

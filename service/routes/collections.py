@@ -26,12 +26,13 @@ from fastapi import Query as QueryParam
 from fastapi.responses import Response
 
 from encoders.contract import Modality
-from index.collection import Collection, CollectionConfig
+from index.collection import Collection
+from index.config import CollectionConfig
 from index.engine import IndexSpec
 from index.errors import CollectionBusyError, CollectionNotFoundError, InvalidVectorError, ReembedRefusedError
+from index.items import StoredItem
 from index.payloads import PayloadLimits, check_payload
 from index.reembed import EmbedFn
-from index.store import StoredItem
 from registry.errors import VersionNotFoundError
 from registry.names import DEFAULT_ALIAS, LATEST
 from registry.store import ModelRegistry, ModelVersionInfo

@@ -7,9 +7,10 @@ import pytest
 
 faiss = pytest.importorskip("faiss", reason="needs faiss (faiss-gpu-cu12 for the GPU path)")
 
-from index.collection import CollectionConfig, CollectionManager  # noqa: E402 (after the importorskip)
+from index.config import CollectionConfig  # noqa: E402 (after the importorskip)
 from index.engine import IndexSpec  # noqa: E402 (after the importorskip)
-from index.store import StoredItem  # noqa: E402 (after the importorskip)
+from index.items import StoredItem  # noqa: E402 (after the importorskip)
+from index.manager import CollectionManager  # noqa: E402 (after the importorskip)
 
 pytestmark = [
     pytest.mark.gpu,

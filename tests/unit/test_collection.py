@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from index.collection import CollectionConfig, CollectionManager, validate_collection_name, validate_item_id
+from index.config import CollectionConfig, validate_collection_name, validate_item_id
 from index.engine import IndexSpec
 from index.errors import (
     CollectionExistsError,
@@ -14,7 +14,8 @@ from index.errors import (
     InvalidVectorError,
     PayloadError,
 )
-from index.store import StoredItem
+from index.items import StoredItem
+from index.manager import CollectionManager
 
 DIM = 16
 

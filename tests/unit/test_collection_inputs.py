@@ -8,11 +8,12 @@ import sqlite3
 import numpy as np
 import pytest
 
-from index.collection import CollectionConfig, CollectionManager, validate_item_id
+from index.config import CollectionConfig, validate_item_id
 from index.engine import as_matrix
 from index.errors import InvalidCollectionError, InvalidVectorError, PayloadError
+from index.items import StoredItem
+from index.manager import CollectionManager
 from index.payloads import MAX_DEPTH, PayloadLimits, check_payload, load_payload
-from index.store import StoredItem
 
 DIM = 4
 LIMITS = PayloadLimits(max_fields=8, max_bytes=512, max_key_chars=16, max_collection_fields=12)

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from index.collection import CollectionConfig, CollectionManager
+from index.config import CollectionConfig
 from index.engine import FaissIndex, IndexSpec
 from index.errors import (
     CollectionBusyError,
@@ -19,7 +19,8 @@ from index.errors import (
     CollectionUnavailableError,
     InvalidCollectionError,
 )
-from index.store import StoredItem
+from index.items import StoredItem
+from index.manager import CollectionManager
 
 DIM = 8
 
@@ -104,7 +105,7 @@ def test_drop_waits_for_an_in_flight_write_then_removes_everything(manager, root
 
 
 def test_drop_refuses_with_busy_when_a_write_does_not_finish(manager, monkeypatch):
-    import index.collection as module
+    import index.manager as module
 
     monkeypatch.setattr(module, "DROP_WAIT_SECONDS", 0.2)
     c = manager.create(CollectionConfig(name="c", dim=DIM))

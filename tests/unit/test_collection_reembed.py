@@ -11,9 +11,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from index.collection import STORE_FILE, CollectionConfig, CollectionManager
+from index.config import CollectionConfig
 from index.errors import CollectionBusyError, ReembedRefusedError
-from index.store import StoredItem
+from index.items import StoredItem
+from index.layout import STORE_FILE
+from index.manager import CollectionManager
 
 TEXTS = {f"id{i}": f"text number {i}" for i in range(7)}
 
