@@ -57,6 +57,8 @@ class CollectionManager:
       droppable); it never stops the others or the service.
     """
 
+    kind = "faiss"
+
     def __init__(self, root: Path, use_gpu: bool = False) -> None:
         self.root = root
         self.use_gpu = use_gpu
