@@ -134,12 +134,17 @@ def serve(
 ) -> None:
     """Start the HTTP service (registers the default models on first start).
 
-    One server per data dir: a second one is refused with the first one's pid."""
+    One server per data dir with the faiss collections backend: a second one is refused with the
+    first one's pid. With DUET_COLLECTIONS_BACKEND=milvus, replicas may share a data dir."""
     import logging
 
     settings = _settings(data_dir, host=host, port=port, log_level=log_level)
     _setup_logging(settings.log_level, settings.log_format, capture=True)
-    _hold_data_dir(settings.data_dir)  # before the port: a second server names the first
+    problem = settings.missing_backend_package()
+    if problem:
+        raise _fail(problem)
+    if settings.holds_data_dir_lock:  # the faiss backend's one writer; milvus replicas share a data dir
+        _hold_data_dir(settings.data_dir)  # before the port: a second server names the first
     sock = _listen(settings.host, settings.port)
 
     import uvicorn

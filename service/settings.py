@@ -7,10 +7,11 @@ import time, so tests can construct as many differently-configured apps as they 
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -134,6 +135,34 @@ class Settings(BaseSettings):
         description="Most distinct filterable payload fields per collection (every upsert reads and writes the list).",
     )
     faiss_gpu: bool = Field(default=True, description="Clone indexes to the GPU for search when FAISS has GPU support.")
+    collections_backend: Literal["faiss", "milvus"] = Field(
+        default="faiss",
+        description="Where collections live. 'faiss': a SQLite store + FAISS index per collection under data_dir, "
+        "one server process per data dir (the data-dir lock). 'milvus': a Milvus server (or milvus-lite) that "
+        "API replicas share; needs `pip install 'duet[milvus]'`, and the data-dir lock is not taken.",
+    )
+    milvus_uri: str | None = Field(
+        default=None,
+        description="With the milvus backend: a file path runs milvus-lite embedded in this process (one process "
+        "only); http://host:19530 is a Milvus server. Default: milvus.db in data_dir.",
+    )
+    milvus_token: SecretStr | None = Field(
+        default=None, description="Milvus credentials: 'user:password' or an API key. Never logged."
+    )
+    milvus_db_name: str | None = Field(default=None, description="Milvus database to use. Default: the server's.")
+    milvus_prefix: str = Field(
+        default="duet",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        max_length=64,
+        description="Milvus collection names are {prefix}_{name}_g{generation}, alias {prefix}_{name}; letters, "
+        "digits and underscores, not starting with a digit. Services sharing a Milvus need the same prefix to "
+        "share collections, different ones to keep apart.",
+    )
+    milvus_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="Timeout of each Milvus call; a call past it (or Milvus down) answers 503 + Retry-After.",
+    )
 
     # Jobs.
     redis_url: str | None = Field(
@@ -236,6 +265,29 @@ class Settings(BaseSettings):
     @property
     def collections_dir(self) -> Path:
         return self.data_dir / "collections"
+
+    @property
+    def holds_data_dir_lock(self) -> bool:
+        """Whether a server takes the data-dir lock (`duet.lifetime.hold_data_dir`). The lock exists
+        because the faiss backend's collection files (store + index under data_dir/collections) have
+        exactly one writer: two processes would each replay and write them. With the milvus backend
+        the collections live in Milvus, which serialises writers itself, so API replicas may share one
+        data dir (registry, datasets, checkpoints) and none of them takes the lock."""
+        return self.collections_backend == "faiss"
+
+    def missing_backend_package(self) -> str | None:
+        """One line naming what to install when the chosen collections backend's package is absent."""
+        if self.collections_backend == "milvus" and importlib.util.find_spec("pymilvus") is None:
+            return (
+                "DUET_COLLECTIONS_BACKEND=milvus needs pymilvus, which is not installed: "
+                "pip install 'duet[milvus]' (or set DUET_COLLECTIONS_BACKEND=faiss)"
+            )
+        return None
+
+    @property
+    def milvus_uri_or_default(self) -> str:
+        """`milvus_uri`, or milvus-lite's file under the data dir when it is unset."""
+        return self.milvus_uri or str(self.data_dir / "milvus.db")
 
     @property
     def datasets_dir(self) -> Path:

@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from duet.lifetime import DataDirLease, hold_data_dir
+from duet.lifetime import DataDirLease, check_writable, hold_data_dir
 from duet.logs import adopt_library_loggers
-from index.manager import CollectionManager
+from index.backend import CollectionBackend, MilvusOptions, open_backend
+from index.errors import BackendUnavailableError
 from registry.store import ModelRegistry
 from service.bootstrap import register_default_models
 from service.jobs_runtime import JobsRuntime
@@ -27,13 +28,39 @@ def open_registry(settings: Settings) -> ModelRegistry:
     return ModelRegistry.open(settings.registry_dir, settings.registry_uri, settings.artifact_uri)
 
 
+class CollectionsBackendMissing(RuntimeError):
+    """The chosen collections backend's package is not installed; the message says what to install."""
+
+
+def open_collections(settings: Settings) -> CollectionBackend:
+    """The collections backend the settings choose (`DUET_COLLECTIONS_BACKEND`). A Milvus that is down
+    must not stop start-up: the backend reports it per call (`BackendUnavailableError`, a 503)."""
+    milvus = None
+    if settings.collections_backend == "milvus":
+        milvus = MilvusOptions(
+            uri=settings.milvus_uri_or_default,
+            token=settings.milvus_token.get_secret_value() if settings.milvus_token else None,
+            db_name=settings.milvus_db_name,
+            prefix=settings.milvus_prefix,
+            timeout_seconds=settings.milvus_timeout_seconds,
+        )
+    try:
+        return open_backend(
+            settings.collections_backend, root=settings.collections_dir, use_gpu=settings.faiss_gpu, milvus=milvus
+        )
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] == "pymilvus":
+            raise CollectionsBackendMissing(settings.missing_backend_package() or str(exc)) from None
+        raise
+
+
 @dataclass
 class ServiceState:
     settings: Settings
     registry: ModelRegistry
     metrics: Metrics
     pool: ModelPool
-    collections: CollectionManager
+    collections: CollectionBackend
     ready: bool = False
     startup_error: str | None = None
     jobs: JobsRuntime | None = None
@@ -46,7 +73,17 @@ class ServiceState:
     async def start(cls, settings: Settings) -> ServiceState:
         """Lock the data dir, open the registry and register defaults (blocking start-up), then
         preload in the background. A second server on the same data dir is refused here, before
-        it opens (and replays into) a single collection."""
+        it opens (and replays into) a single collection.
+
+        The lock is the faiss backend's: its collection files have one writer. With the milvus
+        backend the collections live in Milvus, replicas may share the data dir, and no lock is
+        taken (`Settings.holds_data_dir_lock`)."""
+        problem = settings.missing_backend_package()
+        if problem:
+            raise CollectionsBackendMissing(problem)
+        if not settings.holds_data_dir_lock:
+            await anyio.to_thread.run_sync(check_writable, settings.data_dir)
+            return await cls._open(settings)
         lease = await anyio.to_thread.run_sync(hold_data_dir, settings.data_dir)
         try:
             state = await cls._open(settings)
@@ -62,8 +99,12 @@ class ServiceState:
         if settings.register_default_models:
             await anyio.to_thread.run_sync(register_default_models, registry, settings.data_dir)
         metrics = Metrics()
-        collections = CollectionManager(settings.collections_dir, use_gpu=settings.faiss_gpu)
-        await anyio.to_thread.run_sync(collections.open_all)  # replays each index from its store
+        collections = await anyio.to_thread.run_sync(open_collections, settings)
+        try:
+            await anyio.to_thread.run_sync(collections.open_all)  # faiss: replays each index from its store
+        except BackendUnavailableError as exc:
+            # Milvus down: serve anyway (embeddings work; collection calls answer 503 until it is back).
+            logger.warning("collections backend unavailable at start-up (%s); collection calls answer 503", exc)
         state = cls(
             settings=settings,
             registry=registry,
@@ -115,7 +156,10 @@ class ServiceState:
         if self.jobs is not None:
             await self.jobs.close()
         await self.pool.close()
-        await anyio.to_thread.run_sync(self.collections.close)
+        try:
+            await anyio.to_thread.run_sync(self.collections.close)
+        except BackendUnavailableError as exc:
+            logger.warning("closing the collections backend: %s", exc)
         if self.lease is not None:
             self.lease.release()
 
