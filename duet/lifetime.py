@@ -42,13 +42,13 @@ class DataDirError(Exception):
     """The data dir cannot be used; the message is one line for the user, naming the path."""
 
 
-class DataDirUnwritable(DataDirError):
+class DataDirUnwritableError(DataDirError):
     def __init__(self, path: Path, reason: str) -> None:
         super().__init__(f"cannot write to the data dir {path} (DUET_DATA_DIR or --data-dir): {reason}")
         self.path = path
 
 
-class DataDirLocked(DataDirError):
+class DataDirLockedError(DataDirError):
     def __init__(self, path: Path, pid: int | None) -> None:
         holder = f"pid {pid}" if pid else "another process"
         super().__init__(
@@ -98,16 +98,16 @@ def check_writable(data_dir: Path) -> Path:
         with tempfile.TemporaryFile(dir=path, prefix=".duet-write-test-"):
             pass
     except OSError as exc:
-        raise DataDirUnwritable(path, exc.strerror or str(exc)) from None
+        raise DataDirUnwritableError(path, exc.strerror or str(exc)) from None
     return path
 
 
 def hold_data_dir(data_dir: Path, wait_seconds: float = 2.0) -> DataDirLease:
     """Take (or share, within this process) the exclusive lock on `data_dir`.
 
-    Raises `DataDirLocked` naming the holder's pid when another process holds it for longer
+    Raises `DataDirLockedError` naming the holder's pid when another process holds it for longer
     than `wait_seconds` (a server killed a moment ago may still be exiting), and
-    `DataDirUnwritable` when the folder or its lock file cannot be written.
+    `DataDirUnwritableError` when the folder or its lock file cannot be written.
     """
     path = check_writable(data_dir)
     with _mutex:
@@ -118,7 +118,7 @@ def hold_data_dir(data_dir: Path, wait_seconds: float = 2.0) -> DataDirLease:
             (path / LOCK_FILE).parent.mkdir(exist_ok=True)
             fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
-            raise DataDirUnwritable(path, exc.strerror or str(exc)) from None
+            raise DataDirUnwritableError(path, exc.strerror or str(exc)) from None
         try:
             _lock(fd, path, wait_seconds)
             os.ftruncate(fd, 0)
@@ -140,7 +140,7 @@ def _lock(fd: int, path: Path, wait_seconds: float) -> None:
             return
         except BlockingIOError:
             if time.monotonic() >= deadline:
-                raise DataDirLocked(path, _read_pid(fd)) from None
+                raise DataDirLockedError(path, _read_pid(fd)) from None
             time.sleep(0.1)
         except OSError as exc:  # a filesystem without locks (some network mounts): say so, go on
             logger.warning("cannot lock the data dir %s (%s): make sure no other server uses it", path, exc)

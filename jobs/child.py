@@ -115,7 +115,7 @@ def main(spec: JobSpec, conn: Any, cancel: Any) -> None:
 def run(spec: JobSpec, notify, should_stop) -> tuple[str, dict[str, Any]]:
     from registry.store import ModelRegistry
     from trainer.config import parse_config
-    from trainer.run import TrainingCancelled, run_training
+    from trainer.run import TrainingCancelledError, run_training
 
     notify({"event": "stage", "stage": f"starting attempt {spec.attempt}"})
     confined = not spec.allow_local_paths
@@ -132,7 +132,7 @@ def run(spec: JobSpec, notify, should_stop) -> tuple[str, dict[str, Any]]:
             should_stop=should_stop,
             confined=confined,
         )
-    except TrainingCancelled as exc:
+    except TrainingCancelledError as exc:
         return "cancelled", {"error": f"cancelled at step {exc.step}", "step": exc.step}
     return "succeeded", {
         "model": result.version.ref if result.version else None,

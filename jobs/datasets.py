@@ -49,7 +49,7 @@ class DatasetError(ValueError):
     """An upload that cannot be stored as it is; the message says what to change."""
 
 
-class DatasetTooLarge(DatasetError):
+class DatasetTooLargeError(DatasetError):
     """Over a size, count or storage limit (HTTP 413); `code` says which."""
 
     def __init__(self, message: str, code: str = "dataset_too_large") -> None:
@@ -126,9 +126,9 @@ class DatasetStore:
     def room(self, owner: str) -> int:
         return self.limits.storage_per_owner - self.usage(owner)
 
-    def _quota_error(self, owner: str, needed: int, room: int) -> DatasetTooLarge:
+    def _quota_error(self, owner: str, needed: int, room: int) -> DatasetTooLargeError:
         who = f"API key '{owner}'" if owner else "uploads (auth is off: one allowance for all)"
-        return DatasetTooLarge(
+        return DatasetTooLargeError(
             f"storage for datasets is full: {who} may use {self.limits.storage_per_owner} bytes "
             f"(DUET_DATASET_STORAGE_PER_KEY_BYTES), {max(room, 0)} are left and this upload needs {needed}",
             code="dataset_storage_full",
@@ -270,14 +270,14 @@ class DatasetStore:
     def _unpacked_error(self, written: int, budget: int, owner: str, room: int) -> DatasetError:
         if budget == room and room < self.limits.max_unpacked_bytes:
             return self._quota_error(owner, written, room)
-        return DatasetTooLarge(
+        return DatasetTooLargeError(
             f"the archive unpacks to more than the {self.limits.max_unpacked_bytes} bytes allowed "
             "(DUET_MAX_DATASET_UNPACKED_BYTES)"
         )
 
     def _check_members(self, infos: list[zipfile.ZipInfo], archive_name: str) -> list[zipfile.ZipInfo]:
         if len(infos) > self.limits.max_files:
-            raise DatasetTooLarge(
+            raise DatasetTooLargeError(
                 f"the archive has {len(infos)} entries, more than the {self.limits.max_files} allowed "
                 "(DUET_MAX_DATASET_FILES)",
                 code="dataset_too_many_files",

@@ -100,16 +100,16 @@ class JobError(Exception):
     """Base of the job errors the API turns into 4xx/503 answers."""
 
 
-class JobNotFound(JobError):
+class JobNotFoundError(JobError):
     pass
 
 
-class InvalidTransition(JobError):
+class InvalidTransitionError(JobError):
     def __init__(self, job_id: str, current: JobState, wanted: JobState) -> None:
         super().__init__(f"job {job_id} is {current.value}; it cannot become {wanted.value}")
         self.current = current
         self.wanted = wanted
 
 
-class StoreUnavailable(JobError):
+class StoreUnavailableError(JobError):
     """The job store (Redis) cannot be reached; callers answer 503 and retry later."""

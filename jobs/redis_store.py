@@ -7,7 +7,7 @@ Python (the rules in `jobs.store`), then MULTI/EXEC the record, its events and q
 together, retrying when another client changed the record in between.
 
 Durability is Redis's: run it with `appendonly yes` (docker-compose does) so a restart
-loses no record. While Redis is unreachable every call raises `StoreUnavailable`, which the
+loses no record. While Redis is unreachable every call raises `StoreUnavailableError`, which the
 API answers with 503 and the worker rides out (it keeps training and retries its writes).
 """
 
@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import redis
 
-from jobs.records import JobNotFound, JobRecord, JobState, StoreUnavailable
+from jobs.records import JobNotFoundError, JobRecord, JobState, StoreUnavailableError
 from jobs.store import Change, JobEvent, JobStore, Modifier, apply_change
 
 T = TypeVar("T")
@@ -62,13 +62,13 @@ class RedisJobStore(JobStore):
     # -- plumbing ------------------------------------------------------------------------------
 
     def _call(self, action: Callable[[], T]) -> T:
-        """Run `action`, turning a lost connection into StoreUnavailable (-> 503, retry)."""
+        """Run `action`, turning a lost connection into StoreUnavailableError (-> 503, retry)."""
         try:
             return action()
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise StoreUnavailable(f"the job store (Redis at {self._safe_url()}) is unreachable: {exc}") from exc
+            raise StoreUnavailableError(f"the job store (Redis at {self._safe_url()}) is unreachable: {exc}") from exc
         except redis.BusyLoadingError as exc:
-            raise StoreUnavailable("the job store (Redis) is loading its data after a restart") from exc
+            raise StoreUnavailableError("the job store (Redis) is loading its data after a restart") from exc
 
     def _safe_url(self) -> str:
         """The URL without a password, for messages."""
@@ -126,7 +126,7 @@ class RedisJobStore(JobStore):
                         pipe.watch(key)
                         raw = pipe.get(key)
                         if raw is None:
-                            raise JobNotFound(f"no job {job_id!r}")
+                            raise JobNotFoundError(f"no job {job_id!r}")
                         record = JobRecord.model_validate_json(raw)
                         change = modify(record)
                         if change is None:
@@ -150,7 +150,7 @@ class RedisJobStore(JobStore):
     def get(self, job_id: str) -> JobRecord:
         raw = self._call(lambda: self.client.get(self._job(job_id)))
         if raw is None:
-            raise JobNotFound(f"no job {job_id!r}")
+            raise JobNotFoundError(f"no job {job_id!r}")
         return JobRecord.model_validate_json(raw)
 
     def list(self, limit: int = 50, state: JobState | None = None) -> list[JobRecord]:
@@ -171,7 +171,7 @@ class RedisJobStore(JobStore):
         def read() -> list[JobEvent]:
             raws = self.client.lrange(self._events(job_id), max(after, 0), -1)
             if not raws and not self.client.exists(self._job(job_id)):
-                raise JobNotFound(f"no job {job_id!r}")
+                raise JobNotFoundError(f"no job {job_id!r}")
             return [JobEvent(*json.loads(raw)) for raw in raws]
 
         return self._call(read)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs.records import JobNotFound, JobRecord, JobState
+from jobs.records import JobNotFoundError, JobRecord, JobState
 from jobs.store import Change, JobEvent, JobStore, Modifier, apply_change
 
 _SCHEMA = """
@@ -122,7 +122,7 @@ class SqliteJobStore(JobStore):
         try:
             row = db.execute("SELECT record, queue_pos FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
-                raise JobNotFound(f"no job {job_id!r}")
+                raise JobNotFoundError(f"no job {job_id!r}")
             record = JobRecord.model_validate_json(row["record"])
             change = modify(record)
             if change is None:
@@ -159,7 +159,7 @@ class SqliteJobStore(JobStore):
     def get(self, job_id: str) -> JobRecord:
         row = self._connect().execute("SELECT record FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
-            raise JobNotFound(f"no job {job_id!r}")
+            raise JobNotFoundError(f"no job {job_id!r}")
         return JobRecord.model_validate_json(row["record"])
 
     def list(self, limit: int = 50, state: JobState | None = None) -> list[JobRecord]:
@@ -172,7 +172,7 @@ class SqliteJobStore(JobStore):
         return [JobRecord.model_validate_json(r["record"]) for r in self._connect().execute(query, args)]
 
     def events_after(self, job_id: str, after: int) -> list[JobEvent]:
-        self.get(job_id)  # JobNotFound for an unknown id
+        self.get(job_id)  # JobNotFoundError for an unknown id
         rows = self._connect().execute(
             "SELECT seq, type, data, time FROM events WHERE job_id = ? AND seq > ? ORDER BY seq", (job_id, after)
         )

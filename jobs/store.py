@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from jobs.records import InvalidTransition, JobNotFound, JobRecord, JobState, can_move
+from jobs.records import InvalidTransitionError, JobNotFoundError, JobRecord, JobState, can_move
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class JobStore(ABC):
     @abstractmethod
     def _modify(self, job_id: str, modify: Modifier) -> JobRecord:
         """Atomically: read the record, let `modify` change it, write it with the change's
-        events and queue moves. Raises JobNotFound."""
+        events and queue moves. Raises JobNotFoundError."""
 
     @abstractmethod
     def _head_of_queue(self) -> str | None:
@@ -78,7 +78,7 @@ class JobStore(ABC):
 
     @abstractmethod
     def ping(self) -> None:
-        """Raise StoreUnavailable when the store cannot be reached."""
+        """Raise StoreUnavailableError when the store cannot be reached."""
 
     def close(self) -> None:  # noqa: B027 - optional for backends
         pass
@@ -115,7 +115,7 @@ class JobStore(ABC):
 
             try:
                 record = self._modify(job_id, start)
-            except JobNotFound:  # deleted while queued: nothing to run
+            except JobNotFoundError:  # deleted while queued: nothing to run
                 continue
             if started:
                 return record
@@ -142,11 +142,11 @@ class JobStore(ABC):
 
         def apply(record: JobRecord) -> Change:
             if not can_move(record.state, state):
-                raise InvalidTransition(record.id, record.state, state)
+                raise InvalidTransitionError(record.id, record.state, state)
             if worker is not None and record.worker != worker:
                 # The reaper already gave this job up (and maybe someone resumed it): the
                 # late answer of a worker thought dead must not overwrite that.
-                raise InvalidTransition(record.id, record.state, state)
+                raise InvalidTransitionError(record.id, record.state, state)
             record.state = state
             record.finished_at = time.time()
             for name, value in fields.items():
@@ -171,7 +171,7 @@ class JobStore(ABC):
             if record.state is JobState.running:
                 record.cancel_requested = True
                 return Change(events=[("log", {"message": "cancel requested; stopping at the next step"})])
-            raise InvalidTransition(record.id, record.state, JobState.cancelled)
+            raise InvalidTransitionError(record.id, record.state, JobState.cancelled)
 
         return self._modify(job_id, apply)
 
@@ -181,9 +181,9 @@ class JobStore(ABC):
 
         def apply(record: JobRecord) -> Change:
             if not can_move(record.state, JobState.queued):
-                raise InvalidTransition(record.id, record.state, JobState.queued)
+                raise InvalidTransitionError(record.id, record.state, JobState.queued)
             if not record.resumable:
-                raise InvalidTransition(record.id, record.state, JobState.queued)
+                raise InvalidTransitionError(record.id, record.state, JobState.queued)
             record.state = JobState.queued
             record.attempt += 1
             record.error = None
@@ -221,7 +221,7 @@ class JobStore(ABC):
 
             try:
                 record = self._modify(job_id, apply)
-            except JobNotFound:
+            except JobNotFoundError:
                 continue
             if record.state is JobState.failed and record.finished_at == now:
                 failed.append(job_id)

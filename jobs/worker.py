@@ -25,7 +25,7 @@ from typing import Any
 
 from duet.logs import log_context
 from jobs import child
-from jobs.records import InvalidTransition, JobNotFound, JobRecord, JobState, StoreUnavailable
+from jobs.records import InvalidTransitionError, JobNotFoundError, JobRecord, JobState, StoreUnavailableError
 from jobs.store import JobStore
 
 logger = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class Relay:
                 record = self.store.worker_update(
                     self.job_id, self.worker, events=events, **fields, heartbeat_at=time.time()
                 )
-            except StoreUnavailable as exc:
+            except StoreUnavailableError as exc:
                 with self._lock:
                     self.events = (events + self.events)[:MAX_BUFFERED_EVENTS]
                     self.fields = {**fields, **self.fields}
@@ -167,7 +167,7 @@ class Worker:
             try:
                 record = self.store.claim(self.name)
                 backoff = self.options.poll_seconds
-            except StoreUnavailable as exc:
+            except StoreUnavailableError as exc:
                 logger.warning("job store unreachable, retrying in %.0f s: %s", backoff, exc)
                 self.stopping.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
@@ -300,10 +300,10 @@ class Worker:
                     "job %s %s%s", relay.job_id, state.value, f": {fields.get('error')}" if "error" in fields else ""
                 )
                 return
-            except StoreUnavailable as exc:
+            except StoreUnavailableError as exc:
                 logger.warning("job %s: store unreachable while recording its outcome; retrying: %s", relay.job_id, exc)
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
-            except (InvalidTransition, JobNotFound) as exc:
+            except (InvalidTransitionError, JobNotFoundError) as exc:
                 logger.warning("job %s: outcome %s not recorded: %s", relay.job_id, state.value, exc)
                 return

@@ -18,7 +18,7 @@ import time
 
 import anyio
 
-from jobs.records import StoreUnavailable
+from jobs.records import StoreUnavailableError
 from jobs.redis_store import RedisJobStore
 from jobs.sqlite_store import SqliteJobStore
 from jobs.store import JobStore
@@ -92,7 +92,7 @@ class JobsRuntime:
                 failed = await anyio.to_thread.run_sync(self.store.fail_stale, timeout)
                 for job_id in failed:
                     logger.warning("job %s failed: its worker stopped sending heartbeats", job_id)
-            except StoreUnavailable as exc:
+            except StoreUnavailableError as exc:
                 reachable_since = None
                 logger.warning("job store unreachable: %s", exc)
             except Exception:

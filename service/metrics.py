@@ -97,7 +97,7 @@ def refresh_gauges(metrics: Metrics, state) -> None:
         try:
             for job_state, count in jobs.store.count_by_state().items():
                 metrics.jobs.labels(job_state.value).set(count)
-        except Exception as exc:  # noqa: BLE001 - StoreUnavailable and kin: metrics must still render
+        except Exception as exc:  # noqa: BLE001 - StoreUnavailableError and kin: metrics must still render
             logger.warning("job counts not refreshed: %s", exc)
     names = state.collections.names()
     metrics.collections.set(len(names))

@@ -225,7 +225,7 @@ def _file_problems(
             if confined:
                 try:
                     path = resolve_inside(spec.path, base_dir)
-                except OutsideRoot as exc:
+                except OutsideRootError as exc:
                     problems.append(f"{where}: {exc}")
                     continue
             else:
@@ -278,7 +278,7 @@ def resolve_path(value: str, base_dir: Path | None) -> Path:
     return path if path.is_absolute() or base_dir is None else (base_dir / path)
 
 
-class OutsideRoot(ValueError):
+class OutsideRootError(ValueError):
     """A reference that would leave the folder it must stay in; the message names it as given."""
 
 
@@ -287,16 +287,16 @@ def resolve_inside(value: str, root: Path | None, relative_to: Path | None = Non
     every symbolic link followed, is inside `root`. No `~` or variable expansion: `~user/x`
     is a file named so inside the folder. The answer is the real path."""
     if root is None:
-        raise OutsideRoot(f"{clip(value)}: no datasets folder to resolve it in")
+        raise OutsideRootError(f"{clip(value)}: no datasets folder to resolve it in")
     pure = PurePosixPath(value)
     dotdot = relative_to is None and ".." in pure.parts  # a data file's own references may climb; bounded below
     if not value or "\\" in value or "\0" in value or pure.is_absolute() or dotdot:
-        raise OutsideRoot(
+        raise OutsideRootError(
             f"{clip(value)} must be the path of an uploaded dataset (POST /v1/datasets returns it), relative and "
             "without '..', not a server path"
         )
     real_root = root.resolve()
     real = ((relative_to or root) / pure).resolve()
     if not real.is_relative_to(real_root):
-        raise OutsideRoot(f"{clip(value)} leads outside the uploaded datasets (through a link?)")
+        raise OutsideRootError(f"{clip(value)} leads outside the uploaded datasets (through a link?)")
     return real

@@ -24,7 +24,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from trainer.config import DatasetSpec, OutsideRoot, resolve_inside, resolve_path
+from trainer.config import DatasetSpec, OutsideRootError, resolve_inside, resolve_path
 from trainer.tables import STS_COLUMNS, RowError, clip, read_rows
 
 logger = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def _check_image(value: str, base: Path, root: Path | None) -> str:
     if root is not None:
         try:
             path = resolve_inside(value, root, relative_to=base)
-        except OutsideRoot:
+        except OutsideRootError:
             raise RowError(
                 f"image {clip(value)} is not inside this upload (a .zip carries a data file and its images)"
             ) from None
@@ -208,7 +208,7 @@ def load_data(spec: DatasetSpec, base_dir: Path | None = None, *, confined: bool
             path = resolve_inside(spec.path, base_dir)
             # images: inside the same upload (a .zip carries a data file and its images)
             root = resolve_inside(PurePosixPath(spec.path).parts[0], base_dir)
-        except OutsideRoot as exc:
+        except OutsideRootError as exc:
             raise RowError(str(exc)) from None
     else:
         path = resolve_path(spec.path, base_dir)

@@ -46,7 +46,7 @@ class TrainResult:
     mining: dict[str, Any] = field(default_factory=dict)
 
 
-class TrainingCancelled(Exception):
+class TrainingCancelledError(Exception):
     """Training stopped on request; a checkpoint of the last step was written, so it resumes."""
 
     def __init__(self, step: int) -> None:
@@ -293,7 +293,7 @@ def run_training(
 ) -> TrainResult:
     """Train one config in `run_dir` (resuming from its last checkpoint when `resume`).
     `on_progress` receives stage, progress and evaluation events; `should_stop` is polled
-    after every step and, once true, ends the run with `TrainingCancelled`. `confined` (jobs
+    after every step and, once true, ends the run with `TrainingCancelledError`. `confined` (jobs
     from the API): data only from inside `base_dir`, the base model never a server path.
     On success the checkpoints are deleted (they only serve a resume), and so is the run's
     model folder once the registry holds its copy."""
@@ -363,7 +363,7 @@ def run_training(
         raise
     if should_stop is not None and should_stop():
         tracker.finish("KILLED")
-        raise TrainingCancelled(trainer.state.global_step)
+        raise TrainingCancelledError(trainer.state.global_step)
     result = TrainResult(run_dir=run_dir, before=before, after={}, report="", mining=mining_reports)
     if not main:
         return result

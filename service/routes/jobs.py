@@ -22,8 +22,15 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from duet.logs import current_request_id
-from jobs.datasets import ANONYMOUS, DatasetError, DatasetLimits, DatasetStore, DatasetTooLarge, check_filename
-from jobs.records import InvalidTransition, JobNotFound, JobRecord, JobState, StoreUnavailable, new_job_id
+from jobs.datasets import ANONYMOUS, DatasetError, DatasetLimits, DatasetStore, DatasetTooLargeError, check_filename
+from jobs.records import (
+    InvalidTransitionError,
+    JobNotFoundError,
+    JobRecord,
+    JobState,
+    StoreUnavailableError,
+    new_job_id,
+)
 from jobs.sse import encode_event
 from jobs.store import JobStore
 from service.deps import StateDep, require_json
@@ -54,11 +61,11 @@ async def call(store: JobStore, fn: Callable[..., T], *args: Any, **kwargs: Any)
     """Run a store call in a thread; store errors become the API's 404/409/503."""
     try:
         return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
-    except JobNotFound as exc:
+    except JobNotFoundError as exc:
         raise ApiError(404, str(exc), code="job_not_found") from None
-    except InvalidTransition as exc:
+    except InvalidTransitionError as exc:
         raise ApiError(409, str(exc), code="job_state_conflict") from None
-    except StoreUnavailable as exc:
+    except StoreUnavailableError as exc:
         raise ApiError(
             503,
             f"{exc}; jobs are unavailable until it is back",
@@ -255,7 +262,7 @@ async def _end_before(store: JobStore, job_id: str, after: int) -> bytes | None:
     would have sent keep-alives forever."""
     try:
         record = await anyio.to_thread.run_sync(store.get, job_id)
-    except (StoreUnavailable, JobNotFound):
+    except (StoreUnavailableError, JobNotFoundError):
         return None  # the loop's next wait reports either
     if not record.state.terminal or record.events > after:
         return None
@@ -270,11 +277,11 @@ async def _stream(store: JobStore, job_id: str, after: int) -> AsyncIterator[byt
     while True:
         try:
             events = await anyio.to_thread.run_sync(store.wait_events, job_id, after, KEEPALIVE_SECONDS)
-        except StoreUnavailable:
+        except StoreUnavailableError:
             yield b": job store unreachable; waiting\n\n"
             await anyio.sleep(2)
             continue
-        except JobNotFound:
+        except JobNotFoundError:
             yield encode_event(None, "error", {"message": f"job {job_id} no longer exists"})
             return
         if not events:
@@ -290,7 +297,7 @@ async def _stream(store: JobStore, job_id: str, after: int) -> AsyncIterator[byt
                 continue
             try:
                 final = await anyio.to_thread.run_sync(store.get, job_id)
-            except (StoreUnavailable, JobNotFound):
+            except (StoreUnavailableError, JobNotFoundError):
                 yield encode_event(event.seq, "end", {"id": job_id})
                 return
             if final.events > event.seq:  # the end of an earlier attempt: the job was resumed since
@@ -337,7 +344,7 @@ async def upload_dataset(
         if size == 0:
             raise ApiError(400, "the upload is empty; send the file as the request body", code="empty_dataset")
         info = await anyio.to_thread.run_sync(datasets.commit, temp, digest.hexdigest(), size, name, owner)
-    except DatasetTooLarge as exc:
+    except DatasetTooLargeError as exc:
         raise ApiError(413, str(exc), code=exc.code) from None
     except DatasetError as exc:
         raise ApiError(400, str(exc), code="invalid_dataset") from None

@@ -10,7 +10,7 @@ import zipfile
 
 import pytest
 
-from jobs.datasets import DatasetError, DatasetLimits, DatasetStore, DatasetTooLarge
+from jobs.datasets import DatasetError, DatasetLimits, DatasetStore, DatasetTooLargeError
 
 
 def make_zip(entries: list[tuple[str, bytes]], compression=zipfile.ZIP_STORED) -> bytes:
@@ -62,14 +62,14 @@ def test_bad_archive_entries_are_refused_with_nothing_left_behind(store, entries
 
 
 def test_entry_count_is_limited(store):
-    with pytest.raises(DatasetTooLarge, match="DUET_MAX_DATASET_FILES"):
+    with pytest.raises(DatasetTooLargeError, match="DUET_MAX_DATASET_FILES"):
         upload(store, make_zip([(f"{i}.txt", b"") for i in range(51)]), "many.zip")
 
 
 def test_unpacked_bytes_are_counted_while_unpacking_not_taken_from_headers(store):
     bomb = make_zip([("a.csv", b"0" * 60_000), ("b.csv", b"0" * 60_000)], zipfile.ZIP_DEFLATED)
     assert len(bomb) < 2_000
-    with pytest.raises(DatasetTooLarge, match="DUET_MAX_DATASET_UNPACKED_BYTES"):
+    with pytest.raises(DatasetTooLargeError, match="DUET_MAX_DATASET_UNPACKED_BYTES"):
         upload(store, bomb, "bomb.zip")
     assert leftovers(store) == []
     # A header that lies about the size changes nothing: the bytes are counted as written.
@@ -86,12 +86,12 @@ def test_unpacked_bytes_are_counted_while_unpacking_not_taken_from_headers(store
 def test_storage_is_limited_per_key(store):
     first = upload(store, b"x" * 200_000, "a.txt", owner="alice")
     assert store.usage("alice") == 200_000 and store.usage("bob") == 0
-    with pytest.raises(DatasetTooLarge, match="storage for datasets is full: API key 'alice'") as error:
+    with pytest.raises(DatasetTooLargeError, match="storage for datasets is full: API key 'alice'") as error:
         upload(store, b"y" * 150_000, "b.txt", owner="alice")
     assert error.value.code == "dataset_storage_full"
     assert upload(store, b"y" * 150_000, "b.txt", owner="bob").files == 1  # bob has his own allowance
     # an archive that would unpack past what is left fails while unpacking
-    with pytest.raises(DatasetTooLarge, match="alice"):
+    with pytest.raises(DatasetTooLargeError, match="alice"):
         upload(store, make_zip([("c.csv", b"0" * 99_950)], zipfile.ZIP_DEFLATED), "c.zip", owner="alice")
     assert upload(store, b"x" * 200_000, "a.txt", owner="alice") == first  # the same upload again: free
 

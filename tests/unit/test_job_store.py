@@ -8,7 +8,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from jobs.records import InvalidTransition, JobNotFound, JobRecord, JobState, StoreUnavailable, new_job_id
+from jobs.records import (
+    InvalidTransitionError,
+    JobNotFoundError,
+    JobRecord,
+    JobState,
+    StoreUnavailableError,
+    new_job_id,
+)
 from jobs.redis_store import RedisJobStore
 from jobs.sqlite_store import SqliteJobStore
 from jobs.store import JobStore
@@ -96,7 +103,7 @@ def test_finish_is_once_and_ends_the_event_stream(store):
     done = store.finish(record.id, JobState.succeeded, worker="w", result={"model": "m/2"})
     assert done.state is JobState.succeeded and done.result.model == "m/2" and done.progress.step == 3
     assert [k for k, _ in kinds(store, record.id)] == ["state", "state", "progress", "state", "end"]
-    with pytest.raises(InvalidTransition):
+    with pytest.raises(InvalidTransitionError):
         store.finish(record.id, JobState.failed, worker="w")
 
 
@@ -106,7 +113,7 @@ def test_a_late_worker_cannot_overwrite_a_reaped_job(store):
     assert store.fail_stale(timeout_s=10, now=store.get(record.id).heartbeat_at + 11) == [record.id]
     failed = store.get(record.id)
     assert failed.state is JobState.failed and failed.resumable and "stopped sending heartbeats" in failed.error
-    with pytest.raises(InvalidTransition):
+    with pytest.raises(InvalidTransitionError):
         store.finish(record.id, JobState.succeeded, worker="w")
 
 
@@ -130,7 +137,7 @@ def test_cancel_running_job_flags_it(store):
     flagged = store.request_cancel(record.id)
     assert flagged.state is JobState.running and flagged.cancel_requested
     store.finish(record.id, JobState.cancelled, worker="w", error="cancelled at step 4", resumable=True)
-    with pytest.raises(InvalidTransition):
+    with pytest.raises(InvalidTransitionError):
         store.request_cancel(record.id)
 
 
@@ -148,21 +155,21 @@ def test_resume_refuses_succeeded_and_unresumable_jobs(store):
     done, _ = store.create(job())
     store.claim("w")
     store.finish(done.id, JobState.succeeded, worker="w")
-    with pytest.raises(InvalidTransition):
+    with pytest.raises(InvalidTransitionError):
         store.resume(done.id)
     bad, _ = store.create(job())
     store.claim("w")
     store.finish(bad.id, JobState.failed, worker="w", error="dataset missing", resumable=False)
-    with pytest.raises(InvalidTransition):
+    with pytest.raises(InvalidTransitionError):
         store.resume(bad.id)
 
 
 def test_unknown_job(store):
-    with pytest.raises(JobNotFound):
+    with pytest.raises(JobNotFoundError):
         store.get("job_nope")
-    with pytest.raises(JobNotFound):
+    with pytest.raises(JobNotFoundError):
         store.events_after("job_nope", 0)
-    with pytest.raises(JobNotFound):
+    with pytest.raises(JobNotFoundError):
         store.request_cancel("job_nope")
 
 
@@ -195,7 +202,7 @@ def test_redis_away_is_store_unavailable(tmp_path):
     store = RedisJobStore(server.url, timeout_s=1)
     record, _ = store.create(job())
     server.stop()
-    with pytest.raises(StoreUnavailable, match="unreachable"):
+    with pytest.raises(StoreUnavailableError, match="unreachable"):
         store.get(record.id)
     server.start()
     assert store.get(record.id).id == record.id  # reconnects on its own

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from duet.lifetime import DataDirLocked, DataDirUnwritable, hold_data_dir, server_pid
+from duet.lifetime import DataDirLockedError, DataDirUnwritableError, hold_data_dir, server_pid
 
 HOLD = textwrap.dedent(
     """
@@ -63,7 +63,7 @@ def test_apps_in_one_process_share_the_lock_until_the_last_release(tmp_path):
 def test_a_killed_holder_frees_the_data_dir(tmp_path):
     holder = _hold_elsewhere(tmp_path, 600)
     assert holder.stdout.readline().strip() == "held"
-    with pytest.raises(DataDirLocked, match=f"pid {holder.pid}"):
+    with pytest.raises(DataDirLockedError, match=f"pid {holder.pid}"):
         hold_data_dir(tmp_path, wait_seconds=0)
     holder.kill()  # -9: no clean-up runs; the kernel drops the flock
     holder.wait(30)
@@ -73,7 +73,7 @@ def test_a_killed_holder_frees_the_data_dir(tmp_path):
 def test_an_unwritable_data_dir_names_the_path_and_the_setting(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(DataDirUnwritable, match="DUET_DATA_DIR") as raised:
+    with pytest.raises(DataDirUnwritableError, match="DUET_DATA_DIR") as raised:
         hold_data_dir(blocker / "data")
     assert str(blocker / "data") in str(raised.value)
 
