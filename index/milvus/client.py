@@ -1,0 +1,216 @@
+"""A Milvus client that connects lazily, reconnects, and speaks Duet's errors.
+
+`MilvusClient(...)` connects when constructed, so it is only made on the first call that needs it:
+the service starts while Milvus is down, and its calls answer `BackendUnavailableError` (HTTP 503)
+until Milvus is back. A call that finds Milvus unreachable (connection refused, gRPC UNAVAILABLE or
+DEADLINE_EXCEEDED, a timeout) drops the client, so the next call connects afresh (a client whose
+server restarted keeps failing otherwise), and is retried once at once if the client was an old one.
+A collection the server has not loaded (after a server restart, say) is loaded and the call retried.
+Every call carries `timeout=options.timeout_seconds`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import threading
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from index.errors import BackendUnavailableError, CollectionNotFoundError
+
+logger = logging.getLogger(__name__)
+
+
+def _not_mvcc_fallback(record: logging.LogRecord) -> bool:
+    # milvus-lite's server has no MVCC timestamps: pymilvus's query iterator falls back to the client's
+    # clock (a read at "now", which is what Duet wants) and warns about it on every iterator.
+    return "mvccTs" not in record.getMessage()
+
+
+logging.getLogger("pymilvus.client.iterator.query_iterator").addFilter(_not_mvcc_fallback)
+
+_UNAVAILABLE = re.compile(
+    r"unavailable|fail(ed)? (to )?connect|connection refused|deadline|timed? ?out|socket closed|"
+    r"connection reset|broken pipe|not ready|channel closed|closed channel|cannot invoke rpc",
+    re.IGNORECASE,
+)
+_NOT_LOADED = re.compile(r"not loaded|released|call load|load\(\)", re.IGNORECASE)
+_NOT_FOUND = re.compile(r"collection.*(not found|not exist|doesn't exist|does not exist)|can't find collection", re.I)
+
+
+def redacted(uri: str) -> str:
+    """The URI without credentials (for messages and stats)."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return "<unparsable uri>"
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        netloc = f"{host}:{parts.port}" if parts.port else host
+        return urlunsplit(parts._replace(netloc=netloc))
+    return uri
+
+
+def classify(exc: BaseException) -> str | None:
+    """'unavailable', 'not_loaded', 'not_found' or None (some other refusal)."""
+    try:
+        import grpc
+    except ImportError:  # pragma: no cover
+        grpc = None
+    from pymilvus.exceptions import MilvusException, MilvusUnavailableException
+
+    if isinstance(exc, (MilvusUnavailableException, TimeoutError, ConnectionError)):
+        return "unavailable"
+    if grpc is not None and isinstance(exc, grpc.RpcError):
+        code = exc.code() if callable(getattr(exc, "code", None)) else None
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+            return "unavailable"
+    text = str(getattr(exc, "message", "") or exc)
+    if isinstance(exc, MilvusException):
+        if exc.code == 100 or _NOT_FOUND.search(text):
+            return "not_found"
+        if exc.code == 101 or _NOT_LOADED.search(text):
+            return "not_loaded"
+    if _UNAVAILABLE.search(text) or _UNAVAILABLE.search(type(exc).__name__):
+        return "unavailable"
+    return None
+
+
+def message(exc: BaseException) -> str:
+    text = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+    return " ".join(str(text).split())[:300]
+
+
+class MilvusConnection:
+    """One lazily made `MilvusClient` for a backend, shared by its threads."""
+
+    def __init__(self, uri: str, token: str | None, db_name: str | None, timeout: float) -> None:
+        self.uri = uri
+        self.where = redacted(uri)
+        self._token = token
+        self._db_name = db_name
+        self.timeout = timeout
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    def unavailable(self, exc: BaseException | str) -> BackendUnavailableError:
+        why = exc if isinstance(exc, str) else message(exc)
+        return BackendUnavailableError(f"Milvus at {self.where} is unavailable: {why}")
+
+    def client(self) -> tuple[Any, bool]:
+        """(the client, whether it was made just now)."""
+        with self._lock:
+            if self._client is not None:
+                return self._client, False
+            try:
+                from pymilvus import MilvusClient
+            except ImportError as exc:  # the milvus extra is not installed
+                raise BackendUnavailableError(
+                    f"the milvus backend needs pymilvus (pip install duet[milvus]): {exc}"
+                ) from None
+            # dedicated: pymilvus otherwise shares one connection per address between clients, and one whose
+            # recovery failed during an outage stays broken for every client after the server is back.
+            kwargs: dict[str, Any] = {"uri": self.uri, "timeout": self.timeout, "dedicated": True}
+            if self._token:
+                kwargs["token"] = self._token
+            if self._db_name:
+                kwargs["db_name"] = self._db_name
+            try:
+                self._client = MilvusClient(**kwargs)
+            except Exception as exc:
+                if _is_local(self.uri) and classify(exc) != "unavailable":
+                    raise BackendUnavailableError(
+                        f"cannot open milvus-lite at {self.where} (a file path needs the milvus-lite package, "
+                        f"pip install milvus-lite): {message(exc)}"
+                    ) from None
+                raise self.unavailable(exc) from None
+            return self._client, True
+
+    def reset(self, client: Any) -> None:
+        with self._lock:
+            if self._client is client:
+                self._client = None
+        with contextlib.suppress(Exception):
+            client.close()
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """`client.<method>(*args, **kwargs)` with the timeout, reconnects and errors described above.
+        The first positional argument, when there is one, is the collection the call is about."""
+        kwargs.setdefault("timeout", self.timeout)
+        loaded = False
+        retried = False
+        while True:
+            client, fresh = self.client()
+            try:
+                return getattr(client, method)(*args, **kwargs)
+            except Exception as exc:
+                kind = classify(exc)
+                if kind == "unavailable":
+                    self.reset(client)
+                    if not fresh and not retried:
+                        retried = True
+                        continue
+                    raise self.unavailable(exc) from None
+                if kind == "not_loaded" and args and not loaded and method != "load_collection":
+                    loaded = True
+                    self.call("load_collection", args[0])
+                    continue
+                if kind == "not_found":
+                    raise CollectionNotFoundError(
+                        f"Milvus has no collection {args[0] if args else ''}: {message(exc)}"
+                    ) from None
+                raise
+
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[None]:
+        """Map failures of calls made directly on the client (iterators) like `call` does."""
+        try:
+            yield
+        except Exception as exc:
+            kind = classify(exc)
+            if kind == "unavailable":
+                client = self._client
+                if client is not None:
+                    self.reset(client)
+                raise self.unavailable(exc) from None
+            if kind == "not_found":
+                raise CollectionNotFoundError(f"Milvus collection missing: {message(exc)}") from None
+            raise
+
+    def iterate(self, collection: str, expr: str, fields: list[str], batch: int = 1000) -> Iterator[list[dict]]:
+        """Every row matching `expr` (all rows for ""), `batch` at a time, in no particular order."""
+        client, _ = self.client()
+        for attempt in range(2):
+            with self.guard():
+                try:
+                    iterator = client.query_iterator(
+                        collection, batch_size=batch, filter=expr, output_fields=fields, timeout=self.timeout
+                    )
+                except Exception as exc:
+                    if attempt == 0 and classify(exc) == "not_loaded":
+                        self.call("load_collection", collection)
+                        continue
+                    raise
+                try:
+                    while True:
+                        rows = iterator.next()
+                        if not rows:
+                            return
+                        yield list(rows)
+                finally:
+                    with contextlib.suppress(Exception):
+                        iterator.close()
+
+    def close(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close()
+
+
+def _is_local(uri: str) -> bool:
+    return "://" not in uri

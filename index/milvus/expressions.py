@@ -1,0 +1,123 @@
+"""Duet filters compiled to Milvus boolean expressions over the `payload` JSON field.
+
+The filter language, its validation and its error messages are those of `index.filters` (the
+faiss backend compiles the same filters to SQL), so a filter is refused, or matches, the same
+items on either backend. What is specific to Milvus:
+
+- Values are rendered as literals, never spliced: strings as double-quoted literals in which only
+  `\\`, `"`, newline, tab and carriage return are escaped (Milvus's expression parser knows those
+  escapes and no others: `\\uXXXX` is a syntax error there, so JSON's escaping cannot be used; any
+  other character, control characters and non-ASCII included, is taken literally), numbers by
+  `repr` of a finite int or float, bools as `true`/`false`.
+- Field names must match `index.filters.FIELD` (letters, digits, `_`) and be in the collection's
+  schema, so one can never close the `payload["..."]` it sits in.
+- `$in` is an OR-chain of equalities: Milvus accepts `in [...]` only on scalar fields, not on JSON
+  paths.
+- `$ne` is `(not exists payload["f"] or payload["f"] != v)`: Milvus's `!=` is false where the key is
+  missing (or null), SQLite's `IS NULL OR !=` is true there; this makes both match the same items.
+- Number equality is numeric (`3 == 3.0`), as in SQLite.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from index.config import MODALITIES
+from index.errors import FilterError
+from index.filters import FIELD, MAX_IN, _check_value, known_fields
+
+_RANGE_OPS = {"$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def string_literal(value: str) -> str:
+    """`value` as a Milvus string literal that reads back as exactly `value`."""
+    if not isinstance(value, str):
+        raise TypeError(f"not a string: {type(value).__name__}")
+    return '"' + "".join(_ESCAPES.get(ch, ch) for ch in value) + '"'
+
+
+def literal(value: Any) -> str:
+    """A checked filter value (bool, int, float or str) as a Milvus literal."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(int(value))  # int(...): a bool subclass or IntEnum renders as its number
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise FilterError(f"{value} is not a finite number")
+        return repr(float(value))
+    if isinstance(value, str):
+        return string_literal(value)
+    raise FilterError(f"a filter value must be a string, number or bool, got {type(value).__name__}")
+
+
+def _path(field: str) -> str:
+    if not isinstance(field, str) or not FIELD.match(field):  # (checked by the caller too: never splice)
+        raise FilterError(f"invalid filter field {repr(field)[:80]}")
+    return f'payload["{field}"]'
+
+
+def _value(field: str, expected: str, value: Any) -> str:
+    _check_value(field, expected, value)  # the faiss backend's type, UTF-8 and range checks and messages
+    return literal(value)
+
+
+def compile_filter(spec: Any, schema: dict[str, str]) -> str:
+    """A Milvus boolean expression for a Duet filter over a collection with payload `schema`."""
+    if not isinstance(spec, dict) or not spec:
+        raise FilterError('filter must be a non-empty object like {"field": value}')
+    clauses: list[str] = []
+    for field, condition in spec.items():
+        if not isinstance(field, str) or not FIELD.match(field):
+            raise FilterError(f"invalid filter field {repr(field)[:80]}")
+        if field not in schema:
+            raise FilterError(f"unknown filter field '{field}' (filterable fields: {known_fields(schema)})")
+        expected = schema[field]
+        path = _path(field)
+        if not isinstance(condition, dict):
+            clauses.append(f"{path} == {_value(field, expected, condition)}")
+            continue
+        if not condition:
+            raise FilterError(f"filter on '{field}' has an empty condition")
+        for op, operand in condition.items():
+            if op in _RANGE_OPS:
+                if expected != "number":
+                    raise FilterError(f"range operator {op} needs a number field; '{field}' is a {expected}")
+                clauses.append(f"{path} {_RANGE_OPS[op]} {_value(field, expected, operand)}")
+            elif op == "$in":
+                if not isinstance(operand, list) or not operand or len(operand) > MAX_IN:
+                    raise FilterError(f"$in on '{field}' needs a list of 1 to {MAX_IN} values")
+                values = list(dict.fromkeys(_value(field, expected, v) for v in operand))
+                clauses.append("(" + " or ".join(f"{path} == {v}" for v in values) + ")")
+            elif op == "$ne":
+                clauses.append(f"(not exists {path} or {path} != {_value(field, expected, operand)})")
+            elif op == "$eq":
+                clauses.append(f"{path} == {_value(field, expected, operand)}")
+            else:
+                raise FilterError(f"unknown filter operator {repr(op)[:80]} (use $eq, $ne, $in, $gt, $gte, $lt, $lte)")
+    return " and ".join(f"({c})" for c in clauses)
+
+
+def modality_clause(modality: str) -> str:
+    if modality not in MODALITIES:
+        raise FilterError(f"unknown modality filter {modality!r}: use text, image or vector")
+    return f"modality == {string_literal(modality)}"
+
+
+def ids_clause(ids: list[str]) -> str:
+    """`id in [...]` over the primary key (ids validated by the caller; rendered as literals anyway)."""
+    return "id in [" + ", ".join(string_literal(i) for i in ids) + "]"
+
+
+def after_clause(cursor: str) -> str:
+    return f"id > {string_literal(cursor)}"
+
+
+def conjunction(*clauses: str | None) -> str:
+    """AND of the non-empty clauses, each parenthesised; "" when there are none."""
+    present = [c for c in clauses if c]
+    if len(present) == 1:
+        return present[0]
+    return " and ".join(f"({c})" for c in present)

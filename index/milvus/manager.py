@@ -1,0 +1,296 @@
+"""The milvus backend (`index.backend.CollectionBackend`): Duet collections in a Milvus server.
+
+Everything a replica knows about collections is read from Milvus per call (the `{prefix}__meta`
+collection, see `index.milvus.meta`), so any number of API replicas share collections: a create,
+drop, write or re-embed flip through one is seen by the others at once (strong consistency).
+
+- create: the physical collection `{prefix}_{name}_g{generation}` with its index, loaded, then the
+  alias `{prefix}_{name}`, then the config row: the collection exists for every replica once that
+  row is written, and a create that fails removes what it made.
+- drop: the config row first (gone for every replica at once), then the alias, every generation,
+  and the collection's other meta rows.
+- re-embed (`index.milvus.reembed`): generation N+1 is built beside N; the flip writes the config row
+  (readers' next lookup gets N+1) and moves the alias; N is dropped after a grace.
+Constructing the backend never touches Milvus: the service starts while Milvus is down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from dataclasses import replace
+from typing import Any
+
+from index.backend import EmbedFn, MilvusOptions
+from index.config import CollectionConfig, validate_collection_name
+from index.errors import (
+    BackendUnavailableError,
+    CollectionBusyError,
+    CollectionExistsError,
+    CollectionNotFoundError,
+    InvalidCollectionError,
+    ReembedRefusedError,
+)
+from index.milvus import names
+from index.milvus.client import MilvusConnection, classify, message
+from index.milvus.collection import MilvusCollection, now_ms, reembed_running
+from index.milvus.meta import Meta
+from index.milvus.reembed import MilvusReembedJob
+from index.milvus.schema import build_index_params, build_schema, index_type
+
+logger = logging.getLogger(__name__)
+
+# A generation replaced by a re-embed is dropped this long after the flip (requests still on it).
+RETIRED_GRACE_SECONDS = 60.0
+
+
+class MilvusBackend:
+    kind = "milvus"
+
+    def __init__(self, options: MilvusOptions) -> None:
+        self.options = options
+        self.prefix = names.check_prefix(options.prefix)
+        self.conn = MilvusConnection(options.uri, options.token, options.db_name, options.timeout_seconds)
+        self.meta = Meta(self.conn, self.prefix)
+        self._lock = threading.Lock()
+        self._jobs: dict[str, MilvusReembedJob] = {}  # re-embeds started by this replica
+        self.retired_grace_seconds = RETIRED_GRACE_SECONDS
+
+    # -- lookups ------------------------------------------------------------------------------
+
+    def _config(self, name: str) -> CollectionConfig | None:
+        value = self.meta.get(f"config:{name}")
+        return CollectionConfig.from_json(value) if value is not None else None
+
+    def get(self, name: str) -> MilvusCollection:
+        validate_collection_name(name)
+        config = self._config(name)
+        if config is None:
+            raise CollectionNotFoundError(f"no collection named '{name}'; GET /v1/collections lists them")
+        return MilvusCollection(self, config)
+
+    def listing(self) -> tuple[list[MilvusCollection], dict[str, str]]:
+        """(collections whose Milvus collection is there and loadable, {name: why not})."""
+        handles, broken = [], {}
+        rows = self.meta.rows("config")
+        existing = set(self.conn.call("list_collections"))
+        for row in sorted(rows, key=lambda r: r["name"]):
+            name = row["name"]
+            try:
+                handle = MilvusCollection(self, CollectionConfig.from_json(row["value"]))
+            except Exception as exc:  # a config row this version cannot read
+                broken[name] = f"unreadable config: {message(exc)}"
+                continue
+            if handle.physical not in existing:
+                broken[name] = f"its Milvus collection {handle.physical} is missing on {self.conn.where}"
+                continue
+            try:
+                state = self.conn.call("get_load_state", handle.physical)
+                if "NotLoad" in str(state.get("state")):
+                    self.conn.call("load_collection", handle.physical)
+            except BackendUnavailableError:
+                raise
+            except Exception as exc:
+                broken[name] = f"its Milvus collection {handle.physical} cannot be loaded: {message(exc)}"
+                continue
+            handles.append(handle)
+        return handles, broken
+
+    # -- create / drop ------------------------------------------------------------------------
+
+    def create(self, config: CollectionConfig) -> MilvusCollection:
+        name = config.name
+        if config.modality_gap_correction:
+            raise InvalidCollectionError(
+                "modality_gap_correction is not available on the milvus backend yet; it is on the faiss backend"
+            )
+        if self._config(name) is not None:
+            raise CollectionExistsError(f"collection '{name}' already exists")
+        physical = names.physical(self.prefix, name, config.generation)
+        alias = names.alias(self.prefix, name)
+        if self.conn.call("has_collection", physical):
+            # No config row: left by a create or drop cut short (nothing refers to it).
+            logger.warning("milvus: dropping %s, left by a create or drop that was cut short", physical)
+            self.conn.call("drop_collection", physical)
+        made = False
+        try:
+            self._create_physical(config, physical)
+            made = True
+            with contextlib.suppress(CollectionNotFoundError):
+                self.conn.call("drop_alias", alias)  # a leftover alias of a create cut short
+            self.conn.call("create_alias", physical, alias)
+            if self._config(name) is not None:  # another replica created it meanwhile
+                raise CollectionExistsError(f"collection '{name}' already exists")
+            self.meta.put(f"config:{name}", name, "config", config.to_json())
+        except BaseException:
+            if made:
+                self._discard(physical, alias if self._config(name) is None else None)
+            raise
+        return MilvusCollection(self, config)
+
+    def _create_physical(self, config: CollectionConfig, physical: str) -> None:
+        try:
+            self.conn.call(
+                "create_collection",
+                physical,
+                schema=build_schema(config),
+                index_params=build_index_params(config.index),
+                consistency_level="Strong",
+            )
+        except (BackendUnavailableError, CollectionNotFoundError):
+            raise
+        except Exception as exc:
+            if classify(exc) is not None:
+                raise
+            if "exist" in str(exc).lower():
+                raise CollectionExistsError(f"collection '{config.name}' is being created right now") from None
+            with contextlib.suppress(Exception):
+                self.conn.call("drop_collection", physical)
+            raise InvalidCollectionError(
+                f"index kind {config.index.kind!r} ({index_type(config.index)}) cannot be built by the Milvus "
+                f"server at {self.conn.where}: {message(exc)}"
+            ) from None
+        self.conn.call("load_collection", physical)
+
+    def _discard(self, physical: str, alias: str | None) -> None:
+        with contextlib.suppress(Exception):
+            if alias is not None:
+                self.conn.call("drop_alias", alias)
+        with contextlib.suppress(Exception):
+            self.conn.call("drop_collection", physical)
+
+    def drop(self, name: str) -> None:
+        validate_collection_name(name)
+        if self._config(name) is None:
+            raise CollectionNotFoundError(f"no collection named '{name}'; GET /v1/collections lists them")
+        state = self.meta.get(f"reembed:{name}")
+        if reembed_running(state):
+            assert state is not None
+            raise CollectionBusyError(
+                f"collection '{name}' is being re-embedded into {state.get('target_model')} "
+                f"({state.get('done', 0)}/{state.get('total', 0)} items); GET /v1/collections/{name} shows progress"
+            )
+        self.meta.delete([f"config:{name}"])  # gone for every replica from here
+        with contextlib.suppress(CollectionNotFoundError):
+            self.conn.call("drop_alias", names.alias(self.prefix, name))
+        for physical in self._generations(name):
+            self.conn.call("drop_collection", physical)
+        self.meta.delete_collection(name)
+        with self._lock:
+            self._jobs.pop(name, None)
+
+    def _generations(self, name: str) -> list[str]:
+        return [c for c in self.conn.call("list_collections") if names.generation_of(self.prefix, name, c) is not None]
+
+    # -- re-embedding -------------------------------------------------------------------------
+
+    def start_reembed(self, config: CollectionConfig, embed: EmbedFn) -> MilvusReembedJob:
+        """Rebuild collection `config.name` as `config` (another model) into generation N+1, in a thread.
+        Writes are refused on every replica (the `reembed` meta row) until it ends."""
+        name = config.name
+        source = self.get(name)
+        state = self.meta.get(f"reembed:{name}")
+        if reembed_running(state):
+            assert state is not None
+            raise CollectionBusyError(
+                f"collection '{name}' is being re-embedded into {state.get('target_model')} "
+                f"({state.get('done', 0)}/{state.get('total', 0)} items); GET /v1/collections/{name} shows progress"
+            )
+        if source.config.model == config.model:
+            raise ReembedRefusedError(f"collection '{name}' already holds vectors of {config.model}")
+        if config.modality_gap_correction:
+            raise InvalidCollectionError(
+                "modality_gap_correction is not available on the milvus backend yet; it is on the faiss backend"
+            )
+        target = replace(config, generation=source.config.generation + 1)
+        job = MilvusReembedJob(self, source, target, embed)
+        job.freeze()  # writes refused on every replica from here
+        try:
+            self._check_reembeddable(source, target)
+        except BaseException:
+            job.unfreeze_refused()
+            raise
+        with self._lock:
+            self._jobs[name] = job
+        job.start()
+        return job
+
+    @staticmethod
+    def _check_reembeddable(source: MilvusCollection, config: CollectionConfig) -> None:
+        bare = source.count_without_content()
+        if bare:
+            raise ReembedRefusedError(
+                f"{bare} items of collection '{source.name}' were stored as vectors, without the text or image "
+                "they came from, so they cannot be embedded again; delete them or re-create the collection"
+            )
+        missing = [m for m in source.modality_counts() if m not in config.modalities]
+        if missing:
+            raise ReembedRefusedError(
+                f"collection '{source.name}' holds {', '.join(missing)} items, which {config.model} does not "
+                f"embed (it embeds {', '.join(config.modalities)})"
+            )
+
+    def flip(self, job: MilvusReembedJob) -> None:
+        """Make the finished generation current: the config row (every replica's next lookup), then the
+        alias; the old generation is recorded for dropping after the grace."""
+        name = job.config.name
+        if self._config(name) is None:
+            raise CollectionNotFoundError(f"collection '{name}' was dropped during its re-embed")
+        old = job.source.physical
+        self.meta.put_many(
+            [
+                (f"config:{name}", name, "config", job.config.to_json()),
+                (f"retired:{name}:{job.source.config.generation}", name, "retired", {"physical": old, "at": now_ms()}),
+            ]
+        )
+        self.conn.call("alter_alias", job.target_physical, names.alias(self.prefix, name))
+
+    def reembed_status(self, name: str) -> dict[str, Any] | None:
+        with self._lock:
+            job = self._jobs.get(name)
+        if job is not None:
+            return job.progress.as_dict()
+        state = self.meta.get(f"reembed:{name}")  # one another replica ran
+        if state is None:
+            return None
+        status = {k: state.get(k) for k in MilvusReembedJob.PROGRESS_KEYS}
+        if status["state"] == "running" and not reembed_running(state):
+            status["state"] = "failed"
+            status["error"] = "the replica running it stopped (no heartbeat)"
+        return status
+
+    # -- upkeep -------------------------------------------------------------------------------
+
+    def open_all(self) -> None:
+        """Create the meta collection if needed; with Milvus down, log and start anyway."""
+        try:
+            self.meta.ensure()
+        except BackendUnavailableError as exc:
+            logger.warning("milvus backend: %s; collections answer 503 until it is reachable", exc)
+
+    def snapshot_dirty(self) -> list[str]:
+        """Drop generations replaced by a re-embed more than the grace ago; returns what was dropped."""
+        done = []
+        try:
+            rows = self.meta.rows("retired")
+        except BackendUnavailableError:
+            return done
+        for row in rows:
+            value = row["value"]
+            if now_ms() - int(value.get("at", 0)) < self.retired_grace_seconds * 1000:
+                continue
+            try:
+                self.conn.call("drop_collection", value["physical"])
+                self.meta.delete([row["key"]])
+            except (BackendUnavailableError, CollectionNotFoundError):
+                continue
+            done.append(value["physical"])
+        return done
+
+    def close(self) -> None:
+        with self._lock:
+            jobs = list(self._jobs.values())
+        for job in jobs:
+            job.cancel()
+        self.conn.close()
