@@ -21,12 +21,16 @@ items on either backend. What is specific to Milvus:
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from index.config import MODALITIES
 from index.errors import FilterError
 from index.filters import FIELD, MAX_IN, _check_value, known_fields
 
+# index.filters.FIELD ends in `$`, which also matches before a final newline ("a\n"); fullmatch with \Z
+# here, so no field name with a newline reaches an expression.
+_FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 _RANGE_OPS = {"$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
 _ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r"}
 
@@ -54,7 +58,9 @@ def literal(value: Any) -> str:
 
 
 def _path(field: str) -> str:
-    if not isinstance(field, str) or not FIELD.match(field):  # (checked by the caller too: never splice)
+    if not isinstance(field, str) or not (
+        FIELD.match(field) and _FIELD.fullmatch(field)
+    ):  # (checked by the caller too: never splice)
         raise FilterError(f"invalid filter field {repr(field)[:80]}")
     return f'payload["{field}"]'
 
@@ -70,7 +76,7 @@ def compile_filter(spec: Any, schema: dict[str, str]) -> str:
         raise FilterError('filter must be a non-empty object like {"field": value}')
     clauses: list[str] = []
     for field, condition in spec.items():
-        if not isinstance(field, str) or not FIELD.match(field):
+        if not isinstance(field, str) or not (FIELD.match(field) and _FIELD.fullmatch(field)):
             raise FilterError(f"invalid filter field {repr(field)[:80]}")
         if field not in schema:
             raise FilterError(f"unknown filter field '{field}' (filterable fields: {known_fields(schema)})")
