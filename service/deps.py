@@ -11,6 +11,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from registry.store import ModelRegistry
+from service.collections_service import CollectionsService
 from service.errors import ApiError
 from service.metrics import Metrics
 from service.model_pool import ModelPool
@@ -41,10 +42,16 @@ async def get_metrics(state: StateDep) -> Metrics:
     return state.metrics
 
 
+async def get_collections(state: StateDep) -> CollectionsService:
+    """The collections API's work (backend + pool + registry + settings); cheap, made per request."""
+    return CollectionsService(state.collections, state.pool, state.registry, state.settings, state.metrics)
+
+
 PoolDep = Annotated[ModelPool, Depends(get_pool)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+CollectionsDep = Annotated[CollectionsService, Depends(get_collections)]
 
 
 async def require_json(request: Request) -> None:

@@ -30,13 +30,23 @@ def admitted(model: LoadedModel, count: int) -> Iterator[Admission]:
 async def embed_prepared(
     model: LoadedModel, prepared: PreparedInputs, admission: Admission | None = None
 ) -> np.ndarray:
-    """Vectors in input order, one row per prepared input (admitted by `admission`, or here)."""
+    """Vectors in input order, one row per prepared input (admitted by `admission`, or here); a full
+    queue is a 429 + Retry-After, a stopped worker a 503."""
+    try:
+        return await embed_queued(model, prepared, admission)
+    except QueueFullError as exc:
+        raise _queue_error(model, exc) from None
+
+
+async def embed_queued(model: LoadedModel, prepared: PreparedInputs, admission: Admission | None = None) -> np.ndarray:
+    """`embed_prepared`, but the batcher's `QueueFullError` comes through as it is, for callers that
+    wait out a full queue (its `retry_after`) instead of answering 429: a background re-embed."""
     vectors = np.empty((prepared.count, model.info.manifest.contract.dimension), dtype=np.float32)
     try:
         for modality, group in prepared.groups.items():
             try:
                 rows = await model.batcher.embed(group.payloads, modality, group.costs, admission)
-            except (QueueFullError, WorkerStoppedError) as exc:
+            except WorkerStoppedError as exc:
                 raise _queue_error(model, exc) from None
             except ItemError as exc:
                 name = prepared.labels[group.indices[exc.index]]

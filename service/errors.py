@@ -10,7 +10,9 @@ else catches broadly, and an unexpected exception becomes a 500 that names no in
 from __future__ import annotations
 
 import logging
-from typing import Any
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from duet.logs import current_request_id
 from encoders.errors import EncoderError, ImageDecodeError, ModelLoadError, UnsupportedModalityError
 from index.errors import (
+    BackendUnavailableError,
     CollectionBusyError,
     CollectionError,
     CollectionExistsError,
@@ -78,36 +81,65 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-# Domain error -> (status, code). Order matters: the first matching class wins.
-_DOMAIN_ERRORS: list[tuple[type[Exception], int, str]] = [
-    (InvalidNameError, 400, "invalid_model_reference"),
-    (ModelNotFoundError, 404, "model_not_found"),
-    (VersionNotFoundError, 404, "model_version_not_found"),
-    (IntegrityError, 500, "model_integrity_error"),
-    (RegistryError, 500, "registry_error"),
-    (UnsupportedModalityError, 400, "unsupported_modality"),
-    (ImageDecodeError, 400, "invalid_image"),
-    (ModelLoadError, 503, "model_load_failed"),
-    (EncoderError, 500, "encoder_error"),
-    (CollectionNotFoundError, 404, "collection_not_found"),
-    (CollectionExistsError, 409, "collection_exists"),
-    (CollectionBusyError, 409, "collection_busy"),
-    (CollectionUnavailableError, 503, "collection_unavailable"),
-    (ReembedRefusedError, 409, "reembed_refused"),
-    (ItemNotFoundError, 404, "item_not_found"),
-    (InvalidVectorError, 400, "invalid_vector"),
-    (FilterError, 400, "invalid_filter"),
-    (PayloadError, 400, "invalid_payload"),
-    (InvalidCollectionError, 400, "invalid_collection_request"),
-    (CollectionError, 500, "index_error"),
+def _retry_after(exc: Exception) -> dict[str, str]:
+    """`Retry-After` from the error's `retry_after` seconds (whole seconds, at least 1)."""
+    seconds = getattr(exc, "retry_after", 1)
+    return {"Retry-After": str(max(1, math.ceil(float(seconds))))}
+
+
+class DomainMapping(NamedTuple):
+    """How one domain error class answers: status, code, and the headers it carries (if any)."""
+
+    cls: type[Exception]
+    status: int
+    code: str
+    headers: Callable[[Exception], dict[str, str]] | None = None
+
+
+# Domain error -> (status, code[, headers]). Order matters: the first matching class wins.
+_DOMAIN_ERRORS: list[DomainMapping] = [
+    DomainMapping(InvalidNameError, 400, "invalid_model_reference"),
+    DomainMapping(ModelNotFoundError, 404, "model_not_found"),
+    DomainMapping(VersionNotFoundError, 404, "model_version_not_found"),
+    DomainMapping(IntegrityError, 500, "model_integrity_error"),
+    DomainMapping(RegistryError, 500, "registry_error"),
+    DomainMapping(UnsupportedModalityError, 400, "unsupported_modality"),
+    DomainMapping(ImageDecodeError, 400, "invalid_image"),
+    DomainMapping(ModelLoadError, 503, "model_load_failed"),
+    DomainMapping(EncoderError, 500, "encoder_error"),
+    DomainMapping(CollectionNotFoundError, 404, "collection_not_found"),
+    DomainMapping(CollectionExistsError, 409, "collection_exists"),
+    DomainMapping(CollectionBusyError, 409, "collection_busy"),
+    DomainMapping(CollectionUnavailableError, 503, "collection_unavailable"),
+    DomainMapping(BackendUnavailableError, 503, "collection_backend_unavailable", _retry_after),
+    DomainMapping(ReembedRefusedError, 409, "reembed_refused"),
+    DomainMapping(ItemNotFoundError, 404, "item_not_found"),
+    DomainMapping(InvalidVectorError, 400, "invalid_vector"),
+    DomainMapping(FilterError, 400, "invalid_filter"),
+    DomainMapping(PayloadError, 400, "invalid_payload"),
+    DomainMapping(InvalidCollectionError, 400, "invalid_collection_request"),
+    DomainMapping(CollectionError, 500, "index_error"),
 ]
 
 
+def _mapping(exc: Exception) -> DomainMapping | None:
+    for mapping in _DOMAIN_ERRORS:
+        if isinstance(exc, mapping.cls):
+            return mapping
+    return None
+
+
 def domain_status(exc: Exception) -> tuple[int, str]:
-    for cls, status, code in _DOMAIN_ERRORS:
-        if isinstance(exc, cls):
-            return status, code
-    return 500, "internal_error"
+    mapping = _mapping(exc)
+    return (mapping.status, mapping.code) if mapping else (500, "internal_error")
+
+
+def domain_response(exc: Exception) -> tuple[int, str, dict[str, str] | None]:
+    """(status, code, headers) of a domain error, as the API answers it."""
+    mapping = _mapping(exc)
+    if mapping is None:
+        return 500, "internal_error", None
+    return mapping.status, mapping.code, mapping.headers(exc) if mapping.headers else None
 
 
 _LOCATIONS = ("body", "query", "path", "header")
@@ -168,11 +200,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EncoderError)
     @app.exception_handler(CollectionError)
     async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
-        status, code = domain_status(exc)
+        status, code, headers = domain_response(exc)
         if status >= 500:
             logger.error("%s: %s", code, exc)
         _count(request, code)
-        return error_response(status, str(exc), code)
+        return error_response(status, str(exc), code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -8,7 +8,7 @@ checks status-code conformance) know them:
 - from the route's shape: a JSON body -> 400, 413, 415; any parameter -> 400; a path parameter
   -> 404; every API route -> 401, 403 (keys) and 429 (rate and concurrency limits);
 - from `ROUTE_ERRORS`: what the route's own work can answer (409 conflicts, 503 while a model or
-  the job system is unavailable, 507 for a model that does not fit memory, 422 for an input the
+  the job system or the collection store is unavailable, 507 for a model that does not fit memory, 422 for an input the
   model cannot embed).
 
 Path parameters get the patterns their names must match (the same rules `registry.names` and
@@ -37,7 +37,8 @@ DESCRIPTIONS = {
     415: "Body is not `application/json`",
     422: "An input was well-formed but the model could not embed it",
     429: "Rate, concurrency or queue limit reached; see `Retry-After`",
-    503: "Not available yet or any more (model failed to load, worker stopped, starting up)",
+    503: "Not available yet or any more (model failed to load, worker stopped, starting up, collection store "
+    "unreachable: see `Retry-After`)",
     507: "The model is larger than the whole memory budget (DUET_MODEL_MEMORY_BUDGET_MB)",
 }
 
@@ -47,12 +48,17 @@ ROUTE_ERRORS: dict[tuple[str, str], set[int]] = {
     ("POST", "/v1/embeddings"): {404, 422, 503, 507},
     ("GET", "/v1/models/{name}"): {404},
     ("PUT", "/v1/models/{name}/aliases/{alias}"): {404},
+    # Every collection route: 503 + Retry-After while the collection store is unreachable (milvus backend).
     ("POST", "/v1/collections"): {404, 409, 503, 507},
-    ("DELETE", _COLLECTION): {409},
+    ("GET", "/v1/collections"): {503},
+    ("GET", _COLLECTION): {503},
+    ("DELETE", _COLLECTION): {409, 503},
     ("POST", f"{_COLLECTION}/reembed"): {404, 409, 503, 507},
-    ("POST", f"{_COLLECTION}/rebuild"): {409},
+    ("POST", f"{_COLLECTION}/rebuild"): {409, 503},
     ("PUT", f"{_COLLECTION}/items"): {409, 422, 503, 507},
-    ("POST", f"{_COLLECTION}/items/delete"): {409},
+    ("GET", f"{_COLLECTION}/items"): {503},
+    ("GET", f"{_COLLECTION}/items/{{item_id}}"): {503},
+    ("POST", f"{_COLLECTION}/items/delete"): {409, 503},
     ("POST", f"{_COLLECTION}/search"): {422, 503, 507},
     ("POST", "/v1/jobs"): {409, 422, 503},
     ("GET", "/v1/jobs"): {503},
