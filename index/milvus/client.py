@@ -1,5 +1,9 @@
 """A Milvus client that connects lazily, reconnects, and speaks Duet's errors.
 
+Ids and keys are never passed as pymilvus's `ids=` (it renders them as `id in ['...']` without escaping
+a quote or backslash) nor paged with its `query_iterator` (same, for the last key): expressions are
+always built from `index.milvus.expressions` literals.
+
 `MilvusClient(...)` connects when constructed, so it is only made on the first call that needs it:
 the service starts while Milvus is down, and its calls answer `BackendUnavailableError` (HTTP 503)
 until Milvus is back. A call that finds Milvus unreachable (connection refused, gRPC UNAVAILABLE or
@@ -23,14 +27,6 @@ from index.errors import BackendUnavailableError, CollectionNotFoundError
 
 logger = logging.getLogger(__name__)
 
-
-def _not_mvcc_fallback(record: logging.LogRecord) -> bool:
-    # milvus-lite's server has no MVCC timestamps: pymilvus's query iterator falls back to the client's
-    # clock (a read at "now", which is what Duet wants) and warns about it on every iterator.
-    return "mvccTs" not in record.getMessage()
-
-
-logging.getLogger("pymilvus.client.iterator.query_iterator").addFilter(_not_mvcc_fallback)
 
 _UNAVAILABLE = re.compile(
     r"unavailable|fail(ed)? (to )?connect|connection refused|deadline|timed? ?out|socket closed|"
@@ -180,29 +176,37 @@ class MilvusConnection:
                 raise CollectionNotFoundError(f"Milvus collection missing: {message(exc)}") from None
             raise
 
-    def iterate(self, collection: str, expr: str, fields: list[str], batch: int = 1000) -> Iterator[list[dict]]:
-        """Every row matching `expr` (all rows for ""), `batch` at a time, in no particular order."""
-        client, _ = self.client()
-        for attempt in range(2):
-            with self.guard():
-                try:
-                    iterator = client.query_iterator(
-                        collection, batch_size=batch, filter=expr, output_fields=fields, timeout=self.timeout
-                    )
-                except Exception as exc:
-                    if attempt == 0 and classify(exc) == "not_loaded":
-                        self.call("load_collection", collection)
-                        continue
-                    raise
-                try:
-                    while True:
-                        rows = iterator.next()
-                        if not rows:
-                            return
-                        yield list(rows)
-                finally:
-                    with contextlib.suppress(Exception):
-                        iterator.close()
+    def iterate(
+        self, collection: str, expr: str, fields: list[str], batch: int = 1000, pk: str = "id"
+    ) -> Iterator[list[dict]]:
+        """Every row matching `expr` (all rows for ""), `batch` at a time, in primary-key order.
+
+        Not pymilvus's `query_iterator`: it pages with `pk > "<last pk>"` spliced in unescaped, so an id
+        holding `"` or `\\` breaks the expression (or changes it). This pages the same way (queries in
+        the server's iterator mode, which returns the smallest keys in order), with the last key as an
+        escaped literal."""
+        from index.milvus.expressions import conjunction, string_literal
+
+        fields = fields if pk in fields else [pk, *fields]
+        last: str | None = None
+        while True:
+            cursor = f"{pk} > {string_literal(last)}" if last is not None else None
+            rows = self.call(
+                "query",
+                collection,
+                filter=conjunction(cursor, expr) or f'{pk} != ""',
+                output_fields=fields,
+                limit=batch,
+                iterator="True",
+                reduce_stop_for_best="True",
+                batch_size=batch,
+                consistency_level="Strong",
+            )
+            if not rows:
+                return
+            rows = sorted(rows, key=lambda row: row[pk])
+            yield rows
+            last = rows[-1][pk]
 
     def close(self) -> None:
         with self._lock:

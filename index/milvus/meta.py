@@ -65,7 +65,14 @@ class Meta:
 
     def get(self, key: str) -> dict[str, Any] | None:
         self.ensure()
-        rows = self.conn.call("query", self.collection, ids=[key], output_fields=["value"], consistency_level="Strong")
+        rows = self.conn.call(
+            "query",
+            self.collection,
+            filter=f"key == {string_literal(key)}",
+            output_fields=["value"],
+            limit=1,
+            consistency_level="Strong",
+        )
         return dict(rows[0]["value"]) if rows else None
 
     def rows(self, kind: str, name: str | None = None) -> list[dict[str, Any]]:
@@ -75,7 +82,7 @@ class Meta:
         if name is not None:
             expr += f" and name == {string_literal(name)}"
         out: list[dict[str, Any]] = []
-        for batch in self.conn.iterate(self.collection, expr, META_FIELDS):
+        for batch in self.conn.iterate(self.collection, expr, META_FIELDS, pk="key"):
             out.extend(batch)
         return out
 
@@ -95,7 +102,9 @@ class Meta:
     def delete(self, keys: list[str]) -> None:
         if keys:
             self.ensure()
-            self.conn.call("delete", self.collection, ids=keys)
+            self.conn.call(
+                "delete", self.collection, filter="key in [" + ", ".join(string_literal(k) for k in keys) + "]"
+            )
 
     def delete_collection(self, name: str) -> None:
         """Every row about collection `name`."""

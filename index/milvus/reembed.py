@@ -31,6 +31,7 @@ from index.items import StoredItem
 from index.milvus import names
 from index.milvus.client import message
 from index.milvus.collection import MilvusCollection, now_ms, row_to_item
+from index.milvus.expressions import ids_clause
 from index.reembed import ReembedCancelledError, ReembedProgress
 
 if TYPE_CHECKING:
@@ -186,7 +187,7 @@ class MilvusReembedJob:
         target_ids = set(target.ids(""))
         extra = sorted(target_ids - source_ids)
         for start in range(0, len(extra), 1000):
-            self.conn.call("delete", self.target_physical, ids=extra[start : start + 1000])
+            self.conn.call("delete", self.target_physical, filter=ids_clause(extra[start : start + 1000]))
         late = set(self.source.ids(f"written_at >= {int(self.frozen_at - SKEW_MS)}")) | (source_ids - target_ids)
         ordered = sorted(late)
         for start in range(0, len(ordered), BATCH_ITEMS):
