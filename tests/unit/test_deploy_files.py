@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILES = ["docker/Dockerfile", "docker/Dockerfile.cuda"]
 COMPOSE = ROOT / "docker-compose.yml"
 DASHBOARD = ROOT / "docker" / "grafana-dashboard.json"
-PROFILES = [(), ("gpu",), ("mlflow",), ("monitoring",), ("gpu", "mlflow", "monitoring")]
+PROFILES = [(), ("gpu",), ("mlflow",), ("monitoring",), ("milvus",), ("gpu", "mlflow", "monitoring", "milvus")]
 
 
 def _tool(name: str, package: str) -> str:
@@ -249,6 +249,54 @@ def test_compose_stack_matches_the_deployment():
     assert gpu_workers and all(s["command"] == ["duet", "worker"] for s in gpu_workers)
     assert all("duet-data:/data" in s["volumes"] for s in gpu_workers)
     assert "mlflow" in _active(compose, ("mlflow",)) and "prometheus" in _active(compose, ("monitoring",))
+
+
+def test_compose_milvus_profile_runs_replicas_on_a_healthy_milvus():
+    """`--profile milvus`: Milvus standalone (etcd + MinIO), two API replicas on it, a load balancer."""
+    compose = _compose()
+    default, milvus = _active(compose, ()), _active(compose, ("milvus",))
+    added = set(milvus) - set(default)
+    milvus_stack = {"milvus-etcd", "milvus-minio", "milvus-standalone"}
+    assert added == milvus_stack | {"api-milvus-1", "api-milvus-2", "api-milvus-lb"}
+    standalone = milvus["milvus-standalone"]
+    assert standalone["image"].startswith("milvusdb/milvus:v2.6.")
+    assert standalone["command"] == ["milvus", "run", "standalone"]
+    assert "9091/healthz" in " ".join(standalone["healthcheck"]["test"])
+    for dependency in ("milvus-etcd", "milvus-minio"):
+        assert standalone["depends_on"][dependency]["condition"] == "service_healthy"
+        assert milvus[dependency]["healthcheck"]["test"]
+    volumes = set(compose["volumes"])
+    for name in ("milvus-etcd", "milvus-minio", "milvus-standalone"):
+        assert all(mount.split(":")[0] in volumes for mount in milvus[name]["volumes"]), f"{name}: named volumes"
+    replicas = [milvus["api-milvus-1"], milvus["api-milvus-2"]]
+    api = default["api"]
+    ports = set()
+    for replica in replicas:
+        assert replica["command"] == api["command"] and replica["image"] == api["image"]
+        env = replica["environment"]
+        assert env["DUET_COLLECTIONS_BACKEND"] == "milvus"
+        assert env["DUET_MILVUS_URI"] == "http://milvus-standalone:19530"
+        assert {k: v for k, v in env.items() if not k.startswith(("DUET_MILVUS_", "DUET_COLLECTIONS_"))} == {
+            k: v for k, v in api["environment"].items()
+        }, "the replicas run the default API's configuration, plus the backend"
+        assert replica["depends_on"]["milvus-standalone"]["condition"] == "service_healthy"
+        assert replica["depends_on"]["redis"]["condition"] == "service_healthy"
+        assert "/ready" in " ".join(replica["healthcheck"]["test"])
+        (port,) = replica["ports"]
+        assert port.endswith(":8000")
+        ports.add(port.split(":")[0])
+    assert len(ports) == 2, "each replica has its own host port"
+    lb = milvus["api-milvus-lb"]
+    config = (ROOT / "docker" / "nginx-milvus.conf").read_text()
+    assert all(f"server api-milvus-{i}:8000" in config for i in (1, 2)), "the load balancer routes to both"
+    assert all(lb["depends_on"][f"api-milvus-{i}"]["condition"] == "service_healthy" for i in (1, 2))
+    # The settings the compose file sets exist (an unknown DUET_* variable would be ignored silently).
+    from service.settings import Settings
+
+    fields = {f"DUET_{name.upper()}" for name in Settings.model_fields}
+    for replica in replicas:
+        unknown = {k for k in replica["environment"] if k.startswith("DUET_")} - fields
+        assert not unknown, f"no such setting: {sorted(unknown)}"
 
 
 def _gpu_devices(service: dict[str, Any]) -> list[dict[str, Any]]:
