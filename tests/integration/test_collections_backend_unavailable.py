@@ -94,3 +94,31 @@ def test_the_retry_after_of_the_error_is_the_header():
     assert domain_response(exc) == (503, "collection_backend_unavailable", {"Retry-After": "5"})
     exc.retry_after = 0.2
     assert domain_response(exc)[2] == {"Retry-After": "1"}
+
+
+def test_the_milvus_backend_pointed_at_a_closed_port_starts_and_answers_503(bootstrapped_data_dir, tmp_path):
+    """The real milvus backend with nothing listening: start-up completes, collections are 503 +
+    Retry-After, embeddings work."""
+    pytest.importorskip("pymilvus")
+    pytest.importorskip("index.milvus.manager")
+    import shutil
+
+    from tests.helpers import free_port
+
+    shutil.copytree(bootstrapped_data_dir / "registry", tmp_path / "registry")
+    settings = make_settings(
+        tmp_path,
+        collections_backend="milvus",
+        milvus_uri=f"http://127.0.0.1:{free_port()}",
+        milvus_timeout_seconds=1,
+        register_default_models=False,
+    )
+    with RunningServer(settings) as running:
+        response = httpx.get(running.url + "/v1/collections", timeout=60)
+        assert response.status_code == 503, response.text
+        assert int(response.headers["Retry-After"]) >= 1
+        assert response.json()["error"]["code"] == "collection_backend_unavailable"
+        search = httpx.post(running.url + "/v1/collections/docs/search", json={"query": {"text": "hi"}}, timeout=60)
+        assert search.status_code == 503, search.text
+        embedded = httpx.post(running.url + "/v1/embeddings", json={"input": "hello", "model": "minilm"}, timeout=60)
+        assert embedded.status_code == 200, embedded.text
