@@ -19,6 +19,7 @@ import contextlib
 import logging
 import re
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -140,13 +141,17 @@ class MilvusConnection:
         retried = False
         while True:
             client, fresh = self.client()
+            started = time.monotonic()
             try:
                 return getattr(client, method)(*args, **kwargs)
             except Exception as exc:
                 kind = classify(exc)
                 if kind == "unavailable":
                     self.reset(client)
-                    if not fresh and not retried:
+                    # A stale client (its server restarted) fails at once: retry with a fresh one. One that
+                    # waited out the timeout is not retried, so an unresponsive server costs one timeout.
+                    quick = time.monotonic() - started < self.timeout / 2
+                    if not fresh and not retried and quick:
                         retried = True
                         continue
                     raise self.unavailable(exc) from None
