@@ -34,6 +34,7 @@ _UNAVAILABLE = re.compile(
     r"connection reset|broken pipe|not ready|channel closed|closed channel|cannot invoke rpc",
     re.IGNORECASE,
 )
+_ON_A_COLLECTION = {"upsert", "delete", "query", "search", "load_collection", "get_load_state"}
 _NOT_LOADED = re.compile(r"not loaded|released|call load|load\(\)", re.IGNORECASE)
 _NOT_FOUND = re.compile(r"collection.*(not found|not exist|doesn't exist|does not exist)|can't find collection", re.I)
 
@@ -159,11 +160,20 @@ class MilvusConnection:
                     loaded = True
                     self.call("load_collection", args[0])
                     continue
+                if kind is None and args and method in _ON_A_COLLECTION and self._gone(args[0]):
+                    kind = "not_found"  # dropped under the call (milvus-lite: "WAL already closed")
                 if kind == "not_found":
                     raise CollectionNotFoundError(
                         f"Milvus has no collection {args[0] if args else ''}: {message(exc)}"
                     ) from None
                 raise
+
+    def _gone(self, collection: str) -> bool:
+        try:
+            client, _ = self.client()
+            return not client.has_collection(collection, timeout=self.timeout)
+        except Exception:
+            return False
 
     @contextlib.contextmanager
     def guard(self) -> Iterator[None]:

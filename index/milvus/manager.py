@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -43,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 # A generation replaced by a re-embed is dropped this long after the flip (requests still on it).
 RETIRED_GRACE_SECONDS = 60.0
+# A `creating:<name>` row older than this was left by a replica that died mid-create.
+CREATING_STALE_SECONDS = 60.0
 
 
 class MilvusBackend:
@@ -54,6 +57,7 @@ class MilvusBackend:
         self.conn = MilvusConnection(options.uri, options.token, options.db_name, options.timeout_seconds)
         self.meta = Meta(self.conn, self.prefix)
         self._lock = threading.Lock()
+        self._name_locks: dict[str, threading.Lock] = {}
         self._jobs: dict[str, MilvusReembedJob] = {}  # re-embeds started by this replica
         self.retired_grace_seconds = RETIRED_GRACE_SECONDS
 
@@ -99,18 +103,42 @@ class MilvusBackend:
 
     # -- create / drop ------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _name_lock(self, name: str) -> Iterator[None]:
+        """Creates and drops of one name through this replica, one at a time."""
+        with self._lock:
+            lock = self._name_locks.setdefault(name, threading.Lock())
+        with lock:
+            yield
+
     def create(self, config: CollectionConfig) -> MilvusCollection:
+        """Create whole or not at all. Creates of one name on one replica run one at a time; across
+        replicas a `creating:<name>` row (fresh for CREATING_STALE_SECONDS) makes a second create wait its
+        turn (CollectionBusyError), and the physical collection's name admits one winner."""
         name = config.name
         if config.modality_gap_correction:
             raise InvalidCollectionError(
                 "modality_gap_correction is not available on the milvus backend yet; it is on the faiss backend"
             )
-        if self._config(name) is not None:
-            raise CollectionExistsError(f"collection '{name}' already exists")
+        with self._name_lock(name):
+            if self._config(name) is not None:
+                raise CollectionExistsError(f"collection '{name}' already exists")
+            creating = self.meta.get(f"creating:{name}")
+            if creating is not None and now_ms() - int(creating.get("at", 0)) < CREATING_STALE_SECONDS * 1000:
+                raise CollectionBusyError(f"collection '{name}' is being created by another replica; retry")
+            self.meta.put(f"creating:{name}", name, "creating", {"at": now_ms()})
+            try:
+                return self._create(config)
+            finally:
+                with contextlib.suppress(Exception):
+                    self.meta.delete([f"creating:{name}"])
+
+    def _create(self, config: CollectionConfig) -> MilvusCollection:
+        name = config.name
         physical = names.physical(self.prefix, name, config.generation)
         alias = names.alias(self.prefix, name)
         if self.conn.call("has_collection", physical):
-            # No config row: left by a create or drop cut short (nothing refers to it).
+            # No config row, no fresh create: left by a create or drop cut short (nothing refers to it).
             logger.warning("milvus: dropping %s, left by a create or drop that was cut short", physical)
             self.conn.call("drop_collection", physical)
         made = False
@@ -162,6 +190,10 @@ class MilvusBackend:
 
     def drop(self, name: str) -> None:
         validate_collection_name(name)
+        with self._name_lock(name):
+            self._drop(name)
+
+    def _drop(self, name: str) -> None:
         if self._config(name) is None:
             raise CollectionNotFoundError(f"no collection named '{name}'; GET /v1/collections lists them")
         state = self.meta.get(f"reembed:{name}")
