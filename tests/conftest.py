@@ -14,6 +14,9 @@ import pytest
 
 from tests.helpers import RunningServer, make_settings
 
+# The collection contract suite's `backend` fixtures (faiss and milvus), for every test module.
+pytest_plugins = ["tests.integration.backends"]
+
 
 @pytest.fixture(scope="session")
 def minilm_path() -> Path:

@@ -1,4 +1,6 @@
-"""Collections through HTTP on a real server: pinned models, search, filters, bad input."""
+"""Collections through HTTP on a real server: pinned models, search, filters, bad input. The contract
+both collection backends keep: each test that takes `http` runs on faiss and on milvus
+(tests/integration/backends.py)."""
 
 from __future__ import annotations
 
@@ -21,6 +23,12 @@ DOCS = {
 
 def _name() -> str:
     return "c" + uuid.uuid4().hex[:10]
+
+
+@pytest.fixture()
+def http(backend_http):
+    """This module's client talks to the contract server of the backend under test."""
+    return backend_http
 
 
 @pytest.fixture()
@@ -126,6 +134,35 @@ def test_images_and_texts_in_a_dual_encoder_collection(http):
     assert stats["modality_gap"] > 0
 
 
+def test_modality_gap_correction_per_backend(http, backend):
+    """The contract differs here, on purpose: the faiss backend removes each modality's mean at index and
+    query time; the milvus backend does not (yet), and says so with a 400 at create rather than keeping a
+    collection whose searches would silently go uncorrected."""
+    name = _name()
+    body = {"name": name, "model": "minilm-dual", "modality_gap_correction": True}
+    created = http.post("/v1/collections", json=body)
+    if backend == "milvus":
+        assert created.status_code == 400, created.text
+        error = created.json()["error"]
+        assert error["code"] == "invalid_collection_request", error
+        assert "modality_gap_correction" in error["message"] and "milvus" in error["message"], error
+        assert http.get(f"/v1/collections/{name}").status_code == 404
+        return
+    assert created.status_code == 201, created.text
+    assert created.json()["modality_gap_correction"] is True
+    items = [
+        {"id": "red", "image": png_data_uri(color=(255, 0, 0))},
+        {"id": "blue", "image": png_data_uri(color=(0, 0, 255))},
+        {"id": "caption", "text": "a red square"},
+    ]
+    assert http.put(f"/v1/collections/{name}/items", json={"items": items}).status_code == 200
+    assert http.post(f"/v1/collections/{name}/rebuild").status_code == 200  # centroids are computed at build
+    info = http.get(f"/v1/collections/{name}").json()
+    assert info["modality_gap_correction"] is True and info["stats"]["modality_gap"] > 0
+    hits = search(http, name, query={"text": "a red square"}, k=3)["results"]
+    assert {h["id"] for h in hits} == {"red", "blue", "caption"}
+
+
 # -- bad input ------------------------------------------------------------------------
 
 BAD_SEARCHES = [
@@ -192,6 +229,7 @@ def test_drop_collection(http):
     assert http.get(f"/v1/collections/{name}").status_code == 404
 
 
+@pytest.mark.faiss_only("the faiss index snapshot on disk is the faiss backend's own")
 def test_restart_with_a_corrupt_snapshot_rebuilds_and_serves(bootstrapped_data_dir, tmp_path):
     settings = make_settings(tmp_path / "data", preload_models=[], register_default_models=False)
     vectors = np.random.default_rng(0).normal(size=(20, 8)).tolist()

@@ -1,5 +1,6 @@
 """Re-embedding a collection into a new model version: in the background, flipped whole when
-done, one at a time, writes refused meanwhile, and a failure leaves the old collection as it was."""
+done, one at a time, writes refused meanwhile, and a failure leaves the old collection as it was.
+On both collection backends (tests/integration/backends.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.helpers import RunningServer, cosine, make_settings
+from tests.helpers import RunningServer, cosine
+from tests.integration.backends import backend_settings, reembed_leftovers, serving
 
 TEXTS = {
     "guitar": "A man is playing a guitar.",
@@ -51,11 +53,13 @@ def register(registry, name: str, folder: Path, aliases: tuple[str, ...] = ()):
 
 
 @pytest.fixture(scope="module")
-def running(tmp_path_factory, tiny_model_dir, other_tiny_dir) -> Iterator[RunningServer]:
+def running(request, backend, tmp_path_factory, tiny_model_dir, other_tiny_dir) -> Iterator[RunningServer]:
     from service.state import open_registry
 
-    settings = make_settings(
+    settings = backend_settings(
+        backend,
         tmp_path_factory.mktemp("reembed") / "data",
+        request,
         preload_models=["re/1"],
         register_default_models=False,
         alias_refresh_seconds=0.5,
@@ -68,7 +72,7 @@ def running(tmp_path_factory, tiny_model_dir, other_tiny_dir) -> Iterator[Runnin
         f.write(" ")  # re/3's files no longer match their registered hash: it will not load
     register(registry, "plain", tiny_model_dir)  # no production alias: re-embeds default to @latest
     register(registry, "plain", other_tiny_dir)
-    with RunningServer(settings) as server:
+    with serving(backend, settings) as server:
         yield server
 
 
@@ -127,8 +131,7 @@ def test_reembed_flips_the_collection_to_the_new_version(running, http):
     # A collection pinned to the old version keeps working on it.
     assert http.get(f"/v1/collections/{untouched}").json()["model"] == "re/1"
     assert top_hit(http, untouched, TEXTS["piano"])["id"] == "piano"
-    leftovers = [p.name for p in running.state.collections.root.iterdir() if p.name.startswith(".reembed-")]
-    assert leftovers == []
+    assert reembed_leftovers(running, name) == []
 
 
 def test_default_target_falls_back_to_latest(http):
@@ -178,7 +181,7 @@ def test_a_failed_reembed_leaves_the_old_collection_as_it_was(running, http):
     assert (info["model"], info["count"], info["dimension"]) == ("re/1", len(TEXTS), 32)
     assert top_hit(http, name, TEXTS["onions"])["id"] == "onions"
     assert http.put(f"/v1/collections/{name}/items", json={"items": [{"id": "y", "text": "ok"}]}).status_code == 200
-    assert not (running.state.collections.root / f".reembed-{name}").exists()
+    assert reembed_leftovers(running, name) == []
 
 
 def test_bad_reembed_requests_are_clear_4xx(http):

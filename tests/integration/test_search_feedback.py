@@ -1,11 +1,18 @@
 """What a search tells its caller besides the hits: that the pinned model is untrained (the
-`X-Duet-Warning` embeddings responses carry too), and an empty query in plain words."""
+`X-Duet-Warning` embeddings responses carry too), and an empty query in plain words. On both
+collection backends (tests/integration/backends.py)."""
 
 from __future__ import annotations
 
 import uuid
 
 import pytest
+
+
+@pytest.fixture()
+def http(backend_http):
+    """This module's client talks to the contract server of the backend under test."""
+    return backend_http
 
 
 @pytest.fixture()
