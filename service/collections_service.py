@@ -135,11 +135,13 @@ class CollectionsService:
             modality_gap_correction=body.modality_gap_correction,
         )
         collection = await anyio.to_thread.run_sync(self.backend.create, config)
-        return await anyio.to_thread.run_sync(_created_view, collection)
+        return await anyio.to_thread.run_sync(_created_view, collection, self.backend.kind)
 
     async def info(self, name: str) -> CollectionView:
         collection = await self._get(name)
-        return await anyio.to_thread.run_sync(lambda: _view(collection, self.backend.reembed_status(name)))
+        return await anyio.to_thread.run_sync(
+            lambda: _view(collection, self.backend.kind, self.backend.reembed_status(name))
+        )
 
     async def listing(self) -> Listing:
         """Every collection; ones that cannot be opened are listed apart, with the reason."""
@@ -150,7 +152,7 @@ class CollectionsService:
         views = []
         for collection in opened:
             try:
-                views.append(_view(collection, self.backend.reembed_status(collection.name)))
+                views.append(_view(collection, self.backend.kind, self.backend.reembed_status(collection.name)))
             except (CollectionNotFoundError, CollectionBusyError):
                 continue  # dropped, or replaced by a re-embed, while the list was made
         return Listing(views, broken)
@@ -162,7 +164,7 @@ class CollectionsService:
         """Rebuild the index from the store (retrains IVF, recomputes modality centroids)."""
         collection = await self._get(name)
         await anyio.to_thread.run_sync(collection.rebuild)
-        return await anyio.to_thread.run_sync(_view, collection)
+        return await anyio.to_thread.run_sync(_view, collection, self.backend.kind)
 
     # -- re-embed ----------------------------------------------------------------------
 
@@ -437,15 +439,18 @@ def parse_filter(raw: str | None) -> dict[str, Any] | None:
     return parsed
 
 
-def _view(collection: CollectionHandle, reembed: dict[str, Any] | None = None) -> CollectionView:
-    return CollectionView(collection.config, collection.stats(), reembed)
+def _view(collection: CollectionHandle, kind: str, reembed: dict[str, Any] | None = None) -> CollectionView:
+    stats = collection.stats()
+    if isinstance(stats.get("index"), dict):
+        stats["index"].setdefault("backend", kind)  # which backend holds it, on every backend
+    return CollectionView(collection.config, stats, reembed)
 
 
-def _created_view(collection: CollectionHandle) -> CollectionView:
+def _created_view(collection: CollectionHandle, kind: str) -> CollectionView:
     """A new collection's view. Another request may drop it before this answer is made; the create
     still happened (201), and the answer says the collection is already gone."""
     try:
-        return _view(collection)
+        return _view(collection, kind)
     except CollectionNotFoundError:
         return CollectionView(collection.config, {"count": 0, "dropped": True})
 

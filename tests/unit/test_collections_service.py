@@ -89,3 +89,19 @@ def test_filters_are_parsed_from_json():
     assert parse_filter('{"lang": "en"}') == {"lang": "en"}
     with pytest.raises(ApiError, match="not valid JSON"):
         parse_filter("{")
+
+
+def test_a_collection_view_names_its_backend():
+    from service.collections_service import _view
+
+    class Handle:
+        config = SimpleNamespace(name="docs")
+
+        def __init__(self, index):
+            self.index = index
+
+        def stats(self):
+            return {"count": 0, "index": dict(self.index)}
+
+    assert _view(Handle({"kind": "flat"}), "faiss").stats["index"] == {"kind": "flat", "backend": "faiss"}
+    assert _view(Handle({"backend": "milvus"}), "milvus").stats["index"] == {"backend": "milvus"}  # its own word
