@@ -28,7 +28,7 @@ def open_registry(settings: Settings) -> ModelRegistry:
     return ModelRegistry.open(settings.registry_dir, settings.registry_uri, settings.artifact_uri)
 
 
-class CollectionsBackendMissing(RuntimeError):
+class CollectionsBackendMissingError(RuntimeError):
     """The chosen collections backend's package is not installed; the message says what to install."""
 
 
@@ -50,7 +50,7 @@ def open_collections(settings: Settings) -> CollectionBackend:
         )
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] == "pymilvus":
-            raise CollectionsBackendMissing(settings.missing_backend_package() or str(exc)) from None
+            raise CollectionsBackendMissingError(settings.missing_backend_package() or str(exc)) from None
         raise
 
 
@@ -80,7 +80,7 @@ class ServiceState:
         taken (`Settings.holds_data_dir_lock`)."""
         problem = settings.missing_backend_package()
         if problem:
-            raise CollectionsBackendMissing(problem)
+            raise CollectionsBackendMissingError(problem)
         if not settings.holds_data_dir_lock:
             await anyio.to_thread.run_sync(check_writable, settings.data_dir)
             return await cls._open(settings)
@@ -126,6 +126,8 @@ class ServiceState:
             await asyncio.sleep(self.settings.snapshot_interval_seconds)
             try:
                 await anyio.to_thread.run_sync(self.collections.snapshot_dirty)
+            except BackendUnavailableError as exc:
+                logger.warning("collections upkeep skipped: %s; will retry", exc)
             except Exception:
                 logger.exception("snapshotting collections failed; will retry")
 

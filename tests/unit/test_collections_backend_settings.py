@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from service.settings import Settings
-from service.state import CollectionsBackendMissing, ServiceState, open_collections
+from service.state import CollectionsBackendMissingError, ServiceState, open_collections
 
 
 def test_faiss_is_the_default_and_holds_the_data_dir_lock(tmp_path):
@@ -56,6 +56,20 @@ def test_milvus_without_pymilvus_is_one_clear_start_up_error(monkeypatch, tmp_pa
     settings = Settings(data_dir=tmp_path, collections_backend="milvus")
     assert "pip install 'duet[milvus]'" in (settings.missing_backend_package() or "")
     assert Settings(data_dir=tmp_path).missing_backend_package() is None  # faiss needs nothing extra
-    with pytest.raises(CollectionsBackendMissing, match=r"pip install 'duet\[milvus\]'"):
+    with pytest.raises(CollectionsBackendMissingError, match=r"pip install 'duet\[milvus\]'"):
         asyncio.run(ServiceState.start(settings))
     assert not (tmp_path / "registry").exists()  # refused before anything was opened
+
+
+def test_duet_serve_with_milvus_but_no_pymilvus_is_one_line(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from duet.cli import app
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pymilvus" else real(name, *a))
+    env = {"DUET_COLLECTIONS_BACKEND": "milvus", "DUET_LOG_FORMAT": "text"}
+    result = CliRunner().invoke(app, ["serve", "--data-dir", str(tmp_path), "--port", "1"], env=env)
+    assert result.exit_code == 1, result.output
+    assert "pip install 'duet[milvus]'" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "collections").exists()  # refused before the lock or anything else
