@@ -36,7 +36,10 @@ _UNAVAILABLE = re.compile(
 )
 _ON_A_COLLECTION = {"upsert", "delete", "query", "search", "load_collection", "get_load_state"}
 _NOT_LOADED = re.compile(r"not loaded|released|call load|load\(\)", re.IGNORECASE)
-_NOT_FOUND = re.compile(r"collection.*(not found|not exist|doesn't exist|does not exist)|can't find collection", re.I)
+# "WAL already closed": milvus-lite's answer to a write on a collection being dropped.
+_NOT_FOUND = re.compile(
+    r"collection.*(not found|not exist|doesn't exist|does not exist)|can't find collection|wal already closed", re.I
+)
 
 
 def redacted(uri: str) -> str:
@@ -68,7 +71,7 @@ def classify(exc: BaseException) -> str | None:
             return "unavailable"
     text = str(getattr(exc, "message", "") or exc)
     if isinstance(exc, MilvusException):
-        if exc.code == 100 or _NOT_FOUND.search(text):
+        if exc.code == 100 or _NOT_FOUND.search(text):  # (a DescribeCollectionException is one too)
             return "not_found"
         if exc.code == 101 or _NOT_LOADED.search(text):
             return "not_loaded"
