@@ -257,6 +257,9 @@ def test_injection_attempts_are_data(backend):
         'q"x\\'
     ]
     assert c.get('q"x\\').payload == {"s": "plain"}
+    # paging in the server's iterator mode, across batch boundaries that fall on hostile ids
+    every = [row["id"] for batch in c.conn.iterate(c.physical, "", ["id"], batch=2) for row in batch]
+    assert every == sorted(i.id for i in items)
     for field in ['payload["s"]', 's"] or 1==1 or payload["s', "s\n", "s]"]:
         with pytest.raises(FilterError, match="invalid filter field"):
             c.page(None, 10, {field: "x"})
@@ -408,3 +411,87 @@ def test_a_file_uri_runs_milvus_lite_embedded(tmp_path):
         assert c.search(items[2].vector[None, :], 1)[0][0].id == "i002"
     finally:
         b.close()
+
+
+def test_pages_are_in_id_order_across_segments(backend):
+    c = backend.create(CollectionConfig(name="many", dim=DIM))
+    rng = np.random.default_rng(1)
+    ids = [f"{rng.integers(10**9):09d}-{n}" for n in range(1500)]
+    vector = c.prepare_vectors(vector_of("x"))[0]
+    for start in range(0, len(ids), 300):  # several writes: several segments
+        c.upsert(
+            [
+                StoredItem(id=i, modality="text", vector=vector, payload={"odd": int(i[-1]) % 2 == 1})
+                for i in ids[start : start + 300]
+            ]
+        )
+        if start == 600:
+            c.conn.call("flush", c.physical)
+    c.delete(ids=ids[:50])
+    want = sorted(ids[50:])
+    seen, cursor = [], None
+    while True:
+        page = c.page(cursor, 400, None)
+        if not page:
+            break
+        seen.extend(i.id for i in page)
+        cursor = page[-1].id
+    assert seen == want
+    odd = [i.id for i in c.page(want[100], 50, {"odd": True})]
+    assert odd == [i for i in want if i > want[100] and int(i[-1]) % 2 == 1][:50]
+
+
+def test_reembed_catches_up_writes_that_passed_the_check_before_the_freeze(backend):
+    c = backend.create(CollectionConfig(name="late", dim=DIM, model="m/1"))
+    items = items_for(c, 6)
+    for item in items:
+        item.modality = "text"
+    c.upsert(items)
+    gate = [False]
+
+    def slow(batch):
+        while not gate[0]:
+            time.sleep(0.02)
+        return embedder(16)(batch)
+
+    job = backend.start_reembed(CollectionConfig(name="late", dim=16, model="m/2"), slow)
+    job.settle_seconds = 0.5
+    # Writes that read the collection as writable just before the freeze land now, straight in Milvus.
+    late = {
+        "id": "late",
+        "vector": items[0].vector.tolist(),
+        "modality": "text",
+        "content": "late one",
+        "payload": {"n": 99},
+        "written_at": job.frozen_at + 1,
+    }
+    c.conn.call("upsert", c.physical, [late])
+    c.conn.call("delete", c.physical, filter='id in ["i002"]')
+    gate[0] = True
+    job.join(30)
+    assert job.progress.state == "done", job.progress.error
+    new = backend.get("late")
+    assert sorted(i.id for i in new.page(None, 100, None)) == ["i000", "i001", "i003", "i004", "i005", "late"]
+    assert np.allclose(new.get("late").vector, new.prepare_vectors(vector_of("late one", 16))[0], atol=1e-5)
+
+
+def test_close_cancels_a_running_reembed(milvus_uri):
+    b = make_backend(milvus_uri)
+    c = b.create(CollectionConfig(name="cut", dim=DIM, model="m/1"))
+    c.upsert(items_for(c, 3))
+
+    def never(batch):
+        time.sleep(0.2)
+        return embedder(16)(batch)
+
+    job = b.start_reembed(CollectionConfig(name="cut", dim=16, model="m/2", modalities=("text", "image")), never)
+    job.settle_seconds = 60
+    b.close()
+    assert job.progress.state == "failed" and "shutting down" in job.progress.error
+    other = make_backend(milvus_uri, b.prefix)
+    try:
+        assert other.get("cut").config.generation == 0
+        other.get("cut").upsert(items_for(c, 1, prefix="open"))  # writes open again
+        assert not other.conn.call("has_collection", names.physical(b.prefix, "cut", 1))
+    finally:
+        other.close()
