@@ -24,7 +24,7 @@ import numpy as np
 
 from index.config import MODALITIES, CollectionConfig, validate_item_id
 from index.engine import as_matrix
-from index.errors import CollectionBusyError, InvalidCollectionError, ItemNotFoundError
+from index.errors import CollectionBusyError, CollectionNotFoundError, InvalidCollectionError, ItemNotFoundError
 from index.items import Hit, StoredItem
 from index.milvus import names
 from index.milvus.expressions import after_clause, compile_filter, conjunction, ids_clause, modality_clause
@@ -107,13 +107,22 @@ class MilvusCollection:
         return {row["value"]["field"]: row["value"]["type"] for row in rows}
 
     def check_writable(self) -> None:
-        state = self.backend.meta.get(f"reembed:{self.name}")
+        """Refuse a write while a re-embed runs (on any replica), and a write through a handle whose
+        generation a re-embed has replaced (it would land in the generation about to be dropped), in one
+        read of the collection's `config` and `reembed` rows."""
+        rows = self.backend.meta.get_many([f"config:{self.name}", f"reembed:{self.name}"])
+        config = rows.get(f"config:{self.name}")
+        if config is None:
+            raise CollectionNotFoundError(f"collection '{self.name}' was dropped")
+        state = rows.get(f"reembed:{self.name}")
         if reembed_running(state):
             assert state is not None
             raise CollectionBusyError(
                 f"collection '{self.name}' is being re-embedded into {state.get('target_model')} "
                 f"({state.get('done', 0)}/{state.get('total', 0)} items); retry writes after it"
             )
+        if int(config.get("generation", 0)) != self.config.generation:
+            raise CollectionBusyError(f"collection '{self.name}' was re-embedded while this request ran; retry")
 
     def prepare_vectors(self, vectors: Any) -> np.ndarray:
         return as_matrix(vectors, self.config.dim, normalize=self.config.metric == "cosine")

@@ -219,7 +219,13 @@ class MilvusBackend:
 
     def start_reembed(self, config: CollectionConfig, embed: EmbedFn) -> MilvusReembedJob:
         """Rebuild collection `config.name` as `config` (another model) into generation N+1, in a thread.
-        Writes are refused on every replica (the `reembed` meta row) until it ends."""
+        Writes are refused on every replica (the `reembed` meta row) until it ends. (Two replicas starting
+        a re-embed of one collection in the same instant are not excluded: Milvus has no compare-and-set;
+        on one replica, starts of one name run one at a time.)"""
+        with self._name_lock(config.name):
+            return self._start_reembed(config, embed)
+
+    def _start_reembed(self, config: CollectionConfig, embed: EmbedFn) -> MilvusReembedJob:
         name = config.name
         source = self.get(name)
         state = self.meta.get(f"reembed:{name}")

@@ -75,6 +75,19 @@ class Meta:
         )
         return dict(rows[0]["value"]) if rows else None
 
+    def get_many(self, keys: list[str]) -> dict[str, dict[str, Any]]:
+        """{key: value} of those of `keys` that have a row, in one query."""
+        self.ensure()
+        rows = self.conn.call(
+            "query",
+            self.collection,
+            filter="key in [" + ", ".join(string_literal(k) for k in keys) + "]",
+            output_fields=["key", "value"],
+            limit=len(keys),
+            consistency_level="Strong",
+        )
+        return {row["key"]: dict(row["value"]) for row in rows}
+
     def rows(self, kind: str, name: str | None = None) -> list[dict[str, Any]]:
         """Every row of `kind` (of collection `name`, if given): dicts with key, name, kind, value."""
         self.ensure()

@@ -339,6 +339,8 @@ def test_reembed_flips_and_refuses_writes_on_every_replica(milvus_uri):
         new.upsert([StoredItem(id="later", modality="text", vector=query[0], content="later")])  # writes open again
         # the old generation serves requests still on it until the grace ends, then is dropped
         assert other.count() == 31
+        with pytest.raises(CollectionBusyError, match="re-embedded while"):  # it would land in the old generation
+            other.upsert(items_for(other, 1, prefix="stale"))
         a.retired_grace_seconds = 0
         assert a.snapshot_dirty() == [names.physical(prefix, "re-emb", 0)]
         assert not client.has_collection(names.physical(prefix, "re-emb", 0))
