@@ -112,7 +112,8 @@ class CollectionsService:
 
     async def create(self, body: CollectionCreate) -> CollectionView:
         """Create a collection pinned to one model version (or a vector-only one)."""
-        model_ref, dim, modalities = None, body.dimension, ("vector",)
+        model_ref, dim = None, body.dimension
+        modalities: tuple[str, ...] = ("vector",)
         if body.model is not None or body.dimension is None:
             info = await self.pool.resolve(body.model)
             contract = info.manifest.contract
@@ -123,7 +124,7 @@ class CollectionsService:
                     code="invalid_dimensions",
                     param="dimension",
                 )
-            model_ref, dim, modalities = info.ref, contract.dimension, contract.modalities
+            model_ref, dim, modalities = info.ref, contract.dimension, tuple(contract.modalities)
         options = {"kind": body.index} if isinstance(body.index, str) else body.index.model_dump()
         config = CollectionConfig(
             name=body.name,
@@ -131,7 +132,7 @@ class CollectionsService:
             metric=body.metric,
             index=IndexSpec(**options),
             model=model_ref,
-            modalities=tuple(modalities),
+            modalities=modalities,
             modality_gap_correction=body.modality_gap_correction,
         )
         collection = await anyio.to_thread.run_sync(self.backend.create, config)

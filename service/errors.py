@@ -122,14 +122,14 @@ _DOMAIN_ERRORS: list[DomainMapping] = [
 ]
 
 
-def _mapping(exc: Exception) -> DomainMapping | None:
+def _mapping(exc: BaseException) -> DomainMapping | None:
     for mapping in _DOMAIN_ERRORS:
         if isinstance(exc, mapping.cls):
             return mapping
     return None
 
 
-def domain_status(exc: Exception) -> tuple[int, str]:
+def domain_status(exc: BaseException) -> tuple[int, str]:
     mapping = _mapping(exc)
     return (mapping.status, mapping.code) if mapping else (500, "internal_error")
 
