@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from index.errors import BackendUnavailableError, CollectionNotFoundError
+from index.errors import BackendUnavailableError, CollectionNotFoundError, InvalidCollectionError
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +78,15 @@ def classify(exc: BaseException) -> str | None:
     if _UNAVAILABLE.search(text) or _UNAVAILABLE.search(type(exc).__name__):
         return "unavailable"
     return None
+
+
+def _input_error(exc: BaseException) -> bool:
+    """A refusal of what was asked (pymilvus's parameter checks, or the server's input errors)."""
+    from pymilvus.exceptions import DataNotMatchException, MilvusException, ParamError
+
+    if isinstance(exc, (ParamError, DataNotMatchException)):
+        return True
+    return isinstance(exc, MilvusException) and bool(getattr(exc, "_is_input_error", False))
 
 
 def message(exc: BaseException) -> str:
@@ -165,6 +174,10 @@ class MilvusConnection:
                     continue
                 if kind is None and args and method in _ON_A_COLLECTION and self._gone(args[0]):
                     kind = "not_found"  # dropped under the call (milvus-lite: "WAL already closed")
+                if kind is None and _input_error(exc):
+                    raise InvalidCollectionError(
+                        f"Milvus at {self.where} refused the request: {message(exc)}"
+                    ) from None
                 if kind == "not_found":
                     raise CollectionNotFoundError(
                         f"Milvus has no collection {args[0] if args else ''}: {message(exc)}"
