@@ -128,6 +128,8 @@ class MilvusConnection:
                 kwargs["token"] = self._token
             if self._db_name:
                 kwargs["db_name"] = self._db_name
+            if _is_local(self.uri):
+                _quiet_embedded_server()
             try:
                 self._client = MilvusClient(**kwargs)
             except Exception as exc:
@@ -249,3 +251,17 @@ class MilvusConnection:
 
 def _is_local(uri: str) -> bool:
     return "://" not in uri
+
+
+def _unimplemented_rpc(record: logging.LogRecord) -> bool:
+    """False for the embedded server's "Method not implemented!" tracebacks (pymilvus asks it for
+    AllocTimestamp after creates and alias moves, does without the answer, and gRPC logs an error)."""
+    return not (record.exc_info and isinstance(record.exc_info[1], NotImplementedError))
+
+
+def _quiet_embedded_server() -> None:
+    """milvus-lite embedded runs its gRPC server in this process, whose log lines are ours: keep the
+    harmless unimplemented-RPC errors out of them (once per process)."""
+    server_log = logging.getLogger("grpc._server")
+    if _unimplemented_rpc not in server_log.filters:
+        server_log.addFilter(_unimplemented_rpc)

@@ -101,3 +101,9 @@ def test_strings_sqlite_cannot_encode_are_refused():
     with pytest.raises(FilterError, match="lone surrogate"):
         compile_filter({"lang": {"$in": ["en", "\ud800"]}}, SCHEMA)
     assert _select({"lang": {"$in": ["en", "ünï😀"]}}) == [0]
+
+
+def test_a_field_name_with_a_final_newline_is_refused():
+    """`$` also matches before a final newline; the field rule must not."""
+    with pytest.raises(FilterError, match="invalid filter field"):
+        compile_filter({"a\n": 1}, {"a\n": "number", "a": "number"})
