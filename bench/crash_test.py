@@ -42,6 +42,22 @@ With `--corrupt-snapshot` (default on), two last rounds overwrite
 truncated copy of itself; the server must rebuild the index from the store, pass the same
 checks and write a good snapshot again.
 
+With `--backend milvus`, the collection lives in Milvus: the test starts a `milvus-lite server`
+(a real Milvus gRPC server; its data dir beside the server's) and runs `duet serve` with
+DUET_COLLECTIONS_BACKEND=milvus on it. A 200 then promises that Milvus acknowledged the write
+(and that a read after it sees it: Strong consistency); kills of `duet serve` must lose nothing,
+exactly as for faiss. There is no snapshot and no per-collection store seq on this backend, so the
+snapshot rounds, mid-snapshot kills and the index/seq count checks are off (the reply's seq, a
+per-process timestamp, must still not go backwards within a round). `--milvus-kill-prob P` also
+SIGKILLs the milvus-lite server itself at a fraction P of the kills (then restarts it on the
+same data dir): that checks milvus-lite's own durability, not Duet's.
+
+    python bench/crash_test.py --backend milvus                      # kills of duet serve
+    python bench/crash_test.py --backend milvus --milvus-kill-prob 0.5   # ... and of Milvus
+
+Unless --no-write, the summary is written to bench/RESULTS.md (section `crash-<backend>`, or
+`crash-milvus-and-milvus-kills` with --milvus-kill-prob).
+
 Every wait is bounded (`--ready-timeout`, request timeouts, `--max-seconds` for the whole run),
 and the server's process group is always SIGKILLed at the end, also on errors and Ctrl-C.
 Exit status: 0 all rounds passed, 1 a violation (details, server log and data dir are printed
@@ -55,6 +71,7 @@ import contextlib
 import hashlib
 import os
 import random
+import shlex
 import shutil
 import signal
 import socket
@@ -188,10 +205,58 @@ def duet_command() -> list[str]:
     return [found]
 
 
+class MilvusLite:
+    """`milvus-lite server` in its own process group on a fresh port each start (same data dir)."""
+
+    def __init__(self, data_dir: Path, log_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.log_dir = log_dir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        self.uri = ""
+
+    def start(self, timeout: float) -> float:
+        beside = Path(sys.executable).parent / "milvus-lite"
+        found = str(beside) if beside.exists() else shutil.which("milvus-lite")
+        if not found:
+            raise HarnessError("`milvus-lite` is not installed (pip install -e '.[dev]')")
+        port = free_port()
+        self.starts += 1
+        log_path = self.log_dir / f"milvus-{self.starts:03d}.log"
+        command = [found, "server", "--data-dir", str(self.data_dir), "--host", HOST, "--port", str(port)]
+        with open(log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self.uri = f"http://{HOST}:{port}"
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            if self.proc.poll() is not None:
+                raise HarnessError(f"milvus-lite server exited with {self.proc.returncode}: see {log_path}")
+            with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=1):
+                return time.monotonic() - started
+            time.sleep(0.1)
+        raise HarnessError(f"milvus-lite server not listening after {timeout:.0f}s: see {log_path}")
+
+    def kill(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired as exc:
+            raise HarnessError(f"milvus-lite pid {proc.pid} still alive 15s after SIGKILL") from exc
+
+
 class Server:
     """`duet serve` in its own process group, on a fresh port each start; logs kept per start."""
 
-    def __init__(self, data_dir: Path, log_dir: Path, snapshot_interval: float) -> None:
+    def __init__(
+        self, data_dir: Path, log_dir: Path, snapshot_interval: float, milvus: MilvusLite | None = None
+    ) -> None:
+        self.milvus = milvus
         self.data_dir = data_dir
         self.log_dir = log_dir
         self.proc: subprocess.Popen[bytes] | None = None
@@ -205,9 +270,12 @@ class Server:
             "DUET_SNAPSHOT_INTERVAL_SECONDS": str(snapshot_interval),
             "DUET_FAISS_GPU": "false",
             "DUET_LOG_LEVEL": "info",
+            "DUET_COLLECTIONS_BACKEND": "milvus" if milvus else "faiss",
         }
 
     def start(self) -> None:
+        if self.milvus is not None:
+            self.env["DUET_MILVUS_URI"] = self.milvus.uri  # a new port after each Milvus restart
         port = free_port()
         self.starts += 1
         self.log_path = self.log_dir / f"server-{self.starts:03d}.log"
@@ -534,9 +602,10 @@ def check_counts(reader: Reader, live: dict[str, Write], max_seq: int, v: Violat
     stats = info["stats"]
     if info["count"] != len(live):
         v.add("count", f"collection count {info['count']}, expected {len(live)} live ids")
-    if stats["index"]["vectors"] != info["count"]:
+    vectors = stats["index"].get("vectors")  # faiss only: the index beside the store
+    if vectors is not None and vectors != info["count"]:
         v.add("index", f"index holds {stats['index']['vectors']} vectors, store {info['count']} items")
-    if stats["seq"] < max_seq:
+    if stats["seq"] is not None and stats["seq"] < max_seq:  # milvus: no per-collection seq
         v.add("seq", f"store seq {stats['seq']} is behind an acknowledged seq {max_seq}")
 
 
@@ -594,6 +663,7 @@ class Run:
     committed: int = 0
     snapshot_kills: int = 0
     startup_kills: int = 0
+    milvus_kills: int = 0
     restart_times: list[float] = field(default_factory=list)
 
     @property
@@ -631,6 +701,9 @@ def load_and_kill(run: Run, round_no: int, rng: random.Random, v: Violations) ->
     if rng.random() < run.args.snapshot_kill_prob:
         wait_for_snapshot_write(run, stale, timeout=3 * run.args.snapshot_interval)
     run.server.kill()  # first kill, then stop: requests are in flight when the server dies
+    if run.server.milvus is not None and rng.random() < run.args.milvus_kill_prob:
+        run.server.milvus.kill()  # Milvus itself, right after the server: its last acks must survive too
+        run.milvus_kills += 1
     mid_snapshot = tmp_stamp(run) not in (None, stale)
     stop.set()
     for writer in writers:
@@ -650,6 +723,9 @@ def corrupt_snapshot(run: Run, how: str, rng: random.Random) -> None:
 
 
 def restart(run: Run, rng: random.Random, allow_startup_kill: bool) -> float:
+    milvus = run.server.milvus
+    if milvus is not None and milvus.proc is None:
+        milvus.start(run.args.ready_timeout)
     if allow_startup_kill and rng.random() < run.args.startup_kill_prob:
         run.server.start()  # killed again during start-up (open, replay, first snapshot)
         time.sleep(rng.uniform(0.1, 5.0))
@@ -756,7 +832,64 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-seconds", type=float, default=480.0, help="stop starting rounds after this long")
     parser.add_argument("--seed", type=int, default=None, help="seed of the op stream (default: random)")
     parser.add_argument("--keep", action="store_true", help="keep the data dir and logs even when all pass")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--backend", choices=["faiss", "milvus"], default="faiss", help="collections backend (default faiss)"
+    )
+    parser.add_argument(
+        "--milvus-kill-prob", type=float, default=0.0, help="milvus: chance a kill also SIGKILLs the Milvus server"
+    )
+    parser.add_argument("--no-write", action="store_true", help="do not write the summary to bench/RESULTS.md")
+    args = parser.parse_args(argv)
+    if args.backend == "milvus":  # no snapshot on this backend
+        args.corrupt_snapshot = False
+        args.snapshot_kill_prob = 0.0
+    return args
+
+
+def write_results(
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    seed: int,
+    summary: str,
+    counts: str,
+    result: str,
+    failed: Violations,
+) -> None:
+    """The run's summary as the `crash-<backend>` section of bench/RESULTS.md."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from results import write_section
+
+    command = shlex.join(["python", "bench/crash_test.py", *(sys.argv[1:] if argv is None else argv)])
+    what = (
+        "`duet serve` (DUET_COLLECTIONS_BACKEND=milvus) on a `milvus-lite server` the test starts; "
+        + (
+            f"the Milvus server is SIGKILLed too at {args.milvus_kill_prob:.0%} of the kills"
+            if args.milvus_kill_prob
+            else "only `duet serve` is killed (Milvus keeps running)"
+        )
+        if args.backend == "milvus"
+        else f"`duet serve` (faiss: SQLite store + FAISS index, snapshots every {args.snapshot_interval:g}s)"
+    )
+    lines = [
+        f"## Crash test, {args.backend} backend"
+        + (", Milvus killed too" if args.backend == "milvus" and args.milvus_kill_prob else "")
+        + " (`bench/crash_test.py`)",
+        f"- Command: `{command}` (seed {seed})",
+        f"- Date: {time.strftime('%Y-%m-%d %H:%M %Z')}; {os.cpu_count()} cores, load average "
+        f"{os.getloadavg()[0]:.1f} at the end",
+        f"- What: {args.threads} writers upsert/delete {DIM}-d vectors (metric {args.metric}); SIGKILL of the "
+        f"server's process group after {args.min_delay:g}-{args.max_delay:g}s of load, restart, full comparison; "
+        + what,
+        f"- {summary}",
+        f"- {counts}",
+        f"- Result: **{result}**",
+    ]
+    for kind, details in failed.kinds.items():
+        lines.append(f"  - {kind}: {len(details)}, e.g. {details[0][:200]}")
+    section = f"crash-{args.backend}" + (
+        "-and-milvus-kills" if args.backend == "milvus" and args.milvus_kill_prob else ""
+    )
+    write_section(section, "\n".join(lines))
 
 
 def _terminate(signum, frame):  # SIGTERM -> the same clean-up path as Ctrl-C
@@ -769,15 +902,21 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(seed)
     signal.signal(signal.SIGTERM, _terminate)
     root = Path(tempfile.mkdtemp(prefix="duet-crash-"))
-    server = Server(root / "data", root, args.snapshot_interval)
+    milvus = MilvusLite(root / "milvus", root) if args.backend == "milvus" else None
+    server = Server(root / "data", root, args.snapshot_interval, milvus)
     run = Run(args, server, models=[{} for _ in range(args.threads)])
     plan = [(f"round {r}/{args.rounds}", r, None) for r in range(1, args.rounds + 1)]
     if args.corrupt_snapshot:
         plan += [("garbage", args.rounds + 1, "garbage"), ("truncated", args.rounds + 2, "truncated")]
     started = time.monotonic()
     status, failed, done = 2, Violations(), 0
-    print(f"crash test: seed {seed}, metric {args.metric}, {args.threads} writers, dir {root}", flush=True)
+    print(
+        f"crash test: backend {args.backend}, seed {seed}, metric {args.metric}, {args.threads} writers, dir {root}",
+        flush=True,
+    )
     try:
+        if milvus is not None:
+            print(f"milvus-lite server listening after {milvus.start(args.ready_timeout):.1f}s", flush=True)
         server.start()
         print(f"first start {server.wait_ready(args.ready_timeout):.1f}s", flush=True)
         reply = httpx.post(
@@ -818,21 +957,27 @@ def main(argv: list[str] | None = None) -> int:
         status = 2
     finally:
         server.kill()
+        if milvus is not None:
+            milvus.kill()
     elapsed = time.monotonic() - started
     times = run.restart_times or [0.0]
-    print(
-        f"\nsummary: {done} rounds passed in {elapsed:.0f}s, "
+    summary = (
+        f"summary: {done} rounds passed in {elapsed:.0f}s, "
         f"{run.acked_requests} acknowledged writes ({run.acked_items} item writes), "
         f"{run.inflight} in flight at a kill ({run.committed} committed), "
         f"{run.snapshot_kills} kills mid-snapshot, {run.startup_kills} kills mid-start, "
-        f"restart {np.mean(times):.1f}s mean / {max(times):.1f}s max"
+        + (f"{run.milvus_kills} kills of the Milvus server too, " if milvus is not None else "")
+        + f"restart {np.mean(times):.1f}s mean / {max(times):.1f}s max"
     )
-    print(
-        f"         lost = {failed.count('lost')}, half-present = {failed.count('half-present')}, "
+    counts = (
+        f"lost = {failed.count('lost')}, half-present = {failed.count('half-present')}, "
         f"torn = {failed.count('torn')}, resurrected = {failed.count('resurrected')}, "
         f"phantom = {failed.count('phantom')}, other violations = {failed.others()}"
     )
-    print(f"result: {('PASS', 'FAIL', 'INCOMPLETE')[status]}")
+    result = ("PASS", "FAIL", "INCOMPLETE")[status]
+    print(f"\n{summary}\n         {counts}\nresult: {result}")
+    if not args.no_write:
+        write_results(args, argv, seed, summary, counts, result, failed)
     if status == 0 and not args.keep:
         shutil.rmtree(root, ignore_errors=True)
     else:

@@ -13,6 +13,11 @@ How to run (from the repository root):
     python bench/search.py                     # full run: 100k and 1M vectors (most of an hour on 2 cores)
     python bench/search.py --quick             # smoke run: 20k vectors, short timing budgets
     python bench/search.py --sizes 100000      # one size only
+    python bench/search.py --backend faiss,milvus [--n 100000]   # backends over HTTP: bench/search_backends.py
+
+With `--backend`, this runs bench/search_backends.py instead (its own options; `--help` there):
+the faiss and milvus collections backends side by side through a real `duet serve`, with
+milvus on a `milvus-lite server`, including a 2-replica run. Without it, the modes below.
 
 What it does, per size N (384-d unit vectors drawn around 1000 Gaussian cluster centres,
 deterministic seed; 1024 held-out queries from the same distribution):
@@ -1066,11 +1071,16 @@ def exit_on_signal(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(arg == "--backend" or arg.startswith("--backend=") for arg in argv):
+        import search_backends  # the backends over HTTP (bench/search_backends.py)
+
+        return search_backends.main(argv, command=shlex.join(["python", "bench/search.py", *argv]))
     signal.signal(signal.SIGTERM, exit_on_signal)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background
     args = parse_args(argv)
     budget = QUICK if args.quick else FULL
-    command = shlex.join(["python", "bench/search.py", *(sys.argv[1:] if argv is None else argv)])
+    command = shlex.join(["python", "bench/search.py", *argv])
     report = Reporter(command, None if args.no_write else args.results)
     work = Path(tempfile.mkdtemp(prefix="duet-bench-search-", dir=args.workdir))
     log(f"work dir {work}; sizes {args.sizes}")
