@@ -99,12 +99,16 @@ def refresh_gauges(metrics: Metrics, state) -> None:
                 metrics.jobs.labels(job_state.value).set(count)
         except Exception as exc:  # noqa: BLE001 - StoreUnavailableError and kin: metrics must still render
             logger.warning("job counts not refreshed: %s", exc)
-    names = state.collections.names()
-    metrics.collections.set(len(names))
+    try:  # the backend protocol's listing: on the milvus backend a query of a server that may be down
+        opened, broken = state.collections.listing()
+    except Exception as exc:  # noqa: BLE001 - BackendUnavailableError and kin: metrics must still render
+        logger.warning("collection gauges not refreshed: %s", exc)
+        return
+    metrics.collections.set(len(opened) + len(broken))
     metrics.collection_items.clear()  # dropped collections disappear from the scrape
-    for name in names:
+    for collection in opened:
         try:
-            count = state.collections.get(name).count()
-        except Exception:  # noqa: BLE001 - dropped between names() and get(), or unavailable
+            count = collection.count()
+        except Exception:  # noqa: BLE001 - dropped since the listing, or unavailable
             continue
-        metrics.collection_items.labels(name).set(count)
+        metrics.collection_items.labels(collection.name).set(count)

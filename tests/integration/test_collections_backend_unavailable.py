@@ -122,3 +122,7 @@ def test_the_milvus_backend_pointed_at_a_closed_port_starts_and_answers_503(boot
         assert search.status_code == 503, search.text
         embedded = httpx.post(running.url + "/v1/embeddings", json={"input": "hello", "model": "minilm"}, timeout=60)
         assert embedded.status_code == 200, embedded.text
+        # The scrape reads collection gauges through the backend: with Milvus down it still renders.
+        scrape = httpx.get(running.url + "/metrics", timeout=60)
+        assert scrape.status_code == 200, scrape.text
+        assert "duet_collections " in scrape.text
