@@ -44,8 +44,10 @@ def backend_settings(backend: str, data_dir: Path, request: pytest.FixtureReques
     """`make_settings` for a server on `backend`; on milvus the session's Milvus and a fresh prefix (pass
     `milvus_prefix=` to share one between servers). `milvus_uri` is only started when a milvus test runs."""
     if backend == "milvus":
-        overrides.setdefault("milvus_prefix", milvus_prefix())
-        overrides.setdefault("milvus_uri", request.getfixturevalue("milvus_uri"))
+        if "milvus_prefix" not in overrides:
+            overrides["milvus_prefix"] = milvus_prefix()
+        if "milvus_uri" not in overrides:
+            overrides["milvus_uri"] = request.getfixturevalue("milvus_uri")
         overrides = {"collections_backend": "milvus", **overrides}
     return make_settings(data_dir, **overrides)
 
