@@ -204,13 +204,38 @@ class MilvusBackend:
                 f"({state.get('done', 0)}/{state.get('total', 0)} items); GET /v1/collections/{name} shows progress"
             )
         self.meta.delete([f"config:{name}"])  # gone for every replica from here
-        with contextlib.suppress(CollectionNotFoundError):
-            self.conn.call("drop_alias", names.alias(self.prefix, name))
+        self._drop_alias(names.alias(self.prefix, name))
         for physical in self._generations(name):
-            self.conn.call("drop_collection", physical)
+            self._drop_physical(physical)
         self.meta.delete_collection(name)
         with self._lock:
             self._jobs.pop(name, None)
+
+    def _drop_alias(self, alias: str) -> None:
+        """Drop an alias another replica may be dropping too (a missing alias is no failure: nothing
+        reads through it, and a create replaces a leftover one)."""
+        try:
+            self.conn.call("drop_alias", alias)
+        except BackendUnavailableError:
+            raise
+        except Exception as exc:
+            logger.info("milvus: alias %s not dropped (%s)", alias, message(exc))
+
+    def _drop_physical(self, physical: str) -> None:
+        """Drop a Milvus collection that may be dropped by another replica at the same moment (two drops
+        of one name, a drop racing the grace drop of a retired generation): a failure is only a failure if
+        the collection is still there afterwards (milvus-lite answers a drop that lost the race with a
+        bare "No such file or directory")."""
+        try:
+            self.conn.call("drop_collection", physical)
+        except BackendUnavailableError:
+            raise
+        except CollectionNotFoundError:
+            return
+        except Exception:
+            if self.conn.call("has_collection", physical):
+                raise
+            logger.info("milvus: %s was dropped by someone else meanwhile", physical)
 
     def _generations(self, name: str) -> list[str]:
         return [c for c in self.conn.call("list_collections") if names.generation_of(self.prefix, name, c) is not None]
@@ -319,7 +344,7 @@ class MilvusBackend:
             if now_ms() - int(value.get("at", 0)) < self.retired_grace_seconds * 1000:
                 continue
             try:
-                self.conn.call("drop_collection", value["physical"])
+                self._drop_physical(value["physical"])
                 self.meta.delete([row["key"]])
             except (BackendUnavailableError, CollectionNotFoundError):
                 continue

@@ -1,0 +1,99 @@
+"""The milvus backend attacked the way a hostile (or merely unlucky) client would: two API replicas on one
+Milvus racing each other, hostile ids, cursors and filters, garbage in the meta collection.
+
+Every answer must be a 2xx, or a 4xx / 503 (+ Retry-After) in the API's JSON error shape: never a 500,
+never a hang, never a lost acknowledged write. Two in-process servers (`RunningServer`) with the same
+Milvus prefix are the two replicas; collections are vector-only, so no model loads.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import quote
+
+import httpx
+import pytest
+
+from tests.helpers import RunningServer
+from tests.integration.backends import backend_settings, milvus_prefix, serving
+
+pytestmark = pytest.mark.milvus
+
+DIM = 4
+
+
+def _name(tag: str = "x") -> str:
+    return f"{tag}{uuid.uuid4().hex[:8]}"
+
+
+def assert_clean(response: httpx.Response) -> httpx.Response:
+    """A 2xx, or a 4xx/503 with the API's JSON error (503 with Retry-After): never a 500."""
+    status = response.status_code
+    assert status < 500 or status == 503, f"{status}: {response.text[:500]}"
+    if status >= 400:
+        error = response.json()["error"]
+        assert error["message"] and error["code"], response.text
+    if status == 503:
+        assert "retry-after" in response.headers, response.headers
+    return response
+
+
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory, request) -> Iterator[tuple[RunningServer, RunningServer]]:
+    prefix = milvus_prefix()
+    settings = [
+        backend_settings(
+            "milvus", tmp_path_factory.mktemp(f"attack-{side}"), request, milvus_prefix=prefix, preload_models=[]
+        )
+        for side in "ab"
+    ]
+    with serving("milvus", settings[0]) as a, serving("milvus", settings[1]) as b:
+        yield a, b
+
+
+@pytest.fixture(scope="module")
+def clients(replicas) -> Iterator[tuple[httpx.Client, httpx.Client]]:
+    a, b = replicas
+    with httpx.Client(base_url=a.url, timeout=60) as ca, httpx.Client(base_url=b.url, timeout=60) as cb:
+        yield ca, cb
+
+
+def _create(client: httpx.Client, name: str) -> None:
+    response = client.post("/v1/collections", json={"name": name, "dimension": DIM})
+    assert response.status_code == 201, response.text
+
+
+def _at_once(*calls):
+    """Run the calls at the same instant (a barrier), each in its own thread; their results."""
+    barrier = threading.Barrier(len(calls))
+
+    def run(call):
+        barrier.wait()
+        return call()
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return [f.result() for f in [pool.submit(run, call) for call in calls]]
+
+
+# -- two replicas dropping one collection at once -------------------------------------------------------
+
+
+def test_two_replicas_dropping_one_collection_at_once_never_500(clients, replicas):
+    """Both replicas read the config row, both drop the physical collection: the loser's drop_collection
+    failed ("No such file or directory" from milvus-lite) and came back as a 500."""
+    ca, cb = clients
+    for _ in range(4):
+        name = _name("dd")
+        _create(ca, name)
+        ca.put(f"/v1/collections/{name}/items", json={"items": [{"id": "a", "vector": [1, 0, 0, 0]}]})
+        ra, rb = _at_once(lambda: ca.delete(f"/v1/collections/{name}"), lambda: cb.delete(f"/v1/collections/{name}"))
+        assert_clean(ra), assert_clean(rb)
+        assert {ra.status_code, rb.status_code} <= {200, 404}, (ra.text, rb.text)
+        assert 200 in (ra.status_code, rb.status_code)
+        assert ca.get(f"/v1/collections/{name}").status_code == 404
+        assert cb.get(f"/v1/collections/{name}").status_code == 404
+        listing = assert_clean(cb.get("/v1/collections")).json()
+        assert name not in [c["name"] for c in listing["data"]] + [u["name"] for u in listing["unavailable"]]
