@@ -16,8 +16,12 @@ from __future__ import annotations
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,7 @@ def _write_vision_tower(config: ImageTowerConfig, folder: Path) -> Path:
     return folder
 
 
-def build_dual_encoder(text_model: str | Path, image_tower: ImageTowerConfig | None = None):
+def build_dual_encoder(text_model: str | Path, image_tower: ImageTowerConfig | None = None) -> SentenceTransformer:
     """A text tower (any sentence-transformers text model) plus a fresh image tower.
 
     The text route keeps the text model's own modules and pooling, so text vectors equal the
@@ -74,6 +78,8 @@ def build_dual_encoder(text_model: str | Path, image_tower: ImageTowerConfig | N
     text = SentenceTransformer(str(text_model), device="cpu")
     text_modules = [m for m in text.children() if not isinstance(m, Normalize)]
     dimension = text.get_embedding_dimension()
+    if dimension is None:
+        raise ValueError(f"text model {text_model} does not report its embedding dimension")
     with tempfile.TemporaryDirectory() as tmp:
         vision = Transformer(str(_write_vision_tower(image_tower, Path(tmp))))
     torch.manual_seed(image_tower.seed + 1)
@@ -83,7 +89,9 @@ def build_dual_encoder(text_model: str | Path, image_tower: ImageTowerConfig | N
         Dense(image_tower.width, dimension, activation_function=torch.nn.Identity()),
     ]
     router = Router(
-        sub_modules={"text": text_modules, "image": image_modules},
+        # Router's annotation asks for sentence-transformers' Module subclass; children() is typed
+        # as torch's Module. These are the text model's own modules, passed on unchanged.
+        sub_modules={"text": text_modules, "image": image_modules},  # type: ignore[dict-item]
         default_route="text",
         route_mappings={(None, "text"): "text", (None, "image"): "image"},
     )

@@ -13,7 +13,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -24,11 +24,14 @@ from encoders.errors import ModelLoadError, UnsupportedModalityError
 if TYPE_CHECKING:
     from PIL.Image import Image
     from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules.transformer import Transformer
+    from tokenizers import Tokenizer
 
     from encoders.packing import PackedText
 
 logger = logging.getLogger(__name__)
 
+_MODALITIES: tuple[Modality, ...] = ("text", "image")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -58,26 +61,28 @@ def load_sentence_transformer(source: str | Path, device: str = "cpu") -> Senten
         raise ModelLoadError(f"cannot load encoder from {source!s}: {exc}") from exc
 
 
-def _text_transformer(model: SentenceTransformer):
+def _text_transformer(model: SentenceTransformer) -> Transformer | None:
     """The Transformer module that tokenises text, wherever it sits (top level or in a Router)."""
     from sentence_transformers.base.modules.transformer import Transformer
 
     for module in model.modules():
         if isinstance(module, Transformer) and "text" in module.modalities and module.tokenizer is not None:
-            return module
+            return cast("Transformer", module)  # isinstance does not narrow: see _image_transformer
     return None
 
 
-def _image_transformer(model: SentenceTransformer):
+def _image_transformer(model: SentenceTransformer) -> Transformer | None:
     from sentence_transformers.base.modules.transformer import Transformer
 
     for module in model.modules():
         if isinstance(module, Transformer) and "image" in module.modalities:
-            return module
+            # sentence-transformers decorates Transformer.__init__ without types, so mypy sees the
+            # class object as Any and the isinstance above does not narrow `module`.
+            return cast("Transformer", module)
     return None
 
 
-def _image_size(module) -> int | None:
+def _image_size(module: object) -> int | None:
     """Side of the square the image processor crops to (dicts and transformers' SizeDict)."""
     processor = getattr(module, "processor", None)
     for size in (getattr(processor, "crop_size", None), getattr(processor, "size", None)):
@@ -85,8 +90,9 @@ def _image_size(module) -> int | None:
             continue
         get = size.get if isinstance(size, dict) else lambda key, s=size: getattr(s, key, None)
         for key in ("height", "shortest_edge", "width"):
-            if get(key):
-                return int(get(key))
+            value = get(key)
+            if value:
+                return int(value)
     return None
 
 
@@ -94,7 +100,7 @@ def describe(model: SentenceTransformer, matryoshka_dims: Sequence[int] = ()) ->
     """Derive the vector contract from the loaded model itself, never from its name."""
     from sentence_transformers.base.modules.normalize import Normalize
 
-    modalities = tuple(m for m in ("text", "image") if model.supports(m))
+    modalities = tuple(m for m in _MODALITIES if model.supports(m))
     if not modalities:
         raise ModelLoadError("model supports neither text nor image inputs")
     text = _text_transformer(model)
@@ -113,7 +119,9 @@ def describe(model: SentenceTransformer, matryoshka_dims: Sequence[int] = ()) ->
     return VectorContract(
         dimension=dimension,
         normalized=any(isinstance(m, Normalize) for m in model.children()),
-        similarity=model.similarity_fn_name,
+        # sentence-transformers also knows "manhattan", which no contract promises: pydantic
+        # refuses it here (ValidationError), as it always has.
+        similarity=model.similarity_fn_name,  # type: ignore[arg-type]
         modalities=modalities,
         max_seq_length=text.max_seq_length if text is not None else None,
         image_size=_image_size(image) if image is not None else None,
@@ -122,7 +130,7 @@ def describe(model: SentenceTransformer, matryoshka_dims: Sequence[int] = ()) ->
     )
 
 
-def _token_counter(tokenizer):
+def _token_counter(tokenizer: Any) -> Tokenizer | None:
     """A private copy of the fast (Rust) tokenizer, without truncation or padding, for counting
     tokens on the event loop: calling the transformers wrapper cost a quarter of the loop's busy
     time under many small requests, and a separate copy cannot collide with the batcher thread's
@@ -132,7 +140,7 @@ def _token_counter(tokenizer):
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or not hasattr(backend, "encode_batch_fast"):
         return None
-    counter = copy.deepcopy(backend)
+    counter: Tokenizer = copy.deepcopy(backend)
     counter.no_truncation()
     counter.no_padding()
     return counter
@@ -209,7 +217,9 @@ class Encoder:
         if self._counter is not None:
             lengths = [len(e.ids) for e in self._counter.encode_batch_fast(list(texts), add_special_tokens=True)]
         else:
-            ids = self._text.tokenizer(list(texts), add_special_tokens=True, truncation=False, verbose=False)
+            tokenizer = self._text.tokenizer
+            assert tokenizer is not None  # _text_transformer picks a Transformer that has one
+            ids = tokenizer(list(texts), add_special_tokens=True, truncation=False, verbose=False)
             lengths = [len(seq) for seq in ids["input_ids"]]
         return [(min(n, limit), n > limit) for n in lengths]
 

@@ -62,11 +62,17 @@ class PackedText:
     """Embeds text batches of one sentence-transformers model without padding."""
 
     def __init__(self, model: SentenceTransformer, pack_tokens: int) -> None:
+        """Only for a model `_unsupported` passes (`build` checks): else ValueError."""
+        from sentence_transformers.sentence_transformer.modules import Pooling
+
         modules = list(model.children())
+        pooling, network = modules[1], _network(modules[0])
+        if network is None or not isinstance(pooling, Pooling) or not isinstance(pooling.pooling_mode, str):
+            raise ValueError(f"cannot pack this model: {_unsupported(model) or 'not Transformer + Pooling'}")
         self.model = model
-        self.pooling_mode: str = modules[1].pooling_mode
+        self.pooling_mode: str = pooling.pooling_mode
         self.after_pooling = modules[2:]
-        self.network = _network(modules[0])
+        self.network = network
         self.pack_tokens = pack_tokens
         self.position_offset = _position_offset(self.network)
         self._accepts = set(inspect.signature(self.network.forward).parameters)
@@ -146,7 +152,8 @@ class PackedText:
         out: dict[str, Any] = {"sentence_embedding": torch.cat(pooled)}
         for module in self.after_pooling:
             out = module(out)
-        return out["sentence_embedding"]
+        embeddings: torch.Tensor = out["sentence_embedding"]
+        return embeddings
 
     def _token_features(self, features: dict[str, Any]) -> list[str]:
         return [k for k in _PER_TOKEN_FEATURES if k in features and k in self._accepts]
@@ -169,6 +176,7 @@ class PackedText:
 
     def _forward_pack(self, tokens: dict[str, torch.Tensor], lengths: list[int]) -> torch.Tensor:
         inputs, segment, starts, sizes = self._pack_inputs(tokens, lengths)
+        hidden: torch.Tensor  # modules' calls are typed Any
         if self._traced is not None:
             hidden = self._traced(*inputs.values())[0]
         else:
@@ -190,7 +198,8 @@ class _LastHidden(torch.nn.Module):
         self.names = names
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        return self.network(**dict(zip(self.names, tensors, strict=True))).last_hidden_state
+        hidden: torch.Tensor = self.network(**dict(zip(self.names, tensors, strict=True))).last_hidden_state
+        return hidden
 
 
 def pack_spans(lengths: Sequence[int], pack_tokens: int) -> list[tuple[int, int, int, int]]:
@@ -229,7 +238,7 @@ def _unsupported(model: SentenceTransformer) -> str:
     return ""
 
 
-def _network(transformer) -> torch.nn.Module | None:
+def _network(transformer: torch.nn.Module) -> torch.nn.Module | None:
     """The Hugging Face model inside a sentence-transformers Transformer module."""
     network = getattr(transformer, "model", None) or getattr(transformer, "auto_model", None)
     return network if isinstance(network, torch.nn.Module) else None

@@ -16,6 +16,7 @@ import signal
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -112,7 +113,9 @@ def main(spec: JobSpec, conn: Any, cancel: Any) -> None:
         conn.close()
 
 
-def run(spec: JobSpec, notify, should_stop) -> tuple[str, dict[str, Any]]:
+def run(
+    spec: JobSpec, notify: Callable[[dict[str, Any]], None], should_stop: Callable[[], bool]
+) -> tuple[str, dict[str, Any]]:
     from registry.store import ModelRegistry
     from trainer.config import parse_config
     from trainer.run import TrainingCancelledError, run_training

@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class DatasetInfo:
     owners: tuple[str, ...] = field(default=(), repr=False)
     disk_bytes: int = 0
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         public = {k: v for k, v in asdict(self).items() if k not in ("owners", "disk_bytes")}
         return {"object": "dataset", **public}
 

@@ -62,6 +62,10 @@ class JobResult(BaseModel):
     report: str | None = None
 
 
+def _empty_metrics() -> dict[str, dict[str, float]]:
+    return {"before": {}, "after": {}}
+
+
 class JobRecord(BaseModel):
     model_config = ConfigDict(extra="ignore", validate_assignment=True)
 
@@ -79,7 +83,7 @@ class JobRecord(BaseModel):
     attempt: int = 1
     worker: str | None = None
     progress: Progress = Field(default_factory=Progress)
-    metrics: dict[str, dict[str, float]] = Field(default_factory=lambda: {"before": {}, "after": {}})
+    metrics: dict[str, dict[str, float]] = Field(default_factory=_empty_metrics)
     error: str | None = None
     resumable: bool = False
     result: JobResult | None = None

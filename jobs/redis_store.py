@@ -13,10 +13,11 @@ API answers with 503 and the worker rides out (it keeps training and retries its
 
 from __future__ import annotations
 
+import builtins
 import json
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis
 
@@ -24,6 +25,12 @@ from jobs.records import JobNotFoundError, JobRecord, JobState, StoreUnavailable
 from jobs.store import Change, JobEvent, JobStore, Modifier, apply_change
 
 T = TypeVar("T")
+
+
+def _text(value: bytes | str) -> str:
+    """A Redis reply as text. The client decodes every reply (`decode_responses=True`), but
+    redis-py's types cannot tell, so each reply is typed `bytes | str`."""
+    return value if isinstance(value, str) else value.decode()
 
 
 class RedisJobStore(JobStore):
@@ -101,7 +108,7 @@ class RedisJobStore(JobStore):
                             existing = pipe.get(idem)
                             if existing:
                                 pipe.unwatch()
-                                return self.get(existing)
+                                return self.get(_text(existing))
                         new_events = apply_change(record, Change(events=events), time.time())
                         pipe.multi()
                         if idem:
@@ -143,7 +150,8 @@ class RedisJobStore(JobStore):
         return self._call(attempt)
 
     def _head_of_queue(self) -> str | None:
-        return self._call(lambda: self.client.lindex(self._queue, 0))
+        head = self._call(lambda: self.client.lindex(self._queue, 0))
+        return None if head is None else _text(head)
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -155,11 +163,14 @@ class RedisJobStore(JobStore):
 
     def list(self, limit: int = 50, state: JobState | None = None) -> list[JobRecord]:
         def read() -> list[JobRecord]:
+            ids: list[str]
             if state is None:
-                ids = self.client.zrevrange(self._index, 0, limit - 1)
+                # Without withscores the reply is the members alone (the type also covers (member, score)).
+                newest = cast("list[bytes | str]", self.client.zrevrange(self._index, 0, limit - 1))
+                ids = [_text(i) for i in newest]
             else:
-                members = self.client.smembers(self._state_set(state))
-                scores = self.client.zmscore(self._index, list(members)) if members else []
+                members = [_text(m) for m in self.client.smembers(self._state_set(state))]
+                scores = self.client.zmscore(self._index, members) if members else []
                 ranked = sorted(zip(members, scores), key=lambda pair: pair[1] or 0, reverse=True)
                 ids = [job_id for job_id, _ in ranked[:limit]]
             raws = self.client.mget([self._job(i) for i in ids]) if ids else []
@@ -167,7 +178,7 @@ class RedisJobStore(JobStore):
 
         return self._call(read)
 
-    def events_after(self, job_id: str, after: int) -> list[JobEvent]:
+    def events_after(self, job_id: str, after: int) -> builtins.list[JobEvent]:
         def read() -> list[JobEvent]:
             raws = self.client.lrange(self._events(job_id), max(after, 0), -1)
             if not raws and not self.client.exists(self._job(job_id)):
@@ -176,8 +187,9 @@ class RedisJobStore(JobStore):
 
         return self._call(read)
 
-    def running_ids(self) -> list[str]:
-        return sorted(self._call(lambda: self.client.smembers(self._state_set(JobState.running))))
+    def running_ids(self) -> builtins.list[str]:
+        members = self._call(lambda: self.client.smembers(self._state_set(JobState.running)))
+        return sorted(_text(m) for m in members)
 
     def count_by_state(self) -> dict[JobState, int]:
         def read() -> dict[JobState, int]:

@@ -7,6 +7,7 @@ writers across processes. The queue is the set of rows with a queue position, in
 
 from __future__ import annotations
 
+import builtins
 import json
 import sqlite3
 import threading
@@ -68,7 +69,7 @@ class SqliteJobStore(JobStore):
 
     # -- primitives ----------------------------------------------------------------------------
 
-    def _transaction(self):
+    def _transaction(self) -> sqlite3.Connection:
         db = self._connect()
         db.execute("BEGIN IMMEDIATE")
         return db
@@ -163,7 +164,8 @@ class SqliteJobStore(JobStore):
         return JobRecord.model_validate_json(row["record"])
 
     def list(self, limit: int = 50, state: JobState | None = None) -> list[JobRecord]:
-        query, args = "SELECT record FROM jobs", []
+        query = "SELECT record FROM jobs"
+        args: builtins.list[str | int] = []
         if state is not None:
             query += " WHERE state = ?"
             args.append(state.value)
@@ -171,14 +173,14 @@ class SqliteJobStore(JobStore):
         args.append(limit)
         return [JobRecord.model_validate_json(r["record"]) for r in self._connect().execute(query, args)]
 
-    def events_after(self, job_id: str, after: int) -> list[JobEvent]:
+    def events_after(self, job_id: str, after: int) -> builtins.list[JobEvent]:
         self.get(job_id)  # JobNotFoundError for an unknown id
         rows = self._connect().execute(
             "SELECT seq, type, data, time FROM events WHERE job_id = ? AND seq > ? ORDER BY seq", (job_id, after)
         )
         return [JobEvent(r["seq"], r["type"], json.loads(r["data"]), r["time"]) for r in rows]
 
-    def running_ids(self) -> list[str]:
+    def running_ids(self) -> builtins.list[str]:
         rows = self._connect().execute("SELECT id FROM jobs WHERE state = ?", (JobState.running.value,))
         return [r["id"] for r in rows]
 

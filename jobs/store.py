@@ -11,6 +11,7 @@ the two cannot drift apart.
 
 from __future__ import annotations
 
+import builtins
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -66,11 +67,13 @@ class JobStore(ABC):
     def list(self, limit: int = 50, state: JobState | None = None) -> list[JobRecord]:
         """Newest first."""
 
-    @abstractmethod
-    def events_after(self, job_id: str, after: int) -> list[JobEvent]: ...
+    # `list` below means the method from here on in the class body: the builtin is `builtins.list`.
 
     @abstractmethod
-    def running_ids(self) -> list[str]: ...
+    def events_after(self, job_id: str, after: int) -> builtins.list[JobEvent]: ...
+
+    @abstractmethod
+    def running_ids(self) -> builtins.list[str]: ...
 
     @abstractmethod
     def count_by_state(self) -> dict[JobState, int]:
@@ -120,12 +123,14 @@ class JobStore(ABC):
             if started:
                 return record
 
-    def update(self, job_id: str, events: list[tuple[str, dict[str, Any]]] | None = None, **fields: Any) -> JobRecord:
+    def update(
+        self, job_id: str, events: builtins.list[tuple[str, dict[str, Any]]] | None = None, **fields: Any
+    ) -> JobRecord:
         """Progress, metrics, heartbeats: fields of a running job, plus events to record."""
         return self._modify(job_id, lambda record: _set_fields(record, fields, events))
 
     def worker_update(
-        self, job_id: str, worker: str, events: list[tuple[str, dict[str, Any]]] | None = None, **fields: Any
+        self, job_id: str, worker: str, events: builtins.list[tuple[str, dict[str, Any]]] | None = None, **fields: Any
     ) -> JobRecord:
         """Like `update`, but only while the job is still running on `worker`: a worker the
         reaper gave up on gets the record back unchanged and learns it must stop."""
@@ -196,7 +201,7 @@ class JobStore(ABC):
 
         return self._modify(job_id, apply)
 
-    def fail_stale(self, timeout_s: float, now: float | None = None) -> list[str]:
+    def fail_stale(self, timeout_s: float, now: float | None = None) -> builtins.list[str]:
         """Running jobs whose worker stopped sending heartbeats: failed, resumable, with the
         reason. Without this a killed worker would leave them `running` forever."""
         now = time.time() if now is None else now
@@ -227,7 +232,7 @@ class JobStore(ABC):
                 failed.append(job_id)
         return failed
 
-    def wait_events(self, job_id: str, after: int, timeout_s: float, poll_s: float = 0.25) -> list[JobEvent]:
+    def wait_events(self, job_id: str, after: int, timeout_s: float, poll_s: float = 0.25) -> builtins.list[JobEvent]:
         """Events after `after`, waiting up to `timeout_s` for the first one."""
         deadline = time.monotonic() + timeout_s
         while True:

@@ -21,12 +21,17 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from duet.logs import log_context
 from jobs import child
 from jobs.records import InvalidTransitionError, JobNotFoundError, JobRecord, JobState, StoreUnavailableError
 from jobs.store import JobStore
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+    from multiprocessing.process import BaseProcess
+    from multiprocessing.synchronize import Event as EventType
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +233,9 @@ class Worker:
         self._record_outcome(relay, *outcome)
         self.current = None
 
-    def _watch(self, process, receiver, cancel, relay: Relay) -> tuple[str, dict[str, Any]] | None:
+    def _watch(
+        self, process: BaseProcess, receiver: Connection[Any, Any], cancel: EventType, relay: Relay
+    ) -> tuple[str, dict[str, Any]] | None:
         outcome: tuple[str, dict[str, Any]] | None = None
         cancel_since: float | None = None
         given_up = False
@@ -264,7 +271,9 @@ class Worker:
         return outcome
 
     @staticmethod
-    def _receive(receiver, relay: Relay, budget_s: float = 0.2) -> tuple[str, dict[str, Any]] | None:
+    def _receive(
+        receiver: Connection[Any, Any], relay: Relay, budget_s: float = 0.2
+    ) -> tuple[str, dict[str, Any]] | None:
         """Take the messages that arrive within `budget_s` (at most), then return, so a chatty
         training process can never starve the heartbeat."""
         deadline = time.monotonic() + budget_s

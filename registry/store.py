@@ -16,10 +16,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from registry.errors import IntegrityError, ModelNotFoundError, RegistryError, VersionNotFoundError
 from registry.manifest import MANIFEST_FILE, Manifest
 from registry.names import LATEST, ModelRef, parse_model_ref, validate_alias, validate_name, validate_version
+
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import RegisteredModel
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +218,7 @@ class ModelRegistry:
             raise
         return True
 
-    def _require_model(self, name: str):
+    def _require_model(self, name: str) -> RegisteredModel:
         validate_name(name)
         try:
             return self._client.get_registered_model(name)
@@ -252,6 +256,8 @@ class ModelRegistry:
             if _mlflow_error_code(exc) in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
                 raise VersionNotFoundError(f"model {name!r} has no version {number}") from None
             raise
+        if found.source is None:  # every version registered here has one
+            raise RegistryError(f"model {name!r} version {number} has no artifact source")
         path = self._local_path(name, number, found.source)
         manifest = Manifest.read(path)
         info = ModelVersionInfo(

@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import ErrorDetails
 
 from trainer.tables import clip
 
@@ -169,7 +170,7 @@ class TrainConfig(_Strict):
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _format_error(err: dict[str, Any]) -> str:
+def _format_error(err: ErrorDetails) -> str:
     location = ".".join(str(p) for p in err.get("loc", ()))
     return f"{location}: {err.get('msg', 'invalid')}"
 
@@ -200,7 +201,7 @@ def _combination_problems(config: TrainConfig) -> list[str]:
 def _name_problems(config: TrainConfig) -> list[str]:
     from registry.names import validate_alias, validate_name
 
-    checks = [(validate_name, config.output.name, "output.name")]
+    checks: list[tuple[Callable[[str], str], str, str]] = [(validate_name, config.output.name, "output.name")]
     checks += [(validate_alias, alias, "output.aliases") for alias in config.output.aliases]
     if config.output.promote:
         checks.append((validate_alias, config.output.promote.alias, "output.promote.alias"))

@@ -18,9 +18,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Literal
 
 from PIL import Image, UnidentifiedImageError
 
@@ -44,12 +45,12 @@ class LoadedData:
     sha256: str
     skipped: int = 0
     bad_rows: list[str] = field(default_factory=list)
-    content_keys: list[tuple] | None = None  # from `same_content`: rows with equal keys match each other
+    content_keys: list[tuple[Any, ...]] | None = None  # from `same_content`: rows with equal keys match each other
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def to_hf(self):
+    def to_hf(self) -> Any:  # a datasets.Dataset (the package ships no types)
         """A `datasets.Dataset` whose image columns decode lazily on access."""
         from datasets import Dataset
 
@@ -68,7 +69,7 @@ class LoadedData:
         return [load_image(v) for v in values] if self.modalities.get(name) == "image" else values
 
 
-def _image_loader(columns: list[str]):
+def _image_loader(columns: list[str]) -> Callable[[dict[str, list[Any]]], dict[str, list[Any]]]:
     def transform(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         for column in columns:
             if column in batch:
@@ -177,7 +178,7 @@ def _role_setting(spec: DatasetSpec, source: str) -> str:
     return "negatives"
 
 
-def sniff_format(path: Path, spec: DatasetSpec) -> str:
+def sniff_format(path: Path, spec: DatasetSpec) -> Literal["auto", "sts"]:
     """The format of an `auto` dataset: by suffix, except that a .csv/.tsv whose first line
     is an STS-benchmark row (tab-separated, a number in the score column, no header naming the
     configured columns) is read as STS, whatever the file is called."""
@@ -223,7 +224,7 @@ def load_data(spec: DatasetSpec, base_dir: Path | None = None, *, confined: bool
     elif fmt == "sts":
         spec = spec.model_copy(update={"anchor": "sentence1", "positive": "sentence2"})
     rows: list[dict[str, Any]] = []
-    keys: list[tuple] = []
+    keys: list[tuple[Any, ...]] = []
     modalities: dict[str, str] = {}
     bad: list[str] = []
     for line, raw in read_rows(path, fmt, typed=False, label=label):

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -87,7 +87,7 @@ _EPS = 1e-12
 
 
 def _as_2d(x: Any, name: str, dtype: type = np.float64) -> np.ndarray:
-    arr = _to_numpy(x).astype(dtype, copy=False)
+    arr: np.ndarray = _to_numpy(x).astype(dtype, copy=False)
     if arr.ndim != 2:
         raise ValueError(f"{name} must be a 2-D array (n, dim), got shape {arr.shape}")
     if not np.isfinite(arr).all():
@@ -108,7 +108,8 @@ def _to_numpy(x: Any) -> np.ndarray:
 def _normalize(x: np.ndarray) -> np.ndarray:
     """Row-wise L2 normalisation; zero rows stay zero."""
     norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, _EPS).astype(x.dtype)
+    normalized: np.ndarray = x / np.maximum(norms, _EPS).astype(x.dtype)
+    return normalized
 
 
 def cosine_pairs(a: Any, b: Any) -> np.ndarray:
@@ -116,7 +117,8 @@ def cosine_pairs(a: Any, b: Any) -> np.ndarray:
     a2, b2 = _as_2d(a, "a"), _as_2d(b, "b")
     if a2.shape != b2.shape:
         raise ValueError(f"a and b must have the same shape, got {a2.shape} and {b2.shape}")
-    return np.einsum("ij,ij->i", _normalize(a2), _normalize(b2))
+    cosines: np.ndarray = np.einsum("ij,ij->i", _normalize(a2), _normalize(b2))
+    return cosines
 
 
 def _topk_desc(sims: np.ndarray, k: int) -> np.ndarray:
@@ -288,10 +290,13 @@ def paired_retrieval(
     if len(a_keys) != n or len(b_keys) != n:
         raise ValueError("a_keys and b_keys must have one key per row")
     rel = paired_relevant(a_keys, b_keys)
-    kw = dict(ks=tuple(ks), rank_cutoff=rank_cutoff, fraction_recall=fraction_recall, chunk_size=chunk_size)
+    ks = tuple(ks)
     out: dict[str, float] = {}
     for q, c, name in ((a2, b2, f"{prefix_a}_to_{prefix_b}"), (b2, a2, f"{prefix_b}_to_{prefix_a}")):
-        for metric, value in retrieval_metrics(q, c, rel, **kw).items():
+        metrics = retrieval_metrics(
+            q, c, rel, ks, rank_cutoff=rank_cutoff, fraction_recall=fraction_recall, chunk_size=chunk_size
+        )
+        for metric, value in metrics.items():
             out[f"{name}/{metric}"] = value
     return out
 
@@ -422,7 +427,7 @@ def uniformity(
     if n <= max_exact:
         block = max(1, _DEFAULT_BLOCK_ELEMENTS // 4 // n)
 
-        def exact_chunks():
+        def exact_chunks() -> Iterator[np.ndarray]:
             for start in range(0, n - 1, block):
                 stop = min(start + block, n - 1)
                 # rows start..stop-1 against columns i+1..n-1 (upper triangle only)
@@ -437,7 +442,7 @@ def uniformity(
     i = rng.integers(0, n, size=num_pairs)
     j = (i + rng.integers(1, n, size=num_pairs)) % n  # uniform over j != i
 
-    def sampled_chunks(step: int = 65_536):
+    def sampled_chunks(step: int = 65_536) -> Iterator[np.ndarray]:
         for s in range(0, num_pairs, step):
             diff = x2[i[s : s + step]] - x2[j[s : s + step]]
             yield -t * np.einsum("ij,ij->i", diff, diff)
@@ -462,7 +467,7 @@ def modality_gap(text: Any, image: Any) -> float:
 # runner
 # --------------------------------------------------------------------------------------------------
 
-Encode = Callable[[list, str], Any]
+Encode = Callable[[list[Any], str], Any]
 
 
 @dataclass
@@ -484,7 +489,7 @@ class EvalSet:
     kind: Literal["paired", "graded"]
     a_inputs: Sequence[Any]
     b_inputs: Sequence[Any]
-    scores: Sequence[float] | None = None
+    scores: Sequence[float] | np.ndarray | None = None
     a_keys: Sequence[Hashable] | None = None
     b_keys: Sequence[Hashable] | None = None
     a_modality: str | None = None
@@ -556,6 +561,7 @@ def evaluate(
       pairs (omitted if there are none), ``<name>/uniformity`` over both sides.
     """
     s = eval_set
+    assert s.a_modality is not None and s.b_modality is not None  # __post_init__ fills them in
     a = _embed(encode, s.a_inputs, s.a_modality, batch_size)
     b = _embed(encode, s.b_inputs, s.b_modality, batch_size)
     if a.shape[1] != b.shape[1]:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -61,6 +61,9 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # Distributed plumbing
 # --------------------------------------------------------------------------------------------
+
+
+T = TypeVar("T")
 
 
 class Gathered(NamedTuple):
@@ -125,7 +128,9 @@ class _AverageGradAcrossRanks(torch.autograd.Function):
 
 def _synced(parameter: Tensor) -> Tensor:
     if parameter.requires_grad and _distributed_world_size() > 1:
-        return _AverageGradAcrossRanks.apply(parameter)
+        # torch leaves autograd.Function.apply untyped (it forwards *args to the subclass's forward).
+        synced: Tensor = _AverageGradAcrossRanks.apply(parameter)  # type: ignore[no-untyped-call]
+        return synced
     return parameter
 
 
@@ -134,7 +139,7 @@ def _synced(parameter: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def _split_columns(embeddings: Sequence[Tensor]) -> tuple[Tensor, Tensor, list[Tensor]]:
+def _split_columns(embeddings: Sequence[T]) -> tuple[T, T, list[T]]:
     if len(embeddings) < 2:
         raise ValueError(f"expected (anchor, positive, negative_1, ...) columns, got {len(embeddings)} column(s)")
     return embeddings[0], embeddings[1], list(embeddings[2:])
@@ -163,14 +168,15 @@ def _resolve_columns(
     if gathered is None:
         return _gather(anchors if need_anchors else None, positives, negatives, world_size)
     expected = world_size * anchors.size(0)
-    if need_anchors and gathered.anchors is None:
+    given_anchors = gathered.anchors if need_anchors else None
+    if need_anchors and given_anchors is None:
         raise ValueError("gathered.anchors is required for the positive->anchor direction")
     if len(gathered.negatives) != len(negatives):
         raise ValueError(f"gathered has {len(gathered.negatives)} negative columns, the batch {len(negatives)}")
-    columns = [gathered.positives, *gathered.negatives] + ([gathered.anchors] if need_anchors else [])
+    columns = [gathered.positives, *gathered.negatives] + ([given_anchors] if given_anchors is not None else [])
     if any(column.size(0) != expected for column in columns):
         raise ValueError(f"gathered tensors must have world_size * B = {expected} rows (equal batches per rank)")
-    anchors_all = F.normalize(gathered.anchors, dim=-1) if need_anchors else None
+    anchors_all = F.normalize(given_anchors, dim=-1) if given_anchors is not None else None
     return Gathered(anchors_all, F.normalize(gathered.positives, dim=-1), _normalise(gathered.negatives))
 
 
@@ -193,6 +199,7 @@ def _info_nce_rows(
     loss = F.cross_entropy(anchor_logits, labels, reduction="none")
     if symmetric:
         # positive -> anchors: over the anchors only (hard negatives have no anchor to rank).
+        assert columns.anchors is not None  # resolved with need_anchors=symmetric
         positive_logits = logit_scale * row_positives @ columns.anchors.T
         loss = (loss + F.cross_entropy(positive_logits, labels, reduction="none")) / 2
     return loss
@@ -379,7 +386,7 @@ def _log_scale_bounds(max_logit_scale: float) -> tuple[float, float]:
     return 0.0, math.log(max_logit_scale)
 
 
-class _LearnableScale:
+class _LearnableScale(nn.Module):
     """Mixin: a log logit-scale ``log_logit_scale`` (parameter or buffer) clamped like CLIP."""
 
     log_logit_scale: Tensor
@@ -795,7 +802,10 @@ def matryoshka(
             "CachedSymmetricInfoNCELoss with a learnable temperature needs equal matryoshka weights: "
             "MatryoshkaLoss's cached path cannot weight the temperature gradient per dimension"
         )
-    return MatryoshkaLoss(loss.model, loss, dims, None if weights is None else list(weights), n_dims_per_step)
+    # MatryoshkaLoss is typed for a SentenceTransformer; our losses hold any nn.Module (in
+    # training, the SentenceTransformer being trained).
+    model = loss.model
+    return MatryoshkaLoss(model, loss, dims, None if weights is None else list(weights), n_dims_per_step)  # type: ignore[arg-type]
 
 
 def no_weight_decay_parameter_names(module: nn.Module) -> set[str]:

@@ -3,7 +3,9 @@ graded pairs), wrapped in Matryoshka when prefix dimensions are asked for."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict
+
+from torch import nn
 
 from trainer.config import LossSpec
 from trainer.losses import (
@@ -11,20 +13,30 @@ from trainer.losses import (
     DebiasedContrastiveLoss,
     SigmoidLoss,
     SymmetricInfoNCELoss,
+    _ContrastiveLoss,
     matryoshka,
 )
 
 
-def build_loss(spec: LossSpec, model: Any):
+class _InfoNCEOptions(TypedDict):
+    init_temperature: float
+    learnable_temperature: bool
+    max_logit_scale: float
+    symmetric: bool
+    gather_across_devices: bool
+
+
+def build_loss(spec: LossSpec, model: Any) -> nn.Module:
     if spec.name in ("cosent", "cosine"):
         from sentence_transformers.sentence_transformer.losses import CoSENTLoss, CosineSimilarityLoss, MatryoshkaLoss
 
         # CoSENT (Su 2022) ranks pair similarities by their gold scores; "cosine" regresses the
         # cosine onto the gold score (Reimers & Gurevych 2019), which keeps the scale calibrated.
-        loss = CoSENTLoss(model) if spec.name == "cosent" else CosineSimilarityLoss(model)
-        return MatryoshkaLoss(model, loss, spec.matryoshka_dims) if spec.matryoshka_dims else loss
+        graded = CoSENTLoss(model) if spec.name == "cosent" else CosineSimilarityLoss(model)
+        return MatryoshkaLoss(model, graded, spec.matryoshka_dims) if spec.matryoshka_dims else graded
+    loss: _ContrastiveLoss
     if spec.name == "infonce":
-        common = dict(
+        common = _InfoNCEOptions(
             init_temperature=spec.temperature,
             learnable_temperature=spec.learnable_temperature,
             max_logit_scale=spec.max_logit_scale,

@@ -10,8 +10,9 @@ Sample4Geo mines from neighbours in the current embedding space the same way).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -20,7 +21,7 @@ from trainer.data import LoadedData
 
 logger = logging.getLogger(__name__)
 
-Encode = Callable[[list, str], np.ndarray]  # (inputs, modality) -> L2-normalised rows
+Encode = Callable[[list[Any], str], np.ndarray]  # (inputs, modality) -> L2-normalised rows
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ def add_hard_negatives(data: LoadedData, encode: Encode, spec: MiningSpec) -> tu
     positive_index = np.array([where[k] for k in keys])
     anchor_vectors = encode(data.load("anchor"), data.modalities["anchor"])
     loaded = data.load("positive")
-    first_row = {}
+    first_row: dict[Hashable, int] = {}
     for row, key in enumerate(keys):
         first_row.setdefault(key, row)
     corpus_inputs = [loaded[first_row[k]] for k in corpus_keys]
@@ -86,11 +87,11 @@ def add_hard_negatives(data: LoadedData, encode: Encode, spec: MiningSpec) -> tu
         anchor_vectors, corpus_vectors[positive_index], corpus_vectors, positive_index, spec
     )
     rows = []
-    for row, chosen in zip(data.rows, negatives):
+    for record, chosen in zip(data.rows, negatives):
         if len(chosen) < spec.negatives_per_anchor:
             continue
         mined = {f"negative_{j + 1}": corpus_keys[c] for j, c in enumerate(chosen)}
-        rows.append({"anchor": row["anchor"], "positive": row["positive"], **mined})
+        rows.append({"anchor": record["anchor"], "positive": record["positive"], **mined})
     columns = ["anchor", "positive"] + [f"negative_{j + 1}" for j in range(spec.negatives_per_anchor)]
     modalities = dict(data.modalities)
     modalities.update({c: data.modalities["positive"] for c in columns[2:]})

@@ -14,7 +14,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +31,10 @@ from trainer.losses_factory import build_loss
 from trainer.mining import add_hard_negatives
 from trainer.tables import clip
 from trainer.tracking import ProgressFn, Tracker, TrackingCallback
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from transformers import TrainerControl, TrainerState, TrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +65,7 @@ class CancelCallback(TrainerCallback):
     def __init__(self, should_stop: Callable[[], bool]) -> None:
         self.should_stop = should_stop
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.should_stop():
             control.should_save = True
             control.should_training_stop = True
@@ -105,9 +109,8 @@ def freeze_towers(model: Any, towers: list[str]) -> None:
     if router is None:
         raise ValueError("freeze needs a text+image model with separate towers (a Router); this model has one tower")
     for tower in towers:
-        for module in router.sub_modules[tower]:
-            for parameter in module.parameters():
-                parameter.requires_grad_(False)
+        for parameter in router.sub_modules[tower].parameters():  # every module of the route
+            parameter.requires_grad_(False)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("every parameter is frozen: nothing left to train")
 
@@ -133,9 +136,12 @@ def eval_set(data: LoadedData) -> EvalSet:
     )
 
 
-def encoder_fn(model: Any):
-    def encode(inputs: list, modality: str) -> np.ndarray:
-        return model.encode(list(inputs), batch_size=64, normalize_embeddings=True, show_progress_bar=False)
+def encoder_fn(model: Any) -> Callable[[list[Any], str], np.ndarray]:
+    def encode(inputs: list[Any], modality: str) -> np.ndarray:
+        vectors: np.ndarray = model.encode(
+            list(inputs), batch_size=64, normalize_embeddings=True, show_progress_bar=False
+        )
+        return vectors
 
     return encode
 
@@ -159,9 +165,11 @@ def router_mapping(model: Any, train_sets: list[LoadedData]) -> dict[str, Any]:
     return next(iter(per_set.values())) if len(per_set) == 1 else per_set
 
 
-def training_arguments(config: TrainConfig, run_dir: Path, has_graded: bool, routes: dict[str, Any]):
+def training_arguments(
+    config: TrainConfig, run_dir: Path, has_graded: bool, routes: dict[str, Any]
+) -> SentenceTransformerTrainingArguments:
     from sentence_transformers import SentenceTransformerTrainingArguments
-    from sentence_transformers.base.training_args import BatchSamplers
+    from sentence_transformers.base.sampler import BatchSamplers
 
     cuda = torch.cuda.is_available()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # launched by torchrun
@@ -210,13 +218,13 @@ def loader_arguments(config: TrainConfig, cuda: bool) -> dict[str, Any]:
     return {"dataloader_num_workers": workers, "dataloader_prefetch_factor": 4, "dataloader_persistent_workers": True}
 
 
-def duet_trainer_class():
+def duet_trainer_class() -> type[SentenceTransformerTrainer]:
     """sentence-transformers' trainer, minus weight decay on the losses' learnable scalars
     (temperature, SigLIP bias): decay would pull them to meaningless values (CLIP excludes them)."""
     from sentence_transformers import SentenceTransformerTrainer
 
     class DuetTrainer(SentenceTransformerTrainer):
-        def get_decay_parameter_names(self, model):
+        def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
             skip = no_weight_decay_parameter_names(model)
             return [n for n in super().get_decay_parameter_names(model) if n not in skip]
 
@@ -240,8 +248,9 @@ class LossStateCallback(TrainerCallback):
     def __init__(self, loss: Any) -> None:
         self.loss = loss
 
-    def on_save(self, args, state, control, **kwargs):
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if state.is_world_process_zero:
+            assert args.output_dir is not None  # training_arguments sets it
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             state_dict = loss_state(self.loss)
             if state_dict:

@@ -30,7 +30,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from PIL import Image, ImageDraw
 
@@ -51,6 +51,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (250, 125, 10),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
+T = TypeVar("T")
 SIZES: tuple[str, ...] = ("small", "large")
 POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom", "centre")
 POSITION_PHRASES: dict[str, str] = {
@@ -204,7 +205,7 @@ def caption(colour: str, shape: str, size: str, position: str, template: int = 0
     )
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: tuple) -> None:
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: tuple[int, ...]) -> None:
     """Shapes are sized by circumradius `r`, scaled so their areas look alike; all point up."""
     if shape == "circle":
         rr = 0.92 * r
@@ -294,7 +295,7 @@ def plan(spec: SyntheticSpec) -> dict[str, list[Description]]:
 
 def _stratified(pairs: Sequence[tuple[str, str]], n: int, rng: random.Random) -> list[Description]:
     variants = [(size, position) for size in SIZES for position in POSITIONS]
-    cycles = {pair: [] for pair in pairs}
+    cycles: dict[tuple[str, str], list[tuple[str, str]]] = {pair: [] for pair in pairs}
     rows: list[Description] = []
     while len(rows) < n:
         for pair in _shuffled(rng, list(pairs)):
@@ -484,7 +485,7 @@ def _randbelow(rng: random.Random, n: int) -> int:
     return min(int(rng.random() * n), n - 1)
 
 
-def _shuffled(rng: random.Random, items: list) -> list:
+def _shuffled(rng: random.Random, items: list[T]) -> list[T]:
     """Fisher-Yates on `Random.random()` (`random.shuffle`'s algorithm is not promised to stay the same)."""
     for i in range(len(items) - 1, 0, -1):
         j = _randbelow(rng, i + 1)

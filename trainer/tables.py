@@ -92,7 +92,8 @@ def count_rows(path: Path) -> int | None:
         try:
             import pyarrow.parquet as pq
 
-            return pq.ParquetFile(path).metadata.num_rows
+            rows: int = pq.ParquetFile(path).metadata.num_rows  # pyarrow ships no types
+            return rows
         except ImportError:
             return None
     with path.open("rb") as handle:

@@ -7,9 +7,12 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
+
+if TYPE_CHECKING:
+    from transformers import TrainerControl, TrainerState, TrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -67,11 +70,11 @@ class Tracker:
             for key, value in metrics.items()
             if isinstance(value, (int, float)) and math.isfinite(value)
         ]
-        if batch:
+        if batch and self.run_id is not None:  # set with the client
             self._client.log_batch(self.run_id, metrics=batch)
 
     def finish(self, status: str = "FINISHED") -> None:
-        if self._client is not None:
+        if self._client is not None and self.run_id is not None:
             self._client.set_terminated(self.run_id, status=status)
 
 
@@ -83,7 +86,14 @@ class TrackingCallback(TrainerCallback):
         self.on_progress = on_progress
         self._started = time.monotonic()
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
         if not state.is_world_process_zero or not logs:
             return
         self.tracker.log({f"train/{k}": v for k, v in logs.items()}, state.global_step)
