@@ -58,7 +58,7 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     import logging
     import sys
 
-    from duet.logs import JsonFormatter, JsonLinesStream
+    from common.logs import JsonFormatter, JsonLinesStream
 
     if isinstance(sys.stderr, JsonLinesStream):
         record = logging.LogRecord("duet", logging.ERROR, "", 0, message, None, None)
@@ -89,7 +89,7 @@ def _settings(data_dir: Path | None = None, **overrides):
 def _setup_logging(level: str, log_format: str = "auto", capture: bool = False) -> None:
     """JSON lines or text (DUET_LOG_FORMAT; 'auto': text on a terminal), with request ids.
     `capture`: with JSON lines, whatever else the process prints becomes a JSON line too."""
-    from duet.logs import capture_stray_output, resolve_format, setup_logging
+    from common.logs import capture_stray_output, resolve_format, setup_logging
 
     setup_logging(level, log_format)
     if capture and resolve_format(log_format) == "json":
@@ -98,7 +98,7 @@ def _setup_logging(level: str, log_format: str = "auto", capture: bool = False) 
 
 def _hold_data_dir(data_dir: Path):
     """The data-dir lock for this process's lifetime (the kernel drops it when we exit)."""
-    from duet.lifetime import DataDirError, hold_data_dir
+    from common.lifetime import DataDirError, hold_data_dir
 
     try:
         return hold_data_dir(data_dir)
@@ -236,7 +236,7 @@ def _beside_a_server(data_dir: Path, parent_pid: int | None) -> None:
     worker of a killed server must not keep writing beside the next one. Started by the
     server (`parent_pid`): SIGKILL when it ends. Started by hand: only while a server holds
     the data dir, and killed when that server ends."""
-    from duet.lifetime import exit_with_parent, exit_with_process, server_pid
+    from common.lifetime import exit_with_parent, exit_with_process, server_pid
 
     if parent_pid is not None:
         exit_with_parent(parent_pid)
@@ -254,7 +254,7 @@ def _beside_a_server(data_dir: Path, parent_pid: int | None) -> None:
 
 def _writable(data_dir: Path) -> None:
     """An unwritable data dir is one line naming it and DUET_DATA_DIR, not a library's traceback."""
-    from duet.lifetime import DataDirError, check_writable
+    from common.lifetime import DataDirError, check_writable
 
     try:
         check_writable(data_dir)

@@ -21,7 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from duet.logs import setup_logging
+from common.layout import datasets_dir, job_run_dir
+from common.logs import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -50,15 +51,6 @@ class JobSpec:
     @property
     def datasets_dir(self) -> Path:
         return datasets_dir(Path(self.data_dir))
-
-
-def job_run_dir(data_dir: Path, job_id: str) -> Path:
-    return data_dir / "jobs" / job_id
-
-
-def datasets_dir(data_dir: Path) -> Path:
-    """Uploaded datasets; relative dataset paths in job configs resolve here."""
-    return data_dir / "datasets"
 
 
 # Errors in what the user asked for: running the job again cannot help.

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from duet.logs import log_context
+from common.logs import log_context
 from jobs import child
 from jobs.records import InvalidTransitionError, JobNotFoundError, JobRecord, JobState, StoreUnavailableError
 from jobs.store import JobStore

@@ -32,7 +32,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from duet.logs import bind, unbind
+from common.logs import bind, unbind
 from service.errors import error_response
 from service.limits import Decision, Limiter, Limits, release_shielded
 from service.settings import Settings

@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from duet.logs import current_request_id
+from common.logs import current_request_id
 from encoders.errors import EncoderError, ImageDecodeError, ModelLoadError, UnsupportedModalityError
 from index.errors import (
     BackendUnavailableError,

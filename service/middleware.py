@@ -12,7 +12,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from duet.logs import bind, clean_request_id, unbind
+from common.logs import bind, clean_request_id, unbind
 from service.errors import error_response
 from service.metrics import Metrics
 

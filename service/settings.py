@@ -14,6 +14,8 @@ from typing import Any, Literal
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from common import layout
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DUET_", extra="ignore", populate_by_name=True)
@@ -260,15 +262,15 @@ class Settings(BaseSettings):
 
     @property
     def registry_dir(self) -> Path:
-        return self.data_dir / "registry"
+        return layout.registry_dir(self.data_dir)
 
     @property
     def collections_dir(self) -> Path:
-        return self.data_dir / "collections"
+        return layout.collections_dir(self.data_dir)
 
     @property
     def holds_data_dir_lock(self) -> bool:
-        """Whether a server takes the data-dir lock (`duet.lifetime.hold_data_dir`). The lock exists
+        """Whether a server takes the data-dir lock (`common.lifetime.hold_data_dir`). The lock exists
         because the faiss backend's collection files (store + index under data_dir/collections) have
         exactly one writer: two processes would each replay and write them. With the milvus backend
         the collections live in Milvus, which serialises writers itself, so API replicas may share one
@@ -287,12 +289,12 @@ class Settings(BaseSettings):
     @property
     def milvus_uri_or_default(self) -> str:
         """`milvus_uri`, or milvus-lite's file under the data dir when it is unset."""
-        return self.milvus_uri or str(self.data_dir / "milvus.db")
+        return self.milvus_uri or str(layout.milvus_lite_file(self.data_dir))
 
     @property
     def datasets_dir(self) -> Path:
-        return self.data_dir / "datasets"
+        return layout.datasets_dir(self.data_dir)
 
     @property
     def jobs_db(self) -> Path:
-        return self.data_dir / "jobs.sqlite3"
+        return layout.jobs_db(self.data_dir)

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from duet.lifetime import DataDirLease, check_writable, hold_data_dir
-from duet.logs import adopt_library_loggers
+from common.lifetime import DataDirLease, check_writable, hold_data_dir
+from common.logs import adopt_library_loggers
 from index.backend import CollectionBackend, MilvusOptions, open_backend
 from index.errors import BackendUnavailableError
 from registry.store import ModelRegistry

@@ -21,7 +21,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
-from duet.logs import current_request_id
+from common.logs import current_request_id
 from jobs.datasets import ANONYMOUS, DatasetError, DatasetLimits, DatasetStore, DatasetTooLargeError, check_filename
 from jobs.records import (
     InvalidTransitionError,

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 import service.state
-from duet.lifetime import server_pid
+from common.lifetime import server_pid
 from index.errors import BackendUnavailableError
 from tests.helpers import RunningServer, make_settings
 

@@ -159,7 +159,7 @@ def test_every_line_of_a_server_start_is_json(served):
 
 def test_kill_9_of_the_server_takes_its_worker_and_frees_the_data_dir(served):
     """Last in this module: it kills the module's server."""
-    from duet.lifetime import server_pid
+    from common.lifetime import server_pid
 
     worker = served.worker_pid()
     assert _running(worker)

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from duet.lifetime import DataDirLockedError, DataDirUnwritableError, hold_data_dir, server_pid
+from common.lifetime import DataDirLockedError, DataDirUnwritableError, hold_data_dir, server_pid
 
 HOLD = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from duet.lifetime import DataDirError, hold_data_dir
+    from common.lifetime import DataDirError, hold_data_dir
     try:
         hold_data_dir(Path(sys.argv[1]), wait_seconds=0)
     except DataDirError as exc:
@@ -81,7 +81,7 @@ def test_an_unwritable_data_dir_names_the_path_and_the_setting(tmp_path):
 CHILD = textwrap.dedent(
     """
     import os, sys, time
-    from duet.lifetime import exit_with_parent
+    from common.lifetime import exit_with_parent
     exit_with_parent(int(sys.argv[1]))
     print(os.getpid(), flush=True)
     time.sleep(600)

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from duet.logs import (
+from common.logs import (
     JsonFormatter,
     JsonLinesStream,
     TextFormatter,
@@ -168,7 +168,7 @@ def test_a_library_imported_after_set_up_logs_json_lines_too():
     import sys
 
     code = (
-        "from duet.logs import setup_logging; setup_logging('info', 'json');"
+        "from common.logs import setup_logging; setup_logging('info', 'json');"
         "import transformers.utils.logging as t; t.get_logger('transformers.demo').warning('plain?')"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

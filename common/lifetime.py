@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.layout import collections_dir
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: no flock; run one server per data dir by hand
@@ -33,7 +35,13 @@ except ImportError:  # pragma: no cover - Windows: no flock; run one server per 
 
 logger = logging.getLogger(__name__)
 
-LOCK_FILE = Path("collections") / ".duet.lock"  # under the data dir; dot-names are no collection
+LOCK_NAME = ".duet.lock"  # in the collections folder; dot-names are no collection
+
+
+def _lock_file(data_dir: Path) -> Path:
+    return collections_dir(data_dir) / LOCK_NAME
+
+
 PR_SET_PDEATHSIG = 1
 PARENT_POLL_SECONDS = 1.0
 
@@ -115,8 +123,8 @@ def hold_data_dir(data_dir: Path, wait_seconds: float = 2.0) -> DataDirLease:
             _held[path].count += 1
             return DataDirLease(path)
         try:
-            (path / LOCK_FILE).parent.mkdir(exist_ok=True)
-            fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            _lock_file(path).parent.mkdir(exist_ok=True)
+            fd = os.open(_lock_file(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise DataDirUnwritableError(path, exc.strerror or str(exc)) from None
         try:
@@ -161,7 +169,7 @@ def server_pid(data_dir: Path) -> int | None:
     `hold_data_dir` waits a moment before refusing anyway)."""
     path = data_dir.expanduser().resolve()
     try:
-        fd = os.open(path / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(_lock_file(path), os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
     try:
@@ -183,6 +191,7 @@ def exit_with_parent(parent: int) -> None:
     prctl took effect: a thread polls `getppid()` each second. PDEATHSIG fires when the
     *thread* that started us ends, so the parent must start us from a long-lived thread (the
     server's event loop does)."""
+
     def alive() -> bool:
         return os.getppid() == parent
 
