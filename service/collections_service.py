@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, cast
@@ -28,7 +29,7 @@ from encoders.contract import Modality
 from index.backend import CollectionBackend, CollectionHandle, EmbedFn
 from index.config import CollectionConfig
 from index.engine import IndexSpec
-from index.errors import CollectionBusyError, CollectionNotFoundError, InvalidVectorError
+from index.errors import BackendUnavailableError, CollectionBusyError, CollectionNotFoundError, InvalidVectorError
 from index.items import Hit, StoredItem
 from index.payloads import PayloadLimits, check_payload
 from registry.errors import VersionNotFoundError
@@ -42,6 +43,8 @@ from service.inputs import check_modalities, check_text, prepare
 from service.metrics import Metrics
 from service.model_pool import ModelPool
 from service.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 IMAGE_MEMORY_FULL = "image_memory_full"  # service.inputs' code for "no room to decode these images now"
 
@@ -150,12 +153,18 @@ class CollectionsService:
 
     def _listing(self) -> Listing:
         opened, broken = self.backend.listing()
+        broken = dict(broken)
         views = []
         for collection in opened:
             try:
                 views.append(_view(collection, self.backend.kind, self.backend.reembed_status(collection.name)))
             except (CollectionNotFoundError, CollectionBusyError):
                 continue  # dropped, or replaced by a re-embed, while the list was made
+            except BackendUnavailableError:
+                raise  # the whole backend: 503 for the listing
+            except Exception as exc:  # one collection that cannot be read is listed apart, not a 500 for all
+                logger.exception("collection %s cannot be listed", collection.name)
+                broken[collection.name] = f"cannot be read: {type(exc).__name__}: {str(exc)[:300]}"
         return Listing(views, broken)
 
     async def drop(self, name: str) -> None:

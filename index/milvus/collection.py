@@ -16,6 +16,7 @@ not "how many writes".
 from __future__ import annotations
 
 import heapq
+import logging
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -42,6 +43,9 @@ from index.store import _merge_schema
 if TYPE_CHECKING:
     from index.milvus.manager import MilvusBackend
 
+logger = logging.getLogger(__name__)
+
+FIELD_TYPES = ("number", "string", "bool")
 MODALITY_GAP_MAX_ITEMS = 20_000  # stats compute the modality gap from the vectors up to this many items
 ID_BATCH = 1000  # ids per `id in [...]` expression / delete RPC
 REEMBED_STALE_SECONDS = 120.0  # a running re-embed whose heartbeat is older died with its replica
@@ -66,7 +70,10 @@ def reembed_running(state: dict[str, Any] | None) -> bool:
     """A re-embed row that refuses writes: running, and its replica alive (a fresh heartbeat)."""
     if not state or state.get("state") != "running":
         return False
-    return now_ms() - int(state.get("heartbeat_ms", 0)) < REEMBED_STALE_SECONDS * 1000
+    heartbeat = state.get("heartbeat_ms", 0)
+    if isinstance(heartbeat, bool) or not isinstance(heartbeat, (int, float)):
+        return False  # an unreadable row refuses no writes (it would, forever)
+    return now_ms() - int(heartbeat) < REEMBED_STALE_SECONDS * 1000
 
 
 def _vector(value: Any) -> np.ndarray:
@@ -103,8 +110,14 @@ class MilvusCollection:
     @property
     def schema(self) -> dict[str, str]:
         """The filterable payload fields and their types (one meta row each)."""
-        rows = self.backend.meta.rows("field", self.name)
-        return {row["value"]["field"]: row["value"]["type"] for row in rows}
+        out: dict[str, str] = {}
+        for row in self.backend.meta.rows("field", self.name):
+            value = row.get("value")
+            if isinstance(value, dict) and isinstance(value.get("field"), str) and value.get("type") in FIELD_TYPES:
+                out[value["field"]] = value["type"]
+            else:  # skipped: the next write that holds the field records it again
+                logger.warning("milvus: unreadable field row %r of collection %s", row.get("key"), self.name)
+        return out
 
     def check_writable(self) -> None:
         """Refuse a write while a re-embed runs (on any replica), and a write through a handle whose
@@ -121,7 +134,13 @@ class MilvusCollection:
                 f"collection '{self.name}' is being re-embedded into {state.get('target_model')} "
                 f"({state.get('done', 0)}/{state.get('total', 0)} items); retry writes after it"
             )
-        if int(config.get("generation", 0)) != self.config.generation:
+        if config.get("created_at") != self.config.created_at:
+            # dropped and created again (generation 0 again: the same Milvus collection name) since this
+            # request looked it up: its write was meant for the collection that is gone
+            raise CollectionNotFoundError(
+                f"collection '{self.name}' was dropped (and created again) while this request ran"
+            )
+        if config.get("generation") != self.config.generation:
             raise CollectionBusyError(f"collection '{self.name}' was re-embedded while this request ran; retry")
 
     def prepare_vectors(self, vectors: Any) -> np.ndarray:

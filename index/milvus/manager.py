@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
@@ -30,6 +31,7 @@ from index.errors import (
     CollectionBusyError,
     CollectionExistsError,
     CollectionNotFoundError,
+    CollectionUnavailableError,
     InvalidCollectionError,
     ReembedRefusedError,
 )
@@ -44,8 +46,27 @@ logger = logging.getLogger(__name__)
 
 # A generation replaced by a re-embed is dropped this long after the flip (requests still on it).
 RETIRED_GRACE_SECONDS = 60.0
+# Tries of a drop_collection that fails while the collection is still there (another drop removing it).
+DROP_ATTEMPTS = 5
 # A `creating:<name>` row older than this was left by a replica that died mid-create.
 CREATING_STALE_SECONDS = 60.0
+
+
+def _fresh(at: Any, seconds: float) -> bool:
+    """Whether time stamp `at` (ms; from a meta row, so possibly garbage) is less than `seconds` old."""
+    if isinstance(at, bool) or not isinstance(at, (int, float)):
+        return False
+    return now_ms() - int(at) < seconds * 1000
+
+
+def _readable_status(status: dict[str, Any]) -> bool:
+    ints = all(isinstance(status[k], int) and not isinstance(status[k], bool) for k in ("total", "done"))
+    strs = all(isinstance(status[k], str) for k in ("target_model", "started_at"))
+    optional = all(status[k] is None or isinstance(status[k], str) for k in ("source_model", "error", "finished_at"))
+    if status["state"] in ("running", "done", "failed") and ints and strs and optional:
+        return True
+    logger.warning("milvus: unreadable re-embed record %r", status)
+    return False
 
 
 class MilvusBackend:
@@ -65,7 +86,30 @@ class MilvusBackend:
 
     def _config(self, name: str) -> CollectionConfig | None:
         value = self.meta.get(f"config:{name}")
-        return CollectionConfig.from_json(value) if value is not None else None
+        return self._parse_config(name, value) if value is not None else None
+
+    def _has_config(self, name: str) -> bool:
+        """Whether collection `name` exists (its config row is there, readable or not)."""
+        return self.meta.get(f"config:{name}") is not None
+
+    @staticmethod
+    def _parse_config(name: str, value: Any) -> CollectionConfig:
+        """A config row's value; one that does not parse (written by hand, or by another version) makes the
+        collection unavailable (503, listed apart with the reason, and droppable), never a 500."""
+        try:
+            if not isinstance(value, dict) or not value:
+                raise ValueError("not a JSON object")
+            config = CollectionConfig.from_json(value)
+            if config.name != name:
+                raise ValueError(f"it names collection {config.name!r}")
+            if isinstance(config.generation, bool) or not isinstance(config.generation, int) or config.generation < 0:
+                raise ValueError(f"generation {config.generation!r}")
+        except Exception as exc:
+            raise CollectionUnavailableError(
+                f"collection '{name}' cannot be opened: its config row in the Milvus meta collection is "
+                f"unreadable ({type(exc).__name__}: {message(exc)}); it can be dropped"
+            ) from None
+        return config
 
     def get(self, name: str) -> MilvusCollection:
         validate_collection_name(name)
@@ -79,12 +123,12 @@ class MilvusBackend:
         handles, broken = [], {}
         rows = self.meta.rows("config")
         existing = set(self.conn.call("list_collections"))
-        for row in sorted(rows, key=lambda r: r["name"]):
-            name = row["name"]
+        for row in sorted(rows, key=lambda r: str(r["key"])):
+            name = str(row["key"]).removeprefix("config:")  # (the key is what lookups read)
             try:
-                handle = MilvusCollection(self, CollectionConfig.from_json(row["value"]))
-            except Exception as exc:  # a config row this version cannot read
-                broken[name] = f"unreadable config: {message(exc)}"
+                handle = MilvusCollection(self, self._parse_config(name, row["value"]))
+            except CollectionUnavailableError as exc:  # a config row this version cannot read
+                broken[name] = str(exc)
                 continue
             if handle.physical not in existing:
                 broken[name] = f"its Milvus collection {handle.physical} is missing on {self.conn.where}"
@@ -121,10 +165,10 @@ class MilvusBackend:
                 "modality_gap_correction is not available on the milvus backend yet; it is on the faiss backend"
             )
         with self._name_lock(name):
-            if self._config(name) is not None:
+            if self._has_config(name):
                 raise CollectionExistsError(f"collection '{name}' already exists")
             creating = self.meta.get(f"creating:{name}")
-            if creating is not None and now_ms() - int(creating.get("at", 0)) < CREATING_STALE_SECONDS * 1000:
+            if creating is not None and _fresh(creating.get("at"), CREATING_STALE_SECONDS):
                 raise CollectionBusyError(f"collection '{name}' is being created by another replica; retry")
             self.meta.put(f"creating:{name}", name, "creating", {"at": now_ms()})
             try:
@@ -148,12 +192,12 @@ class MilvusBackend:
             with contextlib.suppress(CollectionNotFoundError):
                 self.conn.call("drop_alias", alias)  # a leftover alias of a create cut short
             self.conn.call("create_alias", physical, alias)
-            if self._config(name) is not None:  # another replica created it meanwhile
+            if self._has_config(name):  # another replica created it meanwhile
                 raise CollectionExistsError(f"collection '{name}' already exists")
             self.meta.put(f"config:{name}", name, "config", config.to_json())
         except BaseException:
             if made:
-                self._discard(physical, alias if self._config(name) is None else None)
+                self._discard(physical, alias if not self._has_config(name) else None)
             raise
         return MilvusCollection(self, config)
 
@@ -194,7 +238,7 @@ class MilvusBackend:
             self._drop(name)
 
     def _drop(self, name: str) -> None:
-        if self._config(name) is None:
+        if not self._has_config(name):
             raise CollectionNotFoundError(f"no collection named '{name}'; GET /v1/collections lists them")
         state = self.meta.get(f"reembed:{name}")
         if reembed_running(state):
@@ -226,16 +270,22 @@ class MilvusBackend:
         of one name, a drop racing the grace drop of a retired generation): a failure is only a failure if
         the collection is still there afterwards (milvus-lite answers a drop that lost the race with a
         bare "No such file or directory")."""
-        try:
-            self.conn.call("drop_collection", physical)
-        except BackendUnavailableError:
-            raise
-        except CollectionNotFoundError:
-            return
-        except Exception:
-            if self.conn.call("has_collection", physical):
+        for attempt in range(DROP_ATTEMPTS):
+            try:
+                self.conn.call("drop_collection", physical)
+                return
+            except BackendUnavailableError:
                 raise
-            logger.info("milvus: %s was dropped by someone else meanwhile", physical)
+            except CollectionNotFoundError:
+                return
+            except Exception as exc:
+                # ... or "Directory not empty" while the other drop is still removing it: wait for that one
+                if not self.conn.call("has_collection", physical):
+                    logger.info("milvus: %s was dropped by someone else meanwhile", physical)
+                    return
+                failure = message(exc)
+            time.sleep(0.2 * (attempt + 1))
+        raise CollectionBusyError(f"Milvus collection {physical} could not be dropped ({failure}); retry the drop")
 
     def _generations(self, name: str) -> list[str]:
         return [c for c in self.conn.call("list_collections") if names.generation_of(self.prefix, name, c) is not None]
@@ -298,7 +348,7 @@ class MilvusBackend:
         """Make the finished generation current: the config row (every replica's next lookup), then the
         alias; the old generation is recorded for dropping after the grace."""
         name = job.config.name
-        if self._config(name) is None:
+        if not self._has_config(name):
             raise CollectionNotFoundError(f"collection '{name}' was dropped during its re-embed")
         old = job.source.physical
         self.meta.put_many(
@@ -318,6 +368,8 @@ class MilvusBackend:
         if state is None:
             return None
         status = {k: state.get(k) for k in MilvusReembedJob.PROGRESS_KEYS}
+        if not _readable_status(status):
+            return None  # (logged) an unreadable record says nothing about a re-embed
         if status["state"] == "running" and not reembed_running(state):
             status["state"] = "failed"
             status["error"] = "the replica running it stopped (no heartbeat)"
@@ -340,8 +392,11 @@ class MilvusBackend:
         except BackendUnavailableError:
             return done
         for row in rows:
-            value = row["value"]
-            if now_ms() - int(value.get("at", 0)) < self.retired_grace_seconds * 1000:
+            value = row["value"] if isinstance(row.get("value"), dict) else {}
+            if not isinstance(value.get("physical"), str) or not isinstance(value.get("at"), (int, float)):
+                logger.warning("milvus: unreadable retired row %r left as it is", row.get("key"))
+                continue
+            if _fresh(value["at"], self.retired_grace_seconds):
                 continue
             try:
                 self._drop_physical(value["physical"])

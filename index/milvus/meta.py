@@ -24,6 +24,12 @@ from index.milvus.expressions import string_literal
 META_FIELDS = ["key", "name", "kind", "value"]
 
 
+def _as_dict(value: Any) -> dict[str, Any]:
+    """A row's value; one that is not a JSON object (garbage written by hand or by another version) reads
+    as {}, which every reader treats as unreadable, never as a crash."""
+    return dict(value) if isinstance(value, dict) else {}
+
+
 class Meta:
     def __init__(self, conn: MilvusConnection, prefix: str) -> None:
         self.conn = conn
@@ -73,7 +79,7 @@ class Meta:
             limit=1,
             consistency_level="Strong",
         )
-        return dict(rows[0]["value"]) if rows else None
+        return _as_dict(rows[0]["value"]) if rows else None
 
     def get_many(self, keys: list[str]) -> dict[str, dict[str, Any]]:
         """{key: value} of those of `keys` that have a row, in one query."""
@@ -86,7 +92,7 @@ class Meta:
             limit=len(keys),
             consistency_level="Strong",
         )
-        return {row["key"]: dict(row["value"]) for row in rows}
+        return {row["key"]: _as_dict(row["value"]) for row in rows}
 
     def rows(self, kind: str, name: str | None = None) -> list[dict[str, Any]]:
         """Every row of `kind` (of collection `name`, if given): dicts with key, name, kind, value."""
