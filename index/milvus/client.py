@@ -134,10 +134,7 @@ class MilvusConnection:
                 self._client = MilvusClient(**kwargs)
             except Exception as exc:
                 if _is_local(self.uri) and classify(exc) != "unavailable":
-                    raise BackendUnavailableError(
-                        f"cannot open milvus-lite at {self.where} (a file path needs the milvus-lite package, "
-                        f"pip install milvus-lite): {message(exc)}"
-                    ) from None
+                    raise BackendUnavailableError(_local_open_failure(self.where, exc)) from None
                 raise self.unavailable(exc) from None
             return self._client, True
 
@@ -247,6 +244,25 @@ class MilvusConnection:
         if client is not None:
             with contextlib.suppress(Exception):
                 client.close()
+
+
+def _local_open_failure(where: str, exc: BaseException) -> str:
+    """Why milvus-lite embedded could not open its file, in words a user can act on. With the package
+    installed, the usual cause is a second process on the same file (milvus-lite locks it: one process
+    only; nothing is written, so nothing is damaged)."""
+    import importlib.util
+
+    if importlib.util.find_spec("milvus_lite") is None:
+        return (
+            f"cannot open milvus-lite at {where} (a file path needs the milvus-lite package, "
+            f"pip install milvus-lite): {message(exc)}"
+        )
+    return (
+        f"cannot open the milvus-lite database {where}: {message(exc)}. milvus-lite embedded (a file path) serves one "
+        "process only: another process (a second replica, or a duet serve still running) most likely holds the "
+        "file. Stop it, or share collections between replicas through a Milvus server (`milvus-lite server "
+        "--data-dir D --port P`, then DUET_MILVUS_URI=http://host:P on every replica)"
+    )
 
 
 def _is_local(uri: str) -> bool:

@@ -134,8 +134,8 @@ class MilvusCollection:
                 f"collection '{self.name}' is being re-embedded into {state.get('target_model')} "
                 f"({state.get('done', 0)}/{state.get('total', 0)} items); retry writes after it"
             )
-        if config.get("created_at") != self.config.created_at:
-            # dropped and created again (generation 0 again: the same Milvus collection name) since this
+        if config.get("generation") == self.config.generation and config.get("created_at") != self.config.created_at:
+            # dropped and created again (the same generation: the same Milvus collection name) since this
             # request looked it up: its write was meant for the collection that is gone
             raise CollectionNotFoundError(
                 f"collection '{self.name}' was dropped (and created again) while this request ran"

@@ -163,3 +163,67 @@ def test_garbage_meta_rows_are_unavailable_collections_not_a_500(clients, replic
         assert ca.post("/v1/collections", json={"name": name, "dimension": DIM}).status_code == 409
         assert ca.delete(f"/v1/collections/{name}").status_code == 200  # a broken collection can be dropped
         assert ca.get(f"/v1/collections/{name}").status_code == 404
+
+
+# -- milvus-lite embedded: two processes on one file --------------------------------------------------
+
+
+def test_second_process_on_an_embedded_milvus_file_gets_a_clear_503(tmp_path):
+    """milvus-lite locks its file: a second process (a second replica pointed at the same DUET_MILVUS_URI
+    file) cannot open it. Nothing is damaged, but the error said 'a file path needs the milvus-lite package,
+    pip install milvus-lite', with the package installed: a user would reinstall instead of stopping the
+    other process or moving to a server."""
+    import subprocess
+    import sys
+
+    from index.errors import BackendUnavailableError
+    from index.milvus.client import MilvusConnection
+
+    path = str(tmp_path / "milvus.db")
+    hold = f"from pymilvus import MilvusClient; c = MilvusClient({path!r}); print('open', flush=True); "
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold + "import sys; sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == b"open"
+        conn = MilvusConnection(path, None, None, 5.0)
+        with pytest.raises(BackendUnavailableError) as raised:
+            conn.call("list_collections")
+        text = str(raised.value)
+        assert "one process" in text and "another process" in text and "pip install" not in text, text
+        conn.close()
+    finally:
+        holder.communicate(b"", timeout=30)
+
+
+# -- a write through replica A while replica B drops (and re-creates) the collection ----------------------
+
+
+def test_write_of_a_request_that_outlived_a_drop_and_recreate_is_404(replicas):
+    """A request on A looked the collection up; B dropped it and created it again (generation 0 again: the
+    same Milvus collection name) before A wrote. The write landed in the new collection, which the request
+    never saw (another dimension, other settings): acknowledged into the wrong collection."""
+    import time
+
+    import numpy as np
+
+    from index.errors import CollectionNotFoundError
+    from index.items import StoredItem
+
+    a, b = (running.state.collections for running in replicas)
+    name = _name("rc")
+    from index.config import CollectionConfig
+
+    b.create(CollectionConfig(name=name, dim=DIM, modalities=("vector",)))
+    stale = a.get(name)
+    b.drop(name)
+    time.sleep(1.1)  # created_at has seconds
+    b.create(CollectionConfig(name=name, dim=DIM, modalities=("vector",)))
+    item = StoredItem(id="late", modality="vector", vector=np.ones(DIM, np.float32), payload={})
+    with pytest.raises(CollectionNotFoundError, match="dropped"):
+        stale.upsert([item])
+    with pytest.raises(CollectionNotFoundError, match="dropped"):
+        stale.delete(ids=["late"])
+    assert b.get(name).count() == 0
+    b.drop(name)
