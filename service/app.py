@@ -7,7 +7,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.auth import AuthMiddleware, KeyRing
+from service.auth.keys import KeyRing
+from service.auth.middleware import AuthMiddleware
 from service.body import include_body_schemas
 from service.errors import install_error_handlers
 from service.limits import build_limiter

@@ -42,6 +42,7 @@ from registry.errors import (
     RegistryError,
     VersionNotFoundError,
 )
+from service.auth.route_policy import app_routes
 
 logger = logging.getLogger(__name__)
 
@@ -173,8 +174,6 @@ def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
 def allowed_methods(app: Any, path: str) -> list[str]:
     """Every method any route of `path` answers (Starlette's 405 names only the first route's),
     with HEAD wherever GET is (see `HeadMiddleware`)."""
-    from service.auth import app_routes  # auth imports this module
-
     methods: set[str] = set()
     for route in app_routes(app.router.routes):
         if route.regex.match(path):

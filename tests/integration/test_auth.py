@@ -18,7 +18,8 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from service.auth import ANY_KEY, PUBLIC, ROUTE_SCOPES, app_routes, hash_key, rule_for, unmapped_routes
+from service.auth.keys import ANY_KEY, hash_key
+from service.auth.route_policy import PUBLIC, ROUTE_SCOPES, app_routes, rule_for, unmapped_routes
 from service.limits import Limits, RedisLimiter
 from tests.helpers import RunningServer, make_settings
 from tests.redis_server import RedisServer

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from service.auth import hash_key
+from service.auth.keys import hash_key
 from tests.helpers import make_settings
 
 PAIRS = b'{"anchor": "a", "positive": "b"}\n'
