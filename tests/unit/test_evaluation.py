@@ -11,13 +11,9 @@ import pytest
 import scipy.stats
 from PIL import Image
 
-from trainer.evaluation import (
-    EvalSet,
+from trainer.evaluation import EvalSet, compare, evaluate, format_table, load_sts
+from trainer.metrics import (
     alignment,
-    compare,
-    evaluate,
-    format_table,
-    load_sts,
     modality_gap,
     paired_relevant,
     paired_retrieval,
