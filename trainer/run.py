@@ -4,6 +4,12 @@ sentence-transformers trainer with our losses -> evaluation -> registry.
 Built on `SentenceTransformerTrainer`, which already does DDP (under `torchrun`), mixed
 precision, checkpoints and resumption; Duet adds the losses, mining, evaluation on both
 sides of training, tracking into MLflow and export with lineage.
+
+`run_training` reads as that list: each step is a named stage function over a small
+`RunContext` (config, run folder, model, data, where events go), so a stage can be read,
+changed or swapped (bench/ swaps the trainer class) without holding the whole run in mind.
+Events go through one `Progress` object, silent when nobody listens or off rank 0, so no
+stage asks whether anyone does.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from trainer.losses import no_weight_decay_parameter_names
 from trainer.losses_factory import build_loss
 from trainer.mining import add_hard_negatives
 from trainer.tables import clip
-from trainer.tracking import ProgressFn, Tracker, TrackingCallback
+from trainer.tracking import Progress, ProgressFn, Tracker, TrackingCallback
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
@@ -289,6 +295,24 @@ def last_checkpoint(run_dir: Path) -> str | None:
     return None
 
 
+@dataclass
+class RunContext:
+    """What the stages of one run share: the config, where it runs, the model being trained and
+    its data, and where its events go. Made once by :func:`open_run`; only mining replaces
+    `train_sets` (with the mined copies)."""
+
+    config: TrainConfig
+    run_dir: Path
+    registry: ModelRegistry | None
+    progress: Progress
+    main: bool  # rank 0 (or not distributed): evaluates, tracks, saves and registers
+    model: Any
+    base_label: str
+    base_manifest: Manifest | None
+    train_sets: list[LoadedData]
+    eval_sets: list[EvalSet]
+
+
 def run_training(
     config: TrainConfig,
     *,
@@ -306,6 +330,31 @@ def run_training(
     from the API): data only from inside `base_dir`, the base model never a server path.
     On success the checkpoints are deleted (they only serve a resume), and so is the run's
     model folder once the registry holds its copy."""
+    run = open_run(config, base_dir, run_dir, registry, on_progress=on_progress, confined=confined)
+    before = evaluate_base(run)
+    mining = mine_hard_negatives(run)
+    tracker = start_tracking(run)
+    step = train_model(run, tracker, resume=resume, should_stop=should_stop)
+    result = TrainResult(run_dir=run_dir, before=before, after={}, report="", mining=mining)
+    if not run.main:
+        return result
+    result.after, result.report = evaluate_trained(run, tracker, before, step)
+    result.version, result.promotion = save_and_register(run, tracker, result)
+    tracker.finish()
+    prune_run(run_dir, keep_model=result.version is None)
+    return result
+
+
+def open_run(
+    config: TrainConfig,
+    base_dir: Path | None,
+    run_dir: Path,
+    registry: ModelRegistry | None,
+    *,
+    on_progress: ProgressFn | None,
+    confined: bool,
+) -> RunContext:
+    """Seed, the base model (with any towers frozen) and the data; only rank 0 reports progress."""
     from sentence_transformers import SentenceTransformer
     from transformers import set_seed
 
@@ -320,90 +369,133 @@ def run_training(
     train_sets = [load_data(spec, base_dir, confined=confined) for spec in config.train]
     eval_sets = [eval_set(load_data(spec, base_dir, confined=confined)) for spec in config.eval]
     main = is_main_process()
-    notify = on_progress if main else None
-    if notify:
-        notify({"event": "stage", "stage": "evaluating base model"})
-    before = evaluate_all(model, eval_sets) if main and eval_sets else {}
-    if notify and before:
-        notify({"event": "evaluation", "when": "before", "metrics": before})
+    return RunContext(
+        config=config,
+        run_dir=run_dir,
+        registry=registry,
+        progress=Progress(on_progress if main else None),
+        main=main,
+        model=model,
+        base_label=base_label,
+        base_manifest=base_manifest,
+        train_sets=train_sets,
+        eval_sets=eval_sets,
+    )
 
-    mining_reports = {}
-    if config.mining.enabled:
-        mined = []
-        for data in train_sets:
-            if data.kind == "pairs":
-                data, report = add_hard_negatives(data, encoder_fn(model), config.mining)
-                mining_reports[data.name] = report.__dict__
-            mined.append(data)
-        train_sets = mined
 
-    tracker = Tracker(
-        registry.tracking_uri if (registry and main) else None,
-        f"train-{config.output.name}",
-        config.model_dump(mode="json"),
+def evaluate_base(run: RunContext) -> dict[str, float]:
+    """The base model's metrics on the evaluation sets (rank 0 only; empty without sets)."""
+    run.progress.stage("evaluating base model")
+    before = evaluate_all(run.model, run.eval_sets) if run.main and run.eval_sets else {}
+    run.progress.evaluation("before", before)
+    return before
+
+
+def mine_hard_negatives(run: RunContext) -> dict[str, Any]:
+    """When mining is on: pair datasets get hard negatives mined with the base model. Returns
+    each mined set's report by dataset name."""
+    reports: dict[str, Any] = {}
+    if not run.config.mining.enabled:
+        return reports
+    mined = []
+    for data in run.train_sets:
+        if data.kind == "pairs":
+            data, report = add_hard_negatives(data, encoder_fn(run.model), run.config.mining)
+            reports[data.name] = report.__dict__
+        mined.append(data)
+    run.train_sets = mined
+    return reports
+
+
+def start_tracking(run: RunContext) -> Tracker:
+    """The run's MLflow run (rank 0 with a registry; a no-op tracker otherwise)."""
+    registry = run.registry
+    return Tracker(
+        registry.tracking_uri if (registry and run.main) else None,
+        f"train-{run.config.output.name}",
+        run.config.model_dump(mode="json"),
         artifact_location=registry.artifact_location if registry else None,
     )
-    loss = build_loss(config.loss, model)
+
+
+def train_model(run: RunContext, tracker: Tracker, *, resume: bool, should_stop: Callable[[], bool] | None) -> int:
+    """sentence-transformers' trainer with our loss, from the last complete checkpoint when
+    `resume`. Returns the global step reached; a failure marks the tracked run FAILED, a
+    cancellation KILLED (then raises `TrainingCancelledError`)."""
+    loss = build_loss(run.config.loss, run.model)
+    train_sets = run.train_sets
     datasets = {d.name: d.to_hf() for d in train_sets}
     trainer = duet_trainer_class()(
-        model=model,
+        model=run.model,
         args=training_arguments(
-            config, run_dir, any(d.kind == "graded" for d in train_sets), router_mapping(model, train_sets)
+            run.config,
+            run.run_dir,
+            any(d.kind == "graded" for d in train_sets),
+            router_mapping(run.model, train_sets),
         ),
         train_dataset=next(iter(datasets.values())) if len(datasets) == 1 else datasets,
         loss=loss,
         callbacks=[
-            TrackingCallback(tracker, notify),
+            TrackingCallback(tracker, run.progress),
             LossStateCallback(loss),
             *([CancelCallback(should_stop)] if should_stop else []),
         ],
     )
-    checkpoint = last_checkpoint(run_dir) if resume else None
+    checkpoint = last_checkpoint(run.run_dir) if resume else None
     if checkpoint:
         restore_loss_state(loss, checkpoint)
-        if notify:
-            notify({"event": "stage", "stage": f"resuming from {Path(checkpoint).name}"})
-    if notify:
-        notify({"event": "stage", "stage": "training"})
+        run.progress.stage(f"resuming from {Path(checkpoint).name}")
+    run.progress.stage("training")
     try:
         trainer.train(resume_from_checkpoint=checkpoint)
     except BaseException:
         tracker.finish("FAILED")
         raise
+    step: int = trainer.state.global_step
     if should_stop is not None and should_stop():
         tracker.finish("KILLED")
-        raise TrainingCancelledError(trainer.state.global_step)
-    result = TrainResult(run_dir=run_dir, before=before, after={}, report="", mining=mining_reports)
-    if not main:
-        return result
-    if notify:
-        notify({"event": "stage", "stage": "evaluating trained model"})
-    result.after = evaluate_all(model, eval_sets) if eval_sets else {}
-    if notify and result.after:
-        notify({"event": "evaluation", "when": "after", "metrics": result.after})
-    tracker.log({f"eval/{k}": v for k, v in result.after.items()}, trainer.state.global_step)
-    result.report = format_table(compare(before, result.after)) if eval_sets else "(no evaluation sets)"
-    model_dir = run_dir / "model"
-    model.save(str(model_dir))
-    write_card(model_dir, config, result.report, base_label)
-    current = current_holder_metrics(config, registry, eval_sets, notify)
-    if registry is not None:
-        result.version, result.promotion = register(
-            registry,
-            model,
-            model_dir,
-            config,
-            base_model=base_label,
-            base_manifest=base_manifest,
-            dataset_hashes={d.name: d.sha256 for d in train_sets},
-            before=before,
-            after=result.after,
-            run_id=tracker.run_id,
-            current=current,
-        )
-    tracker.finish()
-    prune_run(run_dir, keep_model=result.version is None)
-    return result
+        raise TrainingCancelledError(step)
+    return step
+
+
+def evaluate_trained(
+    run: RunContext, tracker: Tracker, before: dict[str, float], step: int
+) -> tuple[dict[str, float], str]:
+    """The trained model's metrics (also logged to the tracker at `step`) and the before/after
+    report of the model card."""
+    run.progress.stage("evaluating trained model")
+    after = evaluate_all(run.model, run.eval_sets) if run.eval_sets else {}
+    run.progress.evaluation("after", after)
+    tracker.log({f"eval/{k}": v for k, v in after.items()}, step)
+    report = format_table(compare(before, after)) if run.eval_sets else "(no evaluation sets)"
+    return after, report
+
+
+def save_and_register(
+    run: RunContext, tracker: Tracker, result: TrainResult
+) -> tuple[ModelVersionInfo | None, Promotion | None]:
+    """Save the model with its card into the run folder, then, with a registry, register it
+    (and promote it if its promotion rule says so). (None, None) without a registry."""
+    config = run.config
+    model_dir = run.run_dir / "model"
+    run.model.save(str(model_dir))
+    write_card(model_dir, config, result.report, run.base_label)
+    current = current_holder_metrics(config, run.registry, run.eval_sets, run.progress)
+    if run.registry is None:
+        return None, None
+    return register(
+        run.registry,
+        run.model,
+        model_dir,
+        config,
+        base_model=run.base_label,
+        base_manifest=run.base_manifest,
+        dataset_hashes={d.name: d.sha256 for d in run.train_sets},
+        before=result.before,
+        after=result.after,
+        run_id=tracker.run_id,
+        current=current,
+    )
 
 
 def prune_run(run_dir: Path, keep_model: bool) -> None:
@@ -416,7 +508,7 @@ def prune_run(run_dir: Path, keep_model: bool) -> None:
 
 
 def current_holder_metrics(
-    config: TrainConfig, registry: ModelRegistry | None, eval_sets: list[EvalSet], notify: ProgressFn | None
+    config: TrainConfig, registry: ModelRegistry | None, eval_sets: list[EvalSet], progress: Progress
 ) -> dict[str, float] | None:
     """For `promote.compare_to: current`: the version that holds the alias now, evaluated on
     this run's evaluation sets (None when nothing holds it yet)."""
@@ -432,12 +524,10 @@ def current_holder_metrics(
         holder = registry.resolve(ModelRef(config.output.name, alias=spec.alias))
     except (RegistryError, LookupError):
         return None
-    if notify:
-        notify({"event": "stage", "stage": f"evaluating the current {holder.ref} for promotion"})
+    progress.stage(f"evaluating the current {holder.ref} for promotion")
     model = SentenceTransformer(str(holder.path), device="cuda" if torch.cuda.is_available() else "cpu")
     metrics = evaluate_all(model, eval_sets)
-    if notify:
-        notify({"event": "evaluation", "when": "current", "metrics": metrics, "model": holder.ref})
+    progress.evaluation("current", metrics, model=holder.ref)
     return metrics
 
 

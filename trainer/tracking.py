@@ -1,5 +1,10 @@
 """Loss and metric curves into the registry's MLflow tracking, so they show in MLflow's UI,
-and progress events for whoever started the run (the CLI, later the jobs API)."""
+and progress events for whoever started the run (the CLI, the jobs API).
+
+Events go through one :class:`Progress` object, handed to every stage of a run, rather than an
+optional callback that each stage tests for ``None``: a run nobody listens to (or a rank other
+than 0) gets a silent one, so the stages announce themselves unconditionally and the question
+"does anyone listen?" is answered once, where the run starts."""
 
 from __future__ import annotations
 
@@ -18,6 +23,27 @@ logger = logging.getLogger(__name__)
 
 EXPERIMENT = "duet-training"
 ProgressFn = Callable[[dict[str, Any]], None]
+
+
+class Progress:
+    """A run's events for whoever started it: `stage` changes, `evaluation` results and the
+    trainer's `progress` logs (through :class:`TrackingCallback`), each a dict with an "event"
+    key. Built without a listener it drops every event."""
+
+    def __init__(self, listener: ProgressFn | None = None) -> None:
+        self._listener = listener
+
+    def emit(self, event: dict[str, Any]) -> None:
+        if self._listener is not None:
+            self._listener(event)
+
+    def stage(self, stage: str) -> None:
+        self.emit({"event": "stage", "stage": stage})
+
+    def evaluation(self, when: str, metrics: dict[str, float], **extra: Any) -> None:
+        """Nothing when `metrics` is empty (a run without evaluation sets)."""
+        if metrics:
+            self.emit({"event": "evaluation", "when": when, "metrics": metrics, **extra})
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -79,11 +105,11 @@ class Tracker:
 
 
 class TrackingCallback(TrainerCallback):
-    """Forwards the trainer's logs (loss, learning rate, epoch) to MLflow and to `on_progress`."""
+    """Forwards the trainer's logs (loss, learning rate, epoch) to MLflow and to `progress`."""
 
-    def __init__(self, tracker: Tracker, on_progress: ProgressFn | None = None) -> None:
+    def __init__(self, tracker: Tracker, progress: Progress | None = None) -> None:
         self.tracker = tracker
-        self.on_progress = on_progress
+        self.progress = progress or Progress()
         self._started = time.monotonic()
 
     def on_log(
@@ -97,17 +123,16 @@ class TrackingCallback(TrainerCallback):
         if not state.is_world_process_zero or not logs:
             return
         self.tracker.log({f"train/{k}": v for k, v in logs.items()}, state.global_step)
-        if self.on_progress is not None:
-            elapsed = time.monotonic() - self._started
-            remaining = (state.max_steps - state.global_step) * elapsed / max(state.global_step, 1)
-            self.on_progress(
-                {
-                    "event": "progress",
-                    "step": state.global_step,
-                    "max_steps": state.max_steps,
-                    "epoch": state.epoch,
-                    "loss": logs.get("loss", logs.get("train_loss")),  # the final log has the run's mean
-                    "learning_rate": logs.get("learning_rate"),
-                    "eta_seconds": round(remaining, 1),
-                }
-            )
+        elapsed = time.monotonic() - self._started
+        remaining = (state.max_steps - state.global_step) * elapsed / max(state.global_step, 1)
+        self.progress.emit(
+            {
+                "event": "progress",
+                "step": state.global_step,
+                "max_steps": state.max_steps,
+                "epoch": state.epoch,
+                "loss": logs.get("loss", logs.get("train_loss")),  # the final log has the run's mean
+                "learning_rate": logs.get("learning_rate"),
+                "eta_seconds": round(remaining, 1),
+            }
+        )
