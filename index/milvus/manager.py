@@ -294,9 +294,10 @@ class MilvusBackend:
 
     def start_reembed(self, config: CollectionConfig, embed: EmbedFn) -> MilvusReembedJob:
         """Rebuild collection `config.name` as `config` (another model) into generation N+1, in a thread.
-        Writes are refused on every replica (the `reembed` meta row) until it ends. (Two replicas starting
-        a re-embed of one collection in the same instant are not excluded: Milvus has no compare-and-set;
-        on one replica, starts of one name run one at a time.)"""
+        Writes are refused on every replica (the `reembed` meta row) until it ends. On one replica, starts of
+        one name run one at a time; across replicas (Milvus has no compare-and-set) each start reads its
+        re-embed row back after a settle (`MilvusReembedJob.claim`) and only the job whose token is there goes
+        on. (A start whose first write is delayed past the other's read-back could still slip through.)"""
         with self._name_lock(config.name):
             return self._start_reembed(config, embed)
 
@@ -319,6 +320,7 @@ class MilvusBackend:
         target = replace(config, generation=source.config.generation + 1)
         job = MilvusReembedJob(self, source, target, embed)
         job.freeze()  # writes refused on every replica from here
+        job.claim()  # a re-embed another replica started at the same moment: one of the two goes on
         try:
             self._check_reembeddable(source, target)
         except BaseException:

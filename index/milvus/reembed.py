@@ -22,11 +22,13 @@ import contextlib
 import logging
 import threading
 import time
+import uuid
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal
 
 from index.backend import EmbedFn
 from index.config import CollectionConfig
+from index.errors import CollectionBusyError
 from index.items import StoredItem
 from index.milvus import names
 from index.milvus.client import message
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 BATCH_ITEMS = 256
+CLAIM_SETTLE_SECONDS = 0.5  # a start reads its re-embed row back this long after writing it (see `claim`)
 SKEW_MS = 5_000  # rows written this long before the freeze are re-copied too (replica clock skew)
 COPY_FIELDS = ["id", "modality", "content", "payload", "written_at"]
 
@@ -65,6 +68,7 @@ class MilvusReembedJob:
             target_model=config.model or "", source_model=source.config.model, total=source.count()
         )
         self.frozen_at = 0
+        self.token = uuid.uuid4().hex  # which job the `reembed:<name>` row belongs to
         self._created = False
         self._cancelled = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"reembed-{config.name}", daemon=True)
@@ -83,6 +87,7 @@ class MilvusReembedJob:
             "frozen_at": self.frozen_at,
             "heartbeat_ms": now_ms(),
             "generation": self.config.generation,
+            "token": self.token,
         }
 
     def _save(self) -> None:
@@ -91,6 +96,20 @@ class MilvusReembedJob:
     def freeze(self) -> None:
         self.frozen_at = now_ms()
         self._save()
+
+    def claim(self) -> None:
+        """After `freeze`: make sure this job is the one re-embedding. Milvus has no compare-and-set, so two
+        replicas starting a re-embed of one collection at once both see none running and both write the row;
+        the row keeps the last write. Each reads it back once both writes have landed (CLAIM_SETTLE_SECONDS:
+        far above an RPC's latency), and only the job whose token is there goes on (the other is refused,
+        and leaves the row, which is the winner's, alone)."""
+        time.sleep(CLAIM_SETTLE_SECONDS)
+        row = self.backend.meta.get(self.key) or {}
+        if row.get("token") != self.token:
+            raise CollectionBusyError(
+                f"collection '{self.config.name}' is being re-embedded (started by another replica at the same "
+                "moment); GET the collection for its progress"
+            )
 
     def unfreeze_refused(self) -> None:
         """The re-embed was refused before it started: no trace of it."""

@@ -227,3 +227,49 @@ def test_write_of_a_request_that_outlived_a_drop_and_recreate_is_404(replicas):
         stale.delete(ids=["late"])
     assert b.get(name).count() == 0
     b.drop(name)
+
+
+# -- re-embed started on A and on B at once ---------------------------------------------------------------
+
+
+def test_reembed_started_on_two_replicas_at_once_runs_once_and_keeps_every_item(replicas):
+    """Both replicas read "no re-embed running", both froze, both built generation N+1 under the same Milvus
+    name: the second dropped the first's half-built target, a failed job's cleanup dropped the other's, and
+    a flip could point the config at a generation that no longer exists (every item unreachable)."""
+    import numpy as np
+
+    from index.config import CollectionConfig
+    from index.errors import CollectionBusyError
+    from index.items import StoredItem
+
+    a, b = (running.state.collections for running in replicas)
+    name = _name("re")
+
+    def embed(items):
+        return np.stack([np.random.default_rng(len(i.content or "")).normal(size=8) for i in items]).astype(np.float32)
+
+    a.create(CollectionConfig(name=name, dim=DIM, model="m/1", modalities=("text",)))
+    items = [
+        StoredItem(id=f"i{n}", modality="text", vector=np.eye(DIM, dtype=np.float32)[n % DIM], content=f"t{n}")
+        for n in range(40)
+    ]
+    a.get(name).upsert(items)
+    target = CollectionConfig(name=name, dim=8, model="m/2", modalities=("text",))
+    for backend in (a, b):
+        backend.options = type(backend.options)(**{**backend.options.__dict__, "timeout_seconds": 1.0})
+
+    def start(backend):
+        try:
+            return backend.start_reembed(target, embed)
+        except CollectionBusyError as exc:
+            return exc
+
+    outcomes = _at_once(lambda: start(a), lambda: start(b))
+    jobs = [o for o in outcomes if not isinstance(o, Exception)]
+    assert len(jobs) == 1, outcomes
+    jobs[0].join(60)
+    assert jobs[0].progress.state == "done", jobs[0].progress.error
+    for backend in (a, b):
+        live = backend.get(name)
+        assert live.config.model == "m/2" and live.count() == 40
+    a.drop(name)
