@@ -154,11 +154,10 @@ class Settings(BaseSettings):
     milvus_db_name: str | None = Field(default=None, description="Milvus database to use. Default: the server's.")
     milvus_prefix: str = Field(
         default="duet",
-        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
-        max_length=64,
-        description="Milvus collection names are {prefix}_{name}_g{generation}, alias {prefix}_{name}; letters, "
-        "digits and underscores, not starting with a digit. Services sharing a Milvus need the same prefix to "
-        "share collections, different ones to keep apart.",
+        pattern=r"^[A-Za-z][A-Za-z0-9]{0,39}$",  # index.milvus.names.PREFIX_PATTERN (a test keeps them equal)
+        description="Milvus collection names are {prefix}_{name}_g{generation}, alias {prefix}_{name}; 1-40 letters "
+        "or digits, starting with a letter (no '_': it separates the prefix from the name). Services sharing a "
+        "Milvus need the same prefix to share collections, different ones to keep apart.",
     )
     milvus_timeout_seconds: float = Field(
         default=10.0,

@@ -17,14 +17,15 @@ import re
 
 from index.config import validate_collection_name
 
-PREFIX = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,39}\Z")
+# No '_' in a prefix: with one, prefix "p" + name "1_y" and prefix "p_1" + name "uy" made one Milvus name.
+# Letters and digits only, the first '_' after the prefix is always the separator.
+PREFIX_PATTERN = r"[A-Za-z][A-Za-z0-9]{0,39}"  # unanchored: service/settings.py states it for DUET_MILVUS_PREFIX
+PREFIX = re.compile(rf"^{PREFIX_PATTERN}\Z")
 
 
 def check_prefix(prefix: str) -> str:
     if not isinstance(prefix, str) or not PREFIX.match(prefix):
-        raise ValueError(
-            f"invalid Milvus collection prefix {prefix!r}: 1-40 letters, digits or '_', starting with a letter"
-        )
+        raise ValueError(f"invalid Milvus collection prefix {prefix!r}: 1-40 letters or digits, starting with a letter")
     return prefix
 
 

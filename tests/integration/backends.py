@@ -37,7 +37,7 @@ _prefixes = itertools.count()
 
 def milvus_prefix() -> str:
     """A Milvus name prefix no other server of this session (or any other session) uses."""
-    return f"{SESSION_PREFIX}_{next(_prefixes)}"
+    return f"{SESSION_PREFIX}x{next(_prefixes)}"  # letters and digits only (index.milvus.names.PREFIX)
 
 
 def backend_settings(backend: str, data_dir: Path, request: pytest.FixtureRequest, **overrides: Any):

@@ -185,6 +185,6 @@ def test_names_do_not_collide() -> None:
 
 def test_prefix_rules() -> None:
     assert names.check_prefix("duet") == "duet"
-    for bad in ["", "1x", "a-b", "a b", "x" * 41, 'a"']:
+    for bad in ["", "1x", "a-b", "a b", "x" * 41, 'a"', "p_1", "p_"]:
         with pytest.raises(ValueError):
             names.check_prefix(bad)
