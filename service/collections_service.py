@@ -41,7 +41,7 @@ from service.embedding import embed_prepared, embed_queued
 from service.errors import ApiError
 from service.inputs import check_modalities, check_text, prepare
 from service.metrics import Metrics
-from service.model_pool import ModelPool
+from service.model_pool.pool import ModelPool
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)

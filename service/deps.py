@@ -14,7 +14,7 @@ from registry.store import ModelRegistry
 from service.collections_service import CollectionsService
 from service.errors import ApiError
 from service.metrics import Metrics
-from service.model_pool import ModelPool
+from service.model_pool.pool import ModelPool
 from service.settings import Settings
 from service.state import ServiceState
 

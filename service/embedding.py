@@ -12,7 +12,7 @@ import numpy as np
 from service.batching import Admission, ItemError, QueueFullError, WorkerStoppedError
 from service.errors import ApiError, domain_status
 from service.inputs import PreparedInputs
-from service.model_pool import LoadedModel
+from service.model_pool.pool import LoadedModel
 
 
 @contextmanager

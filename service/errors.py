@@ -43,6 +43,7 @@ from registry.errors import (
     VersionNotFoundError,
 )
 from service.auth.route_policy import app_routes
+from service.model_pool.errors import ModelMemoryBudgetError, ModelMemoryBusyError, ModelPoolError
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +121,8 @@ _DOMAIN_ERRORS: list[DomainMapping] = [
     DomainMapping(PayloadError, 400, "invalid_payload"),
     DomainMapping(InvalidCollectionError, 400, "invalid_collection_request"),
     DomainMapping(CollectionError, 500, "index_error"),
+    DomainMapping(ModelMemoryBudgetError, 507, "model_memory_budget"),
+    DomainMapping(ModelMemoryBusyError, 503, "model_memory_busy", _retry_after),
 ]
 
 
@@ -198,6 +201,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RegistryError)
     @app.exception_handler(EncoderError)
     @app.exception_handler(CollectionError)
+    @app.exception_handler(ModelPoolError)
     async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
         status, code, headers = domain_response(exc)
         if status >= 500:

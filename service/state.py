@@ -17,7 +17,8 @@ from registry.store import ModelRegistry
 from service.bootstrap import register_default_models
 from service.jobs_runtime import JobsRuntime
 from service.metrics import Metrics
-from service.model_pool import ALIAS_POLL_FLOOR_SECONDS, ModelPool
+from service.model_pool.hot_swap import ALIAS_POLL_FLOOR_SECONDS
+from service.model_pool.pool import ModelPool
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
