@@ -15,7 +15,7 @@ import typer
 
 keys_app = typer.Typer(help="Create API keys (auth is on once any key is configured).", no_args_is_help=True)
 
-SCOPES = ("embed", "search", "write", "train", "admin")  # service/auth.py SCOPES (kept import-light here)
+SCOPES = ("embed", "search", "write", "train", "admin")  # service/auth/keys.py SCOPES (kept import-light here)
 KEY_PREFIX = "duet_"
 
 
