@@ -13,7 +13,8 @@ error that names the known fields, never an empty result that hides the typo.
 from __future__ import annotations
 
 import re
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from index.errors import FilterError
 from index.payloads import not_utf8, number_problem
@@ -44,6 +45,7 @@ def _sql_value(value: Any) -> Any:
 
 
 def _check_value(field: str, expected: str, value: Any) -> Any:
+    """`value` itself, if it is a filterable value of the field's type (else FilterError)."""
     actual = value_type(value)
     if actual != expected:
         raise FilterError(f"filter on '{field}' expects a {expected}, got {type(value).__name__} {repr(value)[:80]}")
@@ -52,7 +54,51 @@ def _check_value(field: str, expected: str, value: Any) -> Any:
     problem = number_problem(value) if actual == "number" else None
     if problem:  # SQLite would raise OverflowError, or compare against NaN
         raise FilterError(f"filter on '{field}': {problem}")
-    return _sql_value(value)
+    return value
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One checked condition of a filter: `field op value(s)`. Each backend renders these (SQL here,
+    Milvus expressions in index.milvus.expressions), so the language and its refusals live once."""
+
+    field: str
+    op: Literal["==", "!=", "in", ">", ">=", "<", "<="]
+    values: tuple[Any, ...]  # one value; several for "in" (checked against the field's type)
+
+
+def parse_filter(spec: Any, schema: dict[str, str]) -> list[Condition]:
+    """The conditions of a filter (all AND-ed), checked against the collection's payload `schema`."""
+    if not isinstance(spec, dict) or not spec:
+        raise FilterError('filter must be a non-empty object like {"field": value}')
+    conditions: list[Condition] = []
+    for field, condition in spec.items():
+        if not isinstance(field, str) or not FIELD.match(field):
+            raise FilterError(f"invalid filter field {repr(field)[:80]}")
+        if field not in schema:
+            raise FilterError(f"unknown filter field '{field}' (filterable fields: {known_fields(schema)})")
+        expected = schema[field]
+        if not isinstance(condition, dict):
+            conditions.append(Condition(field, "==", (_check_value(field, expected, condition),)))
+            continue
+        if not condition:
+            raise FilterError(f"filter on '{field}' has an empty condition")
+        for op, operand in condition.items():
+            if op in _RANGE_OPS:
+                if expected != "number":
+                    raise FilterError(f"range operator {op} needs a number field; '{field}' is a {expected}")
+                conditions.append(Condition(field, _RANGE_OPS[op], (_check_value(field, expected, operand),)))
+            elif op == "$in":
+                if not isinstance(operand, list) or not operand or len(operand) > MAX_IN:
+                    raise FilterError(f"$in on '{field}' needs a list of 1 to {MAX_IN} values")
+                conditions.append(Condition(field, "in", tuple(_check_value(field, expected, v) for v in operand)))
+            elif op == "$ne":
+                conditions.append(Condition(field, "!=", (_check_value(field, expected, operand),)))
+            elif op == "$eq":
+                conditions.append(Condition(field, "==", (_check_value(field, expected, operand),)))
+            else:
+                raise FilterError(f"unknown filter operator {repr(op)[:80]} (use $eq, $ne, $in, $gt, $gte, $lt, $lte)")
+    return conditions
 
 
 def known_fields(schema: dict[str, str]) -> str:
@@ -67,40 +113,18 @@ def known_fields(schema: dict[str, str]) -> str:
 
 def compile_filter(spec: Any, schema: dict[str, str]) -> tuple[str, list[Any]]:
     """Return a SQL boolean expression over the `payload` column and its parameters."""
-    if not isinstance(spec, dict) or not spec:
-        raise FilterError('filter must be a non-empty object like {"field": value}')
     clauses: list[str] = []
     params: list[Any] = []
-    for field, condition in spec.items():
-        if not isinstance(field, str) or not FIELD.match(field):
-            raise FilterError(f"invalid filter field {repr(field)[:80]}")
-        if field not in schema:
-            raise FilterError(f"unknown filter field '{field}' (filterable fields: {known_fields(schema)})")
-        expected = schema[field]
-        column = _column(field)
-        if not isinstance(condition, dict):
+    for condition in parse_filter(spec, schema):
+        column = _column(condition.field)
+        values = [_sql_value(v) for v in condition.values]
+        if condition.op == "in":
+            clauses.append(f"{column} IN ({','.join('?' * len(values))})")
+        elif condition.op == "!=":
+            clauses.append(f"({column} IS NULL OR {column} != ?)")
+        elif condition.op == "==":
             clauses.append(f"{column} = ?")
-            params.append(_check_value(field, expected, condition))
-            continue
-        if not condition:
-            raise FilterError(f"filter on '{field}' has an empty condition")
-        for op, operand in condition.items():
-            if op in _RANGE_OPS:
-                if expected != "number":
-                    raise FilterError(f"range operator {op} needs a number field; '{field}' is a {expected}")
-                clauses.append(f"{column} {_RANGE_OPS[op]} ?")
-                params.append(_check_value(field, expected, operand))
-            elif op == "$in":
-                if not isinstance(operand, list) or not operand or len(operand) > MAX_IN:
-                    raise FilterError(f"$in on '{field}' needs a list of 1 to {MAX_IN} values")
-                clauses.append(f"{column} IN ({','.join('?' * len(operand))})")
-                params.extend(_check_value(field, expected, v) for v in operand)
-            elif op == "$ne":
-                clauses.append(f"({column} IS NULL OR {column} != ?)")
-                params.append(_check_value(field, expected, operand))
-            elif op == "$eq":
-                clauses.append(f"{column} = ?")
-                params.append(_check_value(field, expected, operand))
-            else:
-                raise FilterError(f"unknown filter operator {repr(op)[:80]} (use $eq, $ne, $in, $gt, $gte, $lt, $lte)")
+        else:
+            clauses.append(f"{column} {condition.op} ?")
+        params.extend(values)
     return " AND ".join(clauses), params

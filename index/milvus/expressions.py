@@ -21,17 +21,12 @@ items on either backend. What is specific to Milvus:
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 from index.config import MODALITIES
 from index.errors import FilterError
-from index.filters import FIELD, MAX_IN, _check_value, known_fields
+from index.filters import FIELD, parse_filter
 
-# index.filters.FIELD ends in `$`, which also matches before a final newline ("a\n"); fullmatch with \Z
-# here, so no field name with a newline reaches an expression.
-_FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
-_RANGE_OPS = {"$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
 _ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r"}
 
 
@@ -58,51 +53,23 @@ def literal(value: Any) -> str:
 
 
 def _path(field: str) -> str:
-    if not isinstance(field, str) or not (
-        FIELD.match(field) and _FIELD.fullmatch(field)
-    ):  # (checked by the caller too: never splice)
+    if not isinstance(field, str) or not FIELD.match(field):  # (parse_filter checked it: never splice)
         raise FilterError(f"invalid filter field {repr(field)[:80]}")
     return f'payload["{field}"]'
 
 
-def _value(field: str, expected: str, value: Any) -> str:
-    _check_value(field, expected, value)  # the faiss backend's type, UTF-8 and range checks and messages
-    return literal(value)
-
-
 def compile_filter(spec: Any, schema: dict[str, str]) -> str:
     """A Milvus boolean expression for a Duet filter over a collection with payload `schema`."""
-    if not isinstance(spec, dict) or not spec:
-        raise FilterError('filter must be a non-empty object like {"field": value}')
     clauses: list[str] = []
-    for field, condition in spec.items():
-        if not isinstance(field, str) or not (FIELD.match(field) and _FIELD.fullmatch(field)):
-            raise FilterError(f"invalid filter field {repr(field)[:80]}")
-        if field not in schema:
-            raise FilterError(f"unknown filter field '{field}' (filterable fields: {known_fields(schema)})")
-        expected = schema[field]
-        path = _path(field)
-        if not isinstance(condition, dict):
-            clauses.append(f"{path} == {_value(field, expected, condition)}")
-            continue
-        if not condition:
-            raise FilterError(f"filter on '{field}' has an empty condition")
-        for op, operand in condition.items():
-            if op in _RANGE_OPS:
-                if expected != "number":
-                    raise FilterError(f"range operator {op} needs a number field; '{field}' is a {expected}")
-                clauses.append(f"{path} {_RANGE_OPS[op]} {_value(field, expected, operand)}")
-            elif op == "$in":
-                if not isinstance(operand, list) or not operand or len(operand) > MAX_IN:
-                    raise FilterError(f"$in on '{field}' needs a list of 1 to {MAX_IN} values")
-                values = list(dict.fromkeys(_value(field, expected, v) for v in operand))
-                clauses.append("(" + " or ".join(f"{path} == {v}" for v in values) + ")")
-            elif op == "$ne":
-                clauses.append(f"(not exists {path} or {path} != {_value(field, expected, operand)})")
-            elif op == "$eq":
-                clauses.append(f"{path} == {_value(field, expected, operand)}")
-            else:
-                raise FilterError(f"unknown filter operator {repr(op)[:80]} (use $eq, $ne, $in, $gt, $gte, $lt, $lte)")
+    for condition in parse_filter(spec, schema):
+        path = _path(condition.field)
+        values = list(dict.fromkeys(literal(v) for v in condition.values))
+        if condition.op == "in":
+            clauses.append("(" + " or ".join(f"{path} == {v}" for v in values) + ")")
+        elif condition.op == "!=":
+            clauses.append(f"(not exists {path} or {path} != {values[0]})")
+        else:
+            clauses.append(f"{path} {condition.op} {values[0]}")
     return " and ".join(f"({c})" for c in clauses)
 
 
