@@ -1,4 +1,6 @@
-"""Payload filters, compiled to SQL over the store, so they apply *before* ranking.
+"""Payload filters: the language, checked once here (`parse_filter`), then rendered by each backend:
+SQL over the faiss backend's store (`compile_filter`, below) or a Milvus expression
+(`index.milvus.expressions`). Either way they apply *before* ranking.
 
 Grammar (all conditions AND-ed):
     {"field": value}                      equality (string, number or bool)
