@@ -35,6 +35,7 @@ from index.errors import (
     PayloadError,
     ReembedRefusedError,
 )
+from jobs.records import InvalidTransitionError, JobError, JobNotFoundError, StoreUnavailableError
 from registry.errors import (
     IntegrityError,
     InvalidNameError,
@@ -96,6 +97,7 @@ class DomainMapping(NamedTuple):
     status: int
     code: str
     headers: Callable[[Exception], dict[str, str]] | None = None
+    message: Callable[[Exception], str] | None = None  # the answer's message; default: str(exc)
 
 
 # Domain error -> (status, code[, headers]). Order matters: the first matching class wins.
@@ -121,6 +123,15 @@ _DOMAIN_ERRORS: list[DomainMapping] = [
     DomainMapping(PayloadError, 400, "invalid_payload"),
     DomainMapping(InvalidCollectionError, 400, "invalid_collection_request"),
     DomainMapping(CollectionError, 500, "index_error"),
+    DomainMapping(JobNotFoundError, 404, "job_not_found"),
+    DomainMapping(InvalidTransitionError, 409, "job_state_conflict"),
+    DomainMapping(
+        StoreUnavailableError,
+        503,
+        "job_store_unavailable",
+        lambda exc: {"Retry-After": "5"},
+        lambda exc: f"{exc}; jobs are unavailable until it is back",
+    ),
     DomainMapping(ModelMemoryBudgetError, 507, "model_memory_budget"),
     DomainMapping(ModelMemoryBusyError, 503, "model_memory_busy", _retry_after),
 ]
@@ -138,12 +149,13 @@ def domain_status(exc: BaseException) -> tuple[int, str]:
     return (mapping.status, mapping.code) if mapping else (500, "internal_error")
 
 
-def domain_response(exc: Exception) -> tuple[int, str, dict[str, str] | None]:
-    """(status, code, headers) of a domain error, as the API answers it."""
+def domain_response(exc: Exception) -> tuple[int, str, str, dict[str, str] | None]:
+    """(status, code, message, headers) of a domain error, as the API answers it."""
     mapping = _mapping(exc)
     if mapping is None:
-        return 500, "internal_error", None
-    return mapping.status, mapping.code, mapping.headers(exc) if mapping.headers else None
+        return 500, "internal_error", str(exc), None
+    message = mapping.message(exc) if mapping.message else str(exc)
+    return mapping.status, mapping.code, message, mapping.headers(exc) if mapping.headers else None
 
 
 _LOCATIONS = ("body", "query", "path", "header")
@@ -202,12 +214,13 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EncoderError)
     @app.exception_handler(CollectionError)
     @app.exception_handler(ModelPoolError)
+    @app.exception_handler(JobError)
     async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
-        status, code, headers = domain_response(exc)
+        status, code, message, headers = domain_response(exc)
         if status >= 500:
             logger.error("%s: %s", code, exc)
         _count(request, code)
-        return error_response(status, str(exc), code, headers=headers)
+        return error_response(status, message, code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

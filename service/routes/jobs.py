@@ -24,7 +24,6 @@ from pydantic import BaseModel, Field
 from common.logs import current_request_id
 from jobs.datasets import ANONYMOUS, DatasetError, DatasetLimits, DatasetStore, DatasetTooLargeError, check_filename
 from jobs.records import (
-    InvalidTransitionError,
     JobNotFoundError,
     JobRecord,
     JobState,
@@ -58,20 +57,9 @@ class JobList(BaseModel):
 
 
 async def call(store: JobStore, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run a store call in a thread; store errors become the API's 404/409/503."""
-    try:
-        return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
-    except JobNotFoundError as exc:
-        raise ApiError(404, str(exc), code="job_not_found") from None
-    except InvalidTransitionError as exc:
-        raise ApiError(409, str(exc), code="job_state_conflict") from None
-    except StoreUnavailableError as exc:
-        raise ApiError(
-            503,
-            f"{exc}; jobs are unavailable until it is back",
-            code="job_store_unavailable",
-            headers={"Retry-After": "5"},
-        ) from None
+    """Run a store call in a thread; its errors (not found, state conflict, store away) are answered by
+    service/errors.py's table (404 / 409 / 503 + Retry-After)."""
+    return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
 
 
 def _store(state) -> JobStore:

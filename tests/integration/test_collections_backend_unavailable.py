@@ -91,9 +91,9 @@ def test_the_retry_after_of_the_error_is_the_header():
     from service.errors import domain_response
 
     exc = BackendUnavailableError("down")
-    assert domain_response(exc) == (503, "collection_backend_unavailable", {"Retry-After": "5"})
+    assert domain_response(exc) == (503, "collection_backend_unavailable", "down", {"Retry-After": "5"})
     exc.retry_after = 0.2
-    assert domain_response(exc)[2] == {"Retry-After": "1"}
+    assert domain_response(exc)[3] == {"Retry-After": "1"}
 
 
 def test_the_milvus_backend_pointed_at_a_closed_port_starts_and_answers_503(bootstrapped_data_dir, tmp_path):

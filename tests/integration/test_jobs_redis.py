@@ -68,6 +68,7 @@ def test_redis_restart_mid_job_loses_nothing(cluster):
         away = api.get(f"/v1/jobs/{job['id']}")
         assert away.status_code == 503 and away.headers["retry-after"] == "5"
         assert away.json()["error"]["code"] == "job_store_unavailable"
+        assert away.json()["error"]["message"].endswith("; jobs are unavailable until it is back")
         assert api.post("/v1/jobs", json={"config": config}).status_code == 503
         embedded = api.post("/v1/embeddings", json={"input": "still serving", "model": "tiny"})
         assert embedded.status_code == 200  # embeddings do not depend on the job store
