@@ -26,7 +26,7 @@ from index.errors import (
     ReembedRefusedError,
 )
 from index.layout import CONFIG_FILE, fsync_dir, remove_generation, remove_stale_generations, write_config
-from index.reembed import EmbedFn, ReembedJob
+from index.reembed import EmbedFn, ReembedJob, busy_message
 
 logger = logging.getLogger(__name__)
 
@@ -248,10 +248,7 @@ class CollectionManager:
     def _refuse_while_reembedding(self, name: str) -> None:
         job = self._reembeds.get(name)
         if job is not None and job.running:
-            raise CollectionBusyError(
-                f"collection '{name}' is being re-embedded into {job.config.model} "
-                f"({job.progress.done}/{job.progress.total} items); GET /v1/collections/{name} shows progress"
-            )
+            raise CollectionBusyError(busy_message(name, job.config.model, job.progress.done, job.progress.total))
 
     @staticmethod
     def _check_reembeddable(collection: Collection, config: CollectionConfig) -> None:

@@ -67,6 +67,20 @@ class ReembedProgress:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def finish(self, state: Literal["done", "failed"], error: str | None) -> None:
+        """The job's end; `state` last, so a reader that sees it finished sees its error and time too."""
+        self.error = error
+        self.finished_at = _now()
+        self.state = state
+
+
+def busy_message(name: str, target_model: str | None, done: int, total: int) -> str:
+    """Why a drop or a second re-embed is refused while one runs (both backends say the same)."""
+    return (
+        f"collection '{name}' is being re-embedded into {target_model} ({done}/{total} items); "
+        f"GET /v1/collections/{name} shows progress"
+    )
+
 
 class ReembedJob:
     """One re-embed in its own thread: copy with the new model into a new generation, then `flip`."""
@@ -124,9 +138,7 @@ class ReembedJob:
             )
 
     def _finish(self, state: Literal["done", "failed"], error: str | None) -> None:
-        self.progress.error = error
-        self.progress.finished_at = _now()
-        self.progress.state = state
+        self.progress.finish(state, error)
 
     def _copy(self) -> None:
         """Every item, embedded again from its content, into the new generation."""

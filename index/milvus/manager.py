@@ -41,6 +41,7 @@ from index.milvus.collection import MilvusCollection, now_ms, reembed_running
 from index.milvus.meta import Meta
 from index.milvus.reembed import MilvusReembedJob
 from index.milvus.schema import build_index_params, build_schema, index_type
+from index.reembed import busy_message
 
 logger = logging.getLogger(__name__)
 
@@ -240,13 +241,7 @@ class MilvusBackend:
     def _drop(self, name: str) -> None:
         if not self._has_config(name):
             raise CollectionNotFoundError(f"no collection named '{name}'; GET /v1/collections lists them")
-        state = self.meta.get(f"reembed:{name}")
-        if reembed_running(state):
-            assert state is not None
-            raise CollectionBusyError(
-                f"collection '{name}' is being re-embedded into {state.get('target_model')} "
-                f"({state.get('done', 0)}/{state.get('total', 0)} items); GET /v1/collections/{name} shows progress"
-            )
+        self._refuse_while_reembedding(name)
         self.meta.delete([f"config:{name}"])  # gone for every replica from here
         self._drop_alias(names.alias(self.prefix, name))
         for physical in self._generations(name):
@@ -254,6 +249,15 @@ class MilvusBackend:
         self.meta.delete_collection(name)
         with self._lock:
             self._jobs.pop(name, None)
+
+    def _refuse_while_reembedding(self, name: str) -> None:
+        """A drop or a second re-embed waits for a running re-embed (on any replica: its meta row)."""
+        state = self.meta.get(f"reembed:{name}")
+        if reembed_running(state):
+            assert state is not None
+            raise CollectionBusyError(
+                busy_message(name, state.get("target_model"), state.get("done", 0), state.get("total", 0))
+            )
 
     def _drop_alias(self, alias: str) -> None:
         """Drop an alias another replica may be dropping too (a missing alias is no failure: nothing
@@ -304,13 +308,7 @@ class MilvusBackend:
     def _start_reembed(self, config: CollectionConfig, embed: EmbedFn) -> MilvusReembedJob:
         name = config.name
         source = self.get(name)
-        state = self.meta.get(f"reembed:{name}")
-        if reembed_running(state):
-            assert state is not None
-            raise CollectionBusyError(
-                f"collection '{name}' is being re-embedded into {state.get('target_model')} "
-                f"({state.get('done', 0)}/{state.get('total', 0)} items); GET /v1/collections/{name} shows progress"
-            )
+        self._refuse_while_reembedding(name)
         if source.config.model == config.model:
             raise ReembedRefusedError(f"collection '{name}' already holds vectors of {config.model}")
         if config.modality_gap_correction:

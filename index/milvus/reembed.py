@@ -23,7 +23,6 @@ import logging
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal
 
 from index.backend import EmbedFn
@@ -45,10 +44,6 @@ BATCH_ITEMS = 256
 CLAIM_SETTLE_SECONDS = 0.5  # a start reads its re-embed row back this long after writing it (see `claim`)
 SKEW_MS = 5_000  # rows written this long before the freeze are re-copied too (replica clock skew)
 COPY_FIELDS = ["id", "modality", "content", "payload", "written_at"]
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 class MilvusReembedJob:
@@ -147,9 +142,7 @@ class MilvusReembedJob:
             )
 
     def _finish(self, state: Literal["done", "failed"], error: str | None) -> None:
-        self.progress.error = error
-        self.progress.finished_at = _now()
-        self.progress.state = state
+        self.progress.finish(state, error)
         try:
             self._save()
         except Exception as exc:  # Milvus down: the row's heartbeat goes stale, which unfreezes too
