@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from index.backend import EmbedFn
 from index.collection import Collection
 from index.config import CollectionConfig, validate_collection_name
 from index.errors import (
@@ -26,7 +27,7 @@ from index.errors import (
     ReembedRefusedError,
 )
 from index.layout import CONFIG_FILE, fsync_dir, remove_generation, remove_stale_generations, write_config
-from index.reembed import EmbedFn, ReembedJob, busy_message
+from index.reembed import ReembedJob, busy_message
 
 logger = logging.getLogger(__name__)
 

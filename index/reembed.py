@@ -30,8 +30,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-import numpy as np
-
+from index.backend import EmbedFn
 from index.collection import Collection
 from index.config import CollectionConfig
 from index.items import StoredItem
@@ -39,7 +38,6 @@ from index.layout import data_folder
 
 logger = logging.getLogger(__name__)
 
-EmbedFn = Callable[[list[StoredItem]], np.ndarray]  # items (modality + content) -> one vector each
 BATCH_ITEMS = 256  # items read, embedded and written per step (progress moves in these steps)
 
 
