@@ -23,6 +23,7 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -221,13 +222,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _exit_unless(alive, what: str) -> None:
+def _exit_unless(alive: Callable[[], bool], what: str) -> None:
     if not alive():
         logger.error("%s is gone; exiting", what)
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _watch(alive, what: str) -> None:
+def _watch(alive: Callable[[], bool], what: str) -> None:
     def watch() -> None:
         while alive():
             time.sleep(PARENT_POLL_SECONDS)

@@ -240,7 +240,8 @@ class JsonLinesStream(io.TextIOBase):
         return False
 
     def fileno(self) -> int:
-        return self.stream.fileno()
+        fd: int = self.stream.fileno()
+        return fd
 
     @property
     def encoding(self) -> str:  # type: ignore[override]

@@ -17,7 +17,7 @@ gets the same answer on either.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -87,13 +87,14 @@ class CollectionHandle(Protocol):
 class CollectionBackend(Protocol):
     """All collections of one service."""
 
-    kind: BackendKind
+    @property
+    def kind(self) -> BackendKind: ...
 
     def create(self, config: CollectionConfig) -> CollectionHandle: ...
 
     def get(self, name: str) -> CollectionHandle: ...
 
-    def listing(self) -> tuple[list[CollectionHandle], dict[str, str]]:
+    def listing(self) -> tuple[Sequence[CollectionHandle], dict[str, str]]:
         """(usable collections, {name: why it cannot be used})."""
 
     def drop(self, name: str) -> None: ...

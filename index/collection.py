@@ -255,7 +255,8 @@ class Collection:
             if mask.any():
                 shifted[mask] -= centroid
         norms = np.linalg.norm(shifted, axis=1, keepdims=True)
-        return (shifted / np.maximum(norms, 1e-12)).astype(np.float32)
+        unit: np.ndarray = (shifted / np.maximum(norms, 1e-12)).astype(np.float32)
+        return unit
 
     @_in_use
     def modality_gap(self) -> float | None:

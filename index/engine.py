@@ -22,6 +22,7 @@ import math
 import os
 import struct
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -128,7 +129,7 @@ class RWLock:
         self._waiting_writers = 0
 
     @contextmanager
-    def read(self):
+    def read(self) -> Iterator[None]:
         with self._cond:
             while self._writer or self._waiting_writers:
                 self._cond.wait()
@@ -141,7 +142,7 @@ class RWLock:
                 self._cond.notify_all()
 
     @contextmanager
-    def write(self):
+    def write(self) -> Iterator[None]:
         with self._cond:
             self._waiting_writers += 1
             while self._writer or self._readers:
@@ -223,9 +224,12 @@ class FaissIndex:
             elif self.deleted:
                 selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.fromiter(self.deleted, dtype=np.int64)))
             params = self._params(selector, nprobe)
+            found: tuple[np.ndarray, np.ndarray]  # (scores, ids); faiss itself is untyped
             if selector is None and self._gpu is not None and not self._gpu_dirty:
-                return self._gpu.search(queries, k)
-            return self.index.search(queries, k, params=params)
+                found = self._gpu.search(queries, k)
+            else:
+                found = self.index.search(queries, k, params=params)
+            return found
 
     # -- GPU -----------------------------------------------------------------------------
 

@@ -22,7 +22,8 @@ from index.errors import FilterError
 from index.payloads import not_utf8, number_problem
 
 FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}\Z")  # \Z: $ would also match before a final newline
-_RANGE_OPS = {"$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
+RangeOp = Literal[">", ">=", "<", "<="]
+_RANGE_OPS: dict[str, RangeOp] = {"$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
 MAX_IN = 10_000
 MAX_LISTED_FIELDS = 20  # an error lists at most this many known fields (a collection may have hundreds)
 

@@ -13,7 +13,7 @@ import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from index.backend import EmbedFn
 from index.collection import Collection
@@ -58,7 +58,7 @@ class CollectionManager:
       droppable); it never stops the others or the service.
     """
 
-    kind = "faiss"
+    kind: Final = "faiss"
 
     def __init__(self, root: Path, use_gpu: bool = False) -> None:
         self.root = root

@@ -208,7 +208,7 @@ class MilvusConnection:
 
     def iterate(
         self, collection: str, expr: str, fields: list[str], batch: int = 1000, pk: str = "id"
-    ) -> Iterator[list[dict]]:
+    ) -> Iterator[list[dict[str, Any]]]:
         """Every row matching `expr` (all rows for ""), `batch` at a time, in primary-key order.
 
         Not pymilvus's `query_iterator`: it pages with `pk > "<last pk>"` spliced in unescaped, so an id

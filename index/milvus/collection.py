@@ -316,12 +316,13 @@ class MilvusCollection:
     def centroids(self, modalities: list[str]) -> dict[str, np.ndarray]:
         out = {}
         for modality in modalities:
-            total, n = None, 0
+            total: np.ndarray | None = None
+            n = 0
             for batch in self.conn.iterate(self.physical, modality_clause(modality), ["vector"]):
                 vectors = np.asarray([row["vector"] for row in batch], dtype=np.float64)
                 total = vectors.sum(0) if total is None else total + vectors.sum(0)
                 n += len(vectors)
-            if n:
+            if n and total is not None:
                 out[modality] = (total / n).astype(np.float32)
         return out
 

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
-from typing import Any
+from typing import Any, Final
 
 from index.backend import EmbedFn, MilvusOptions
 from index.config import CollectionConfig, validate_collection_name
@@ -71,7 +71,7 @@ def _readable_status(status: dict[str, Any]) -> bool:
 
 
 class MilvusBackend:
-    kind = "milvus"
+    kind: Final = "milvus"
 
     def __init__(self, options: MilvusOptions) -> None:
         self.options = options
@@ -386,7 +386,7 @@ class MilvusBackend:
 
     def snapshot_dirty(self) -> list[str]:
         """Drop generations replaced by a re-embed more than the grace ago; returns what was dropped."""
-        done = []
+        done: list[str] = []
         try:
             rows = self.meta.rows("retired")
         except BackendUnavailableError:
