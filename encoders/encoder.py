@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
     from encoders.packing import PackedText
+    from encoders.runtime import RuntimeForward
 
 logger = logging.getLogger(__name__)
 
@@ -150,12 +151,19 @@ class Encoder:
     """A loaded encoder: embeds validated inputs and reports token counts and truncation."""
 
     def __init__(
-        self, model: SentenceTransformer, contract: VectorContract, device: str, packed: PackedText | None = None
+        self,
+        model: SentenceTransformer,
+        contract: VectorContract,
+        device: str,
+        packed: PackedText | None = None,
+        runtime: RuntimeForward | None = None,
     ) -> None:
         self.model = model
         self.contract = contract
         self.device = device
         self.packed = packed  # when set, text batches run unpadded (encoders/packing.py)
+        # when set, the first (Transformer) module runs in ONNX Runtime / OpenVINO (encoders/runtime.py)
+        self.runtime = runtime
         # A tokeniser call may reconfigure the shared Rust tokeniser (truncation, padding), which
         # refuses a second caller meanwhile: preprocessing takes turns (it is a small part of a
         # batch); forward passes may run in several threads at once.
@@ -236,16 +244,29 @@ class Encoder:
         with self._preprocessing:
             features = self.model.preprocess(list(inputs))
         with torch.inference_mode():
-            if modality == "text" and self.packed is not None:
+            if self.runtime is not None:
+                vectors = self._runtime_forward(features)
+            elif modality == "text" and self.packed is not None:
                 vectors = self.packed.forward(features)
             else:
                 vectors = self.model(batch_to_device(features, self.model.device))["sentence_embedding"]
         return vectors.float().cpu().numpy()
 
+    def _runtime_forward(self, features: dict[str, Any]) -> torch.Tensor:
+        """The runtime's token embeddings, then the version's own modules after its Transformer."""
+        assert self.runtime is not None
+        features["token_embeddings"] = self.runtime(features)
+        for module in list(self.model.children())[1:]:
+            features = module(features)
+        return cast("torch.Tensor", features["sentence_embedding"])
+
     def memory_bytes(self) -> int:
-        """Bytes held by parameters and buffers: the quantity the service's budget counts."""
-        tensors = list(self.model.parameters()) + list(self.model.buffers())
-        return sum(t.numel() * t.element_size() for t in tensors)
+        """Bytes held by parameters and buffers: the quantity the service's budget counts (with a
+        runtime: its weights, plus the torch modules after the transformer, whose own are dropped)."""
+        modules = list(self.model.children())[1:] if self.runtime is not None else [self.model]
+        tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())]
+        held = sum(t.numel() * t.element_size() for t in tensors)
+        return held + (self.runtime.memory_bytes() if self.runtime is not None else 0)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

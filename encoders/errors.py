@@ -17,3 +17,15 @@ class ImageDecodeError(EncoderError):
 
 class ModelLoadError(EncoderError):
     """A model folder or hub id that does not load as a sentence-transformers model."""
+
+
+class VariantSpecError(EncoderError, ValueError):
+    """A variant name that is not `<backend>-<precision>` (`onnx-int8`)."""
+
+
+class RuntimeMissingError(EncoderError):
+    """The optional inference runtime a variant needs (ONNX Runtime, OpenVINO) is not installed."""
+
+
+class ExportError(EncoderError):
+    """A model that cannot be exported to a runtime (no Hugging Face transformer, an image tower)."""
