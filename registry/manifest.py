@@ -53,3 +53,55 @@ class Manifest(BaseModel):
     @classmethod
     def read(cls, folder: Path) -> Manifest:
         return cls.model_validate_json((folder / MANIFEST_FILE).read_text())
+
+
+VARIANT_FILE = "duet_variant.json"
+
+
+class FidelityReport(BaseModel):
+    """The fidelity gate's numbers for one variant, against its version in torch fp32."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    passed: bool
+    reasons: list[str] = Field(default_factory=list, description="Why the gate refused it (empty when passed).")
+    cosine_min: float = Field(description="Lowest cosine of a probe text's vector to its fp32 vector.")
+    cosine_mean: float
+    spearman_fp32: float = Field(description="STS Spearman x100 of the version in torch fp32.")
+    spearman: float = Field(description="STS Spearman x100 of the variant.")
+    spearman_drop: float = Field(description="spearman_fp32 - spearman, in points.")
+    min_cosine: float = Field(description="The gate's threshold on cosine_min.")
+    max_spearman_drop: float = Field(description="The gate's threshold on spearman_drop.")
+    probe_texts: int
+    pairs: int
+    source: str = Field(description="The evaluation pairs the gate used.")
+
+
+class VariantRecord(BaseModel):
+    """An optimised variant of a version (backend + precision), kept beside it, never a version itself.
+
+    Written into the variant's folder (`duet_variant.json`): what it was derived from (the version
+    and its weights' hash), how (`export`), the hash of its own files, and the gate's verdict.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="'<backend>-<precision>', e.g. 'openvino-int8'.")
+    backend: str
+    precision: str
+    source_ref: str = Field(description="The version it was derived from, e.g. 'minilm/1'.")
+    source_weights_sha256: str | None
+    files_sha256: str = Field(default="", description="Hash of the variant's files (set when saved).")
+    export: dict[str, Any] = Field(default_factory=dict, description="How it was exported and quantised.")
+    fidelity: FidelityReport
+    library_versions: dict[str, str] = Field(default_factory=dict)
+    created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    def write(self, folder: Path) -> Path:
+        path = folder / VARIANT_FILE
+        path.write_text(json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def read(cls, folder: Path) -> VariantRecord:
+        return cls.model_validate_json((folder / VARIANT_FILE).read_text())

@@ -12,14 +12,16 @@ again whenever the version is opened. Aliases are the only thing that moves.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from registry.errors import IntegrityError, ModelNotFoundError, RegistryError, VersionNotFoundError
-from registry.manifest import MANIFEST_FILE, Manifest
+from registry.errors import IntegrityError, InvalidNameError, ModelNotFoundError, RegistryError, VersionNotFoundError
+from registry.manifest import MANIFEST_FILE, VARIANT_FILE, Manifest, VariantRecord
 from registry.names import LATEST, ModelRef, parse_model_ref, validate_alias, validate_name, validate_version
 
 if TYPE_CHECKING:
@@ -48,6 +50,22 @@ class ModelVersionInfo:
 
 
 @dataclass(frozen=True)
+class VariantInfo:
+    """An optimised variant of one version (see `VariantRecord`): its files and its record."""
+
+    version: ModelVersionInfo
+    path: Path
+    record: VariantRecord
+
+    @property
+    def ref(self) -> str:
+        return f"{self.version.ref}:{self.record.name}"
+
+
+_VARIANT_NAME = re.compile(r"^[a-z0-9]+-[a-z0-9]+$")
+
+
+@dataclass(frozen=True)
 class RegisteredModelSummary:
     name: str
     description: str
@@ -70,6 +88,9 @@ class ModelRegistry:
         self._client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         self._artifact_location = artifact_location
         self._cache_dir = cache_dir
+        # Variants are derived files, kept on this machine beside the registry's cache (a remote
+        # registry's replicas each derive or copy their own): never versions in MLflow.
+        self.variants_dir = cache_dir.parent / "variants" if cache_dir is not None else None
         self._experiment_id: str | None = None
 
     @classmethod
@@ -323,3 +344,83 @@ class ModelRegistry:
         self._require_model(name)
         versions = self._client.search_model_versions(f"name='{name}'")
         return [self.get_version(name, n) for n in sorted(int(v.version) for v in versions)]
+
+    # -- optimised variants (derived from a version, kept beside it) -----------------------
+
+    def _variant_folder(self, info: ModelVersionInfo, variant: str) -> Path:
+        if not _VARIANT_NAME.match(variant):
+            raise InvalidNameError(f"invalid variant name {variant!r}: use '<backend>-<precision>', e.g. onnx-int8")
+        if self.variants_dir is None:
+            raise RegistryError("this registry has no local folder for variants (no cache directory)")
+        return self.variants_dir / info.name / str(info.version) / variant
+
+    def save_variant(self, info: ModelVersionInfo, staged: Path, record: VariantRecord) -> VariantInfo:
+        """Move the variant files in `staged` beside `info` with their record (hash filled in),
+        replacing an earlier variant of the same name in one rename. The version itself is untouched."""
+        from encoders.hashing import hash_directory
+
+        folder = self._variant_folder(info, record.name)
+        record = record.model_copy(
+            update={
+                "source_ref": info.ref,
+                "source_weights_sha256": info.manifest.lineage.weights_sha256,
+                "files_sha256": hash_directory(staged, exclude=frozenset({VARIANT_FILE})),
+            }
+        )
+        record.write(staged)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        incoming = folder.with_name(f".{record.name}.{uuid.uuid4().hex}")
+        shutil.move(str(staged), incoming)
+        if folder.exists():
+            retired = folder.with_name(f".{record.name}.old.{uuid.uuid4().hex}")
+            folder.rename(retired)
+            incoming.rename(folder)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            incoming.rename(folder)
+        logger.info(
+            "saved variant %s:%s (gate %s)", info.ref, record.name, "passed" if record.fidelity.passed else "refused"
+        )
+        return VariantInfo(info, folder, record)
+
+    def get_variant(self, info: ModelVersionInfo, variant: str, verify: bool = False) -> VariantInfo:
+        """The variant `variant` of `info`; `verify=True` also checks its files and source (before loading)."""
+        folder = self._variant_folder(info, variant)
+        if not (folder / VARIANT_FILE).is_file():
+            backend, _, precision = variant.partition("-")
+            flag = " --int8" if precision == "int8" else ""
+            raise VersionNotFoundError(
+                f"{info.ref} has no {variant} variant; create it with "
+                f"`duet models optimize {info.ref} --backend {backend}{flag}`"
+            )
+        found = VariantInfo(info, folder, VariantRecord.read(folder))
+        if verify:
+            self.verify_variant(found)
+        return found
+
+    def list_variants(self, info: ModelVersionInfo) -> dict[str, VariantRecord]:
+        root = self._variant_folder(info, "x-x").parent
+        if not root.is_dir():
+            return {}
+        return {
+            folder.name: VariantRecord.read(folder)
+            for folder in sorted(root.iterdir())
+            if _VARIANT_NAME.match(folder.name) and (folder / VARIANT_FILE).is_file()
+        }
+
+    @staticmethod
+    def verify_variant(variant: VariantInfo) -> None:
+        """Raise `IntegrityError` if the variant's files changed, or were derived from other weights."""
+        from encoders.hashing import hash_directory
+
+        record = variant.record
+        actual = hash_directory(variant.path, exclude=frozenset({VARIANT_FILE}))
+        if actual != record.files_sha256:
+            raise IntegrityError(
+                f"{variant.ref} was modified after it was saved (sha256 {actual[:12]} != {record.files_sha256[:12]})"
+            )
+        weights = variant.version.manifest.lineage.weights_sha256
+        if record.source_weights_sha256 != weights:
+            raise IntegrityError(
+                f"{variant.ref} was derived from other weights than {variant.version.ref}'s; optimize again"
+            )
