@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from encoders.contract import VectorContract
+from encoders.quantize import OutputDtype
 
 
 class RequestBody(BaseModel):
@@ -32,7 +33,8 @@ class ErrorResponse(BaseModel):
 
 class EmbeddingRequest(RequestBody):
     """Every key the official `openai` client sends (`input`, `model`, `dimensions`, `encoding_format`,
-    `user`) plus Duet's `modality`; anything else is refused."""
+    `user`) plus Duet's `modality` and the quantised output dtype (Voyage's `output_dtype`, or Cohere's
+    `embedding_types`); anything else is refused."""
 
     input: str | list[Any] = Field(
         description="A string or a list of strings. Images are 'data:image/<type>;base64,...' URIs.",
@@ -55,12 +57,25 @@ class EmbeddingRequest(RequestBody):
         description="'auto': data:image URIs are images, everything else text. "
         "'text' forces text, 'image' forces images.",
     )
+    output_dtype: OutputDtype | None = Field(
+        default=None,
+        description="'float' (the default), 'int8'/'uint8' (per-dimension ranges calibrated once per model "
+        "version), 'binary'/'ubinary' (sign bits packed 8 a byte, as int8 - 128 / uint8: 384 dimensions give "
+        "48 values). base64 then packs one byte per value.",
+    )
+    embedding_types: str | list[Any] | None = Field(
+        default=None,
+        description="Cohere's name for output_dtype: one of the same values, as a string or a one-item list. "
+        "Send output_dtype or embedding_types, not both.",
+    )
 
 
 class EmbeddingData(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
-    embedding: list[float] | str
+    embedding: list[float] | list[int] | str = Field(
+        description="Floats; ints for a quantised output_dtype; or base64 (float32, or one byte a value)."
+    )
     truncated: bool = Field(default=False, description="True when the text was cut to the model's token limit.")
 
 
@@ -75,6 +90,9 @@ class EmbeddingResponse(BaseModel):
     data: list[EmbeddingData]
     model: str = Field(description="The exact version that produced the vectors: 'name/version'.")
     usage: Usage
+    output_dtype: OutputDtype | None = Field(
+        default=None, description="The dtype the vectors hold; present only when the request named one."
+    )
 
 
 class ModelCard(BaseModel):

@@ -6,13 +6,21 @@ import base64
 
 import numpy as np
 import orjson
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from service.deps import PoolDep, SettingsDep, require_json
 from service.embedding import admitted, embed_prepared
 from service.errors import ApiError
 from service.inputs import PreparedInputs, check_modalities, prepare, split_inputs
+from service.quantized_output import (
+    calibration_cache,
+    needs_ranges,
+    quantize_rows,
+    render_rows,
+    requested_dtype,
+    truncate_and_normalize,
+)
 from service.schemas import EmbeddingRequest, EmbeddingResponse
 
 router = APIRouter(tags=["embeddings"])
@@ -24,7 +32,8 @@ router = APIRouter(tags=["embeddings"])
     dependencies=[Depends(require_json)],
     summary="Create embeddings (OpenAI-compatible)",
 )
-async def create_embeddings(body: EmbeddingRequest, pool: PoolDep, settings: SettingsDep) -> Response:
+async def create_embeddings(body: EmbeddingRequest, pool: PoolDep, settings: SettingsDep, request: Request) -> Response:
+    dtype = requested_dtype(body.output_dtype, body.embedding_types)
     items = split_inputs(body.input, body.modality, settings)
     model = await pool.get(body.model)
     contract = model.info.manifest.contract
@@ -36,6 +45,10 @@ async def create_embeddings(body: EmbeddingRequest, pool: PoolDep, settings: Set
             code="invalid_dimensions",
             param="dimensions",
         )
+    ranges = None
+    if needs_ranges(dtype):  # before admission: a first request may embed the calibration sample
+        cache = calibration_cache(request.app.state, settings)
+        ranges = await cache.ranges(model, body.dimensions or contract.dimension)
     with admitted(model, len(items)) as admission:  # 429 here, before tokens are counted or images decoded
         prepared = await prepare(items, model.encoder, settings)
         vectors = await embed_prepared(model, prepared, admission)
@@ -45,18 +58,12 @@ async def create_embeddings(body: EmbeddingRequest, pool: PoolDep, settings: Set
     truncated = sum(prepared.truncated)
     if truncated:
         pool.metrics.truncated.labels(model.ref).inc(truncated)
-    return Response(
-        content=_render(vectors, prepared, model.ref, body.encoding_format),
-        media_type="application/json",
-        headers=headers,
-    )
-
-
-def truncate_and_normalize(vectors: np.ndarray, dimensions: int) -> np.ndarray:
-    """Matryoshka truncation: keep a prefix, then restore unit length."""
-    cut = vectors[:, :dimensions]
-    norms = np.linalg.norm(cut, axis=1, keepdims=True)
-    return (cut / np.maximum(norms, 1e-12)).astype(np.float32)
+    if dtype is None:
+        content = _render(vectors, prepared, model.ref, body.encoding_format)
+    else:
+        rows = render_rows(quantize_rows(vectors, dtype, ranges), body.encoding_format)
+        content = _render_rows(rows, prepared, model.ref, {"output_dtype": dtype})
+    return Response(content=content, media_type="application/json", headers=headers)
 
 
 def _render(vectors: np.ndarray, prepared: PreparedInputs, model_ref: str, encoding_format: str) -> bytes:
@@ -66,6 +73,10 @@ def _render(vectors: np.ndarray, prepared: PreparedInputs, model_ref: str, encod
         embeddings: list = [base64.b64encode(row.tobytes()).decode("ascii") for row in little_endian]
     else:
         embeddings = list(vectors)
+    return _render_rows(embeddings, prepared, model_ref)
+
+
+def _render_rows(embeddings: list, prepared: PreparedInputs, model_ref: str, extra: dict | None = None) -> bytes:
     images = len(prepared.groups["image"].indices) if "image" in prepared.groups else 0
     body = {
         "object": "list",
@@ -75,5 +86,6 @@ def _render(vectors: np.ndarray, prepared: PreparedInputs, model_ref: str, encod
         ],
         "model": model_ref,
         "usage": {"prompt_tokens": prepared.prompt_tokens, "total_tokens": prepared.prompt_tokens, "images": images},
+        **(extra or {}),
     }
     return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
