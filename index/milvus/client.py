@@ -11,6 +11,13 @@ DEADLINE_EXCEEDED, a timeout) drops the client, so the next call connects afresh
 server restarted keeps failing otherwise), and is retried once at once if the client was an old one.
 A collection the server has not loaded (after a server restart, say) is loaded and the call retried.
 Every call carries `timeout=options.timeout_seconds`.
+
+Calls that rewrite the server's alias table (create/alter/drop an alias, drop a collection) run one at a
+time per connection: milvus-lite (3.2) saves that table through one shared `aliases.json.tmp` without a
+lock, so two at once make one of them fail with `[Errno 2] No such file or directory: ...aliases.json.tmp`
+after its change was made in memory. Across processes (two replicas on one milvus-lite server) the lock
+cannot help; that error is then taken for what it is (the change was made, the save raced) and a
+create/alter is re-sent as an alter, which saves the table again. A Milvus server has no such file.
 """
 
 from __future__ import annotations
@@ -35,6 +42,9 @@ _UNAVAILABLE = re.compile(
     re.IGNORECASE,
 )
 _ON_A_COLLECTION = {"upsert", "delete", "query", "search", "load_collection", "get_load_state"}
+_ALIAS_WRITES = {"create_alias", "alter_alias", "drop_alias", "drop_collection"}
+# milvus-lite's unlocked save of its alias table, lost to a concurrent save (see the module docstring).
+_LITE_ALIAS_SAVE_RACE = re.compile(r"No such file or directory: .*aliases\.json\.tmp")
 _NOT_LOADED = re.compile(r"not loaded|released|call load|load\(\)", re.IGNORECASE)
 # "WAL already closed": milvus-lite's answer to a write on a collection being dropped.
 _NOT_FOUND = re.compile(
@@ -105,6 +115,7 @@ class MilvusConnection:
         self.timeout = timeout
         self._client: Any = None
         self._lock = threading.Lock()
+        self._alias_lock = threading.Lock()  # calls in _ALIAS_WRITES, one at a time (module docstring)
 
     def unavailable(self, exc: BaseException | str) -> BackendUnavailableError:
         why = exc if isinstance(exc, str) else message(exc)
@@ -149,6 +160,22 @@ class MilvusConnection:
         """`client.<method>(*args, **kwargs)` with the timeout, reconnects and errors described above.
         The first positional argument, when there is one, is the collection the call is about."""
         kwargs.setdefault("timeout", self.timeout)
+        if method not in _ALIAS_WRITES:
+            return self._call(method, *args, **kwargs)
+        with self._alias_lock:
+            for attempt in range(3):
+                try:
+                    return self._call(method, *args, **kwargs)
+                except Exception as exc:
+                    if not _LITE_ALIAS_SAVE_RACE.search(str(exc)):
+                        raise
+                    logger.warning("milvus-lite lost a save of its alias table to another process (%s)", method)
+                    if method not in ("create_alias", "alter_alias") or attempt == 2:
+                        return None  # made in memory; a drop needs no second save (the next one carries it)
+                    method = "alter_alias"  # the alias exists now: alter saves the table again
+            return None
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         loaded = False
         retried = False
         while True:
