@@ -4,6 +4,10 @@ Writers are serialised by one lock per collection: a write commits to the store 
 is the acknowledgement), then applies to the index. If the process dies in between, the
 store's sequence numbers tell the next start what to replay. Searches run concurrently with
 writes (the index's readers-writer lock keeps FAISS from seeing both at once).
+
+Quantised collections (`index.quantization`) rank `k * oversample` candidates again with the float
+vectors of the store; HNSW collections with a recall target measure their efSearch (`index.recall`)
+when the index is built and when a snapshot finds the size moved.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from index.filters import compile_filter
 from index.items import Hit, StoredItem
 from index.layout import SNAPSHOT_FILE, STORE_FILE, data_folder
 from index.payloads import PayloadLimits, check_payload
+from index.quantization import SQ_TRAIN_MIN, SQ_TRAIN_SAMPLE, rescore
+from index.recall import RECALL_K, SAMPLE_QUERIES, calibrate, needs_calibration
 from index.store import CollectionStore
 
 logger = logging.getLogger(__name__)
@@ -188,11 +194,13 @@ class Collection:
         self._centroids = self._compute_centroids() if self.config.modality_gap_correction else {}
         self.store.set_meta("centroids", {m: c.tolist() for m, c in self._centroids.items()})
         if not index.is_trained:
-            index.train(self._for_index(self.store.sample_vectors(min(count, 256 * _nlist(factory))), None))
+            sample = max(256 * _nlist(factory), SQ_TRAIN_SAMPLE if "SQ8" in factory else 0)
+            index.train(self._for_index(self.store.sample_vectors(min(count, sample)), None))
         for vids, vectors, modalities in self.store.iter_vectors():
             index.add(vids, self._for_index(vectors, modalities))
         index.applied_seq = self.store.seq
         logger.info("collection %s: built %s over %d vectors", self.name, factory, count)
+        self._calibrate(index)
         return index
 
     def _factory(self, count: int) -> str:
@@ -200,7 +208,42 @@ class Collection:
         nlist = _nlist(factory)
         if nlist and count < 39 * nlist:  # too few vectors to train the coarse quantizer well
             return "IDMap2,Flat"
+        if "SQ8" in factory and count < SQ_TRAIN_MIN:  # too few to train the int8 ranges: exact until then
+            return "IDMap2,Flat"
         return factory
+
+    def _grown(self, count: int) -> bool:
+        """The collection outgrew its index: an exact stand-in can now be trained into the configured index
+        (IVF, int8), or an int8 flat index of an `auto` collection has reached IVF size."""
+        current, wanted = self.index.factory, self._factory(count)
+        if current == "IDMap2,Flat":
+            return wanted != current
+        return current == "IDMap2,SQ8" and wanted.startswith("IVF")
+
+    def _calibrate(self, index: FaissIndex) -> None:
+        """Measure HNSW's efSearch for the collection's recall target (see index.recall), if it is due."""
+        count = self.store.count()
+        if not needs_calibration(index, count):
+            return
+        sampled = self.store.matching_vids("vid IN (SELECT vid FROM items ORDER BY random() LIMIT ?)", [SAMPLE_QUERIES])
+        found = self._float_vectors(sampled)
+        vids = np.array(sorted(found), dtype=np.int64)
+        queries = np.stack([found[int(v)] for v in vids])
+        blocks = ((v, self._for_index(x, m)) for v, x, m in self.store.iter_vectors())
+        spec = self.config.index
+        candidates = (RECALL_K + RACE_MARGIN) * spec.oversample if index.quantized and spec.rescore else RECALL_K
+        index.tuning = calibrate(index, queries, vids, blocks, count, candidates)
+        logger.info("collection %s: HNSW efSearch from recall target: %s", self.name, index.tuning)
+
+    def _float_vectors(self, vids: np.ndarray) -> dict[int, np.ndarray]:
+        """The stored float vectors of these rows, as the index holds them (modality gap removed);
+        rows deleted meanwhile are absent."""
+        items = self.store.by_vids([int(v) for v in vids])
+        if not items:
+            return {}
+        keys = list(items)
+        vectors = self._for_index(np.stack([items[v].vector for v in keys]), [items[v].modality for v in keys])
+        return dict(zip(keys, vectors))
 
     @_in_use
     def rebuild(self) -> str:
@@ -215,6 +258,7 @@ class Collection:
             self.snapshot_locked()
 
     def snapshot_locked(self) -> None:
+        self._calibrate(self.index)
         self.index.write_snapshot(self.data / SNAPSHOT_FILE)
         self._snapshotted_seq = self.index.applied_seq
         self.store.prune_tombstones(self.index.applied_seq)
@@ -309,7 +353,7 @@ class Collection:
     def _maybe_grow(self) -> None:
         """Rebuild when the index no longer fits the data: `auto` collections switch from exact
         to IVF once big enough to train it, and HNSW compacts once a quarter is tombstones."""
-        grown = self.index.factory == "IDMap2,Flat" and self._factory(self.store.count()) != "IDMap2,Flat"
+        grown = self._grown(self.store.count())
         bloated = self.index.is_hnsw and len(self.index.deleted) > max(1000, self.index.index.ntotal // 4)
         if grown or bloated:
             self._set_index(self._build())
@@ -378,11 +422,13 @@ class Collection:
         modality: str | None = None,
         nprobe: int | None = None,
         exclude: list[str | None] | None = None,
+        rescore: bool | None = None,
     ) -> list[list[Hit]]:
         """Top-k hits per query (queries validated and normalised like stored vectors).
 
         `query_modalities` lets modality-gap correction shift each query by its own centroid;
-        `exclude[i]` drops one id from query i's results (a query by item id skips itself).
+        `exclude[i]` drops one id from query i's results (a query by item id skips itself);
+        `rescore` overrides the collection's own choice for a quantised index.
         """
         if self._centroids and query_modalities is not None:
             queries = self._for_index(queries, query_modalities)
@@ -395,8 +441,19 @@ class Collection:
         if allowed is not None and len(allowed) <= EXACT_SUBSET_LIMIT and self.index.factory != "IDMap2,Flat":
             scores, vids = self._exact(queries, allowed, fetch)
         else:
-            scores, vids = self.index.search(queries, fetch, allowed, nprobe)
+            scores, vids = self._index_search(queries, fetch, allowed, nprobe, rescore)
         return self._hits(scores, vids, k, exclude or [None] * len(queries))
+
+    def _index_search(
+        self, queries: np.ndarray, fetch: int, allowed: np.ndarray | None, nprobe: int | None, wanted: bool | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The index's top `fetch`; a quantised index's top `fetch * oversample`, ranked again by the exact
+        float inner product (unless rescoring is off for the collection or this search)."""
+        spec = self.config.index
+        if not self.index.quantized or not (spec.rescore if wanted is None else wanted):
+            return self.index.search(queries, fetch, allowed, nprobe)
+        _, vids = self.index.search(queries, fetch * spec.oversample, allowed, nprobe)
+        return rescore(queries, vids, self._float_vectors, fetch)
 
     def _exact(self, queries: np.ndarray, allowed: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         items = self.store.by_vids([int(v) for v in allowed])
@@ -443,11 +500,35 @@ class Collection:
                 "tombstones": len(self.index.deleted),
                 "snapshot_current": not self.dirty,
                 "gpu": self.index.on_gpu,
+                **self._quantization_stats(),
             },
             "payload_fields": self.store.schema,
             "modality_gap": self.modality_gap() if len(counts) > 1 else None,
             "modality_gap_correction": self.config.modality_gap_correction,
         }
+
+    def _quantization_stats(self) -> dict[str, Any]:
+        """What the index stores and what its scores mean (`scores`), and HNSW's efSearch and how it was chosen."""
+        spec, index = self.config.index, self.index
+        if not index.quantized:
+            scores = "float"
+        elif spec.rescore:
+            scores = "float (rescored)"
+        elif index.binary:
+            scores = "binary estimate, 1 - 2*hamming/dim (not rescored)"
+        else:
+            scores = "int8 estimate (not rescored)"
+        stats: dict[str, Any] = {
+            "quantization": spec.quantization,
+            "rescore": spec.rescore,
+            "oversample": spec.oversample,
+            "scores": scores,
+        }
+        if index.is_hnsw:
+            stats["ef_search"] = index.ef_search
+            stats["recall_target"] = spec.recall_target
+            stats["tuning"] = index.tuning
+        return stats
 
 
 def _nlist(factory: str) -> int:

@@ -12,6 +12,12 @@ Kinds:
 - hnsw:  `IDMap2,HNSW{M}`. FAISS cannot remove from HNSW, so deletions are tombstones
          excluded at search time; append-mostly collections only.
 - auto:  flat, rebuilt as ivf once the collection passes `auto_ivf_threshold` vectors.
+
+Quantisation (`index.quantization`) changes what each kind stores: `int8` is FAISS's 8-bit scalar
+quantiser (`IDMap2,SQ8`, `IVF{nlist},SQ8`, `IDMap2,HNSW{M}_SQ8`), `binary` one sign bit per
+dimension in a binary index searched by Hamming distance (`BIDMap2,BFlat`, `BIDMap2,BHNSW{M}`; `auto`
+stays a flat scan: 32x smaller than float, and FAISS's binary IVF cannot filter). `ivfpq` is already
+a quantiser and takes neither.
 """
 
 from __future__ import annotations
@@ -32,6 +38,15 @@ import faiss
 import numpy as np
 
 from index.errors import InvalidCollectionError, InvalidVectorError
+from index.quantization import (
+    MAX_OVERSAMPLE,
+    QUANTIZATIONS,
+    Quantization,
+    hamming_scores,
+    is_binary,
+    make_binary_index,
+    to_bits,
+)
 
 IndexKind = Literal["auto", "flat", "ivf", "ivfpq", "hnsw"]
 _MAGIC = b"DUETIDX3"
@@ -48,12 +63,46 @@ class IndexSpec:
     hnsw_m: int = 32
     nprobe: int = 16
     ef_search: int = 128
+    quantization: Quantization = "none"
+    rescore: bool = True  # re-rank k * oversample quantised candidates with the stored float vectors
+    oversample: int = 4
+    recall_target: float | None = None  # HNSW: pick efSearch by measuring recall@10 (index.recall)
 
     def __post_init__(self) -> None:
         if self.kind not in ("auto", "flat", "ivf", "ivfpq", "hnsw"):
             raise InvalidCollectionError(f"unknown index kind {self.kind!r}: use auto, flat, ivf, ivfpq or hnsw")
         if self.nprobe < 1 or self.ef_search < 1 or self.pq_m < 1 or self.hnsw_m < 2:
             raise InvalidCollectionError("nprobe, ef_search, pq_m must be >= 1 and hnsw_m >= 2")
+        self._check_quantization()
+        target = self.recall_target
+        if target is not None:
+            if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
+                raise InvalidCollectionError(f"recall_target must be a number in (0, 1], e.g. 0.95; got {target!r}")
+            if self.kind != "hnsw":
+                raise InvalidCollectionError(
+                    f"recall_target picks HNSW's efSearch; index kind {self.kind!r} has none (use kind hnsw, or "
+                    "nprobe for the IVF kinds)"
+                )
+
+    def _check_quantization(self) -> None:
+        if self.quantization not in QUANTIZATIONS:
+            raise InvalidCollectionError(f"unknown quantization {self.quantization!r}: use none, int8 or binary")
+        if not isinstance(self.rescore, bool):
+            raise InvalidCollectionError(f"rescore must be true or false, got {self.rescore!r}")
+        if isinstance(self.oversample, bool) or not isinstance(self.oversample, int):
+            raise InvalidCollectionError(f"oversample must be a whole number, got {self.oversample!r}")
+        if not 1 <= self.oversample <= MAX_OVERSAMPLE:
+            raise InvalidCollectionError(f"oversample must be between 1 and {MAX_OVERSAMPLE}, got {self.oversample}")
+        if self.quantization != "none" and self.kind == "ivfpq":
+            raise InvalidCollectionError(
+                f"index kind ivfpq is already quantised (product quantisation) and takes no quantization "
+                f"{self.quantization!r}: use kind flat, ivf, hnsw or auto with it"
+            )
+        if self.quantization == "binary" and self.kind == "ivf":
+            raise InvalidCollectionError(
+                "quantization 'binary' scans sign bits exactly (flat) or through HNSW: use index kind flat, hnsw "
+                "or auto (FAISS's binary IVF cannot apply filters)"
+            )
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,27 +110,34 @@ class IndexSpec:
     def check(self, dim: int) -> None:
         """Refuse options that could never build an index of this dimension, for every size the collection
         may reach (`auto` turns into IVF later): checked before a collection is written, never after."""
+        if self.quantization == "binary" and dim % 8:
+            raise InvalidCollectionError(
+                f"quantization 'binary' packs 8 dimensions per byte: the dimension must be a multiple of 8, got {dim}"
+            )
         for count in {0, self.auto_ivf_threshold}:
             factory = self.factory(dim, count)
             try:
-                faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-            except RuntimeError as exc:
+                _new_index(dim, factory)
+            except (RuntimeError, ValueError) as exc:
                 raise InvalidCollectionError(f"index {factory!r} cannot be built for dimension {dim}: {exc}") from None
 
     def effective_kind(self, count: int) -> str:
         if self.kind == "auto":
-            return "ivf" if count >= self.auto_ivf_threshold else "flat"
+            return "ivf" if count >= self.auto_ivf_threshold and self.quantization != "binary" else "flat"
         return self.kind
 
     def factory(self, dim: int, count: int) -> str:
         kind = self.effective_kind(count)
         nlist = self.nlist or max(16, min(65536, int(4 * math.sqrt(max(count, 1)))))
+        if self.quantization == "binary":
+            return f"BIDMap2,BHNSW{self.hnsw_m}" if kind == "hnsw" else "BIDMap2,BFlat"
+        sq = "SQ8" if self.quantization == "int8" else None
         if kind == "flat":
-            return "IDMap2,Flat"
+            return f"IDMap2,{sq or 'Flat'}"
         if kind == "hnsw":
-            return f"IDMap2,HNSW{self.hnsw_m}"
+            return f"IDMap2,HNSW{self.hnsw_m}" + (f"_{sq}" if sq else "")
         if kind == "ivf":
-            return f"IVF{nlist},Flat"
+            return f"IVF{nlist},{sq or 'Flat'}"
         if dim % self.pq_m:
             raise InvalidCollectionError(f"pq_m={self.pq_m} must divide the dimension {dim}")
         return f"IVF{nlist},PQ{self.pq_m}"
@@ -117,6 +173,12 @@ def as_matrix(vectors: Any, dim: int, *, normalize: bool) -> np.ndarray:
             "so inner products stay within float32"
         )
     return np.ascontiguousarray(matrix, dtype=np.float32)
+
+
+def _new_index(dim: int, factory: str) -> Any:
+    if is_binary(factory):
+        return make_binary_index(dim, factory)
+    return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
 
 
 class RWLock:
@@ -164,9 +226,12 @@ class FaissIndex:
         self.dim = dim
         self.factory = factory
         self.spec = spec
-        self.index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        self.binary = is_binary(factory)
+        self.index = _new_index(dim, factory)
         self.applied_seq = 0
         self.deleted: set[int] = set()  # HNSW tombstones only
+        # HNSW's efSearch chosen from `spec.recall_target` (index.recall): ef_search, recall, k, sample, count
+        self.tuning: dict[str, Any] | None = None
         self.lock = RWLock()
         self._gpu: Any = None
         self._gpu_dirty = True
@@ -174,6 +239,16 @@ class FaissIndex:
     @property
     def is_hnsw(self) -> bool:
         return "HNSW" in self.factory
+
+    @property
+    def quantized(self) -> bool:
+        """Whether this index ranks approximately by codes (SQ8 or bits) rather than float vectors."""
+        return self.binary or "SQ8" in self.factory
+
+    @property
+    def ef_search(self) -> int:
+        """The efSearch searches use: the one measured for the recall target, else the configured one."""
+        return int(self.tuning["ef_search"]) if self.tuning else self.spec.ef_search
 
     @property
     def is_trained(self) -> bool:
@@ -187,11 +262,15 @@ class FaissIndex:
         if not self.index.is_trained:
             self.index.train(np.ascontiguousarray(sample, dtype=np.float32))
 
+    def _codes(self, vectors: np.ndarray) -> np.ndarray:
+        """What FAISS takes: float32 rows, or for a binary index their sign bits."""
+        return to_bits(vectors) if self.binary else np.ascontiguousarray(vectors, dtype=np.float32)
+
     def add(self, vids: np.ndarray, vectors: np.ndarray) -> None:
         if len(vids) == 0:
             return
         with self.lock.write():
-            self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), vids.astype(np.int64))
+            self.index.add_with_ids(self._codes(vectors), vids.astype(np.int64))
             self._gpu_dirty = True
 
     def remove(self, vids: np.ndarray) -> None:
@@ -204,17 +283,23 @@ class FaissIndex:
                 self.index.remove_ids(faiss.IDSelectorBatch(vids.astype(np.int64)))
             self._gpu_dirty = True
 
-    def _params(self, selector: Any, nprobe: int | None) -> Any:
+    def _params(self, selector: Any, nprobe: int | None, ef_search: int | None = None) -> Any:
         if "IVF" in self.factory:
             return faiss.SearchParametersIVF(sel=selector, nprobe=nprobe or self.spec.nprobe)
         if self.is_hnsw:
-            return faiss.SearchParametersHNSW(sel=selector, efSearch=max(self.spec.ef_search, 1))
+            return faiss.SearchParametersHNSW(sel=selector, efSearch=max(ef_search or self.ef_search, 1))
         return faiss.SearchParameters(sel=selector) if selector is not None else None
 
     def search(
-        self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None, nprobe: int | None = None
+        self,
+        queries: np.ndarray,
+        k: int,
+        allowed: np.ndarray | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (scores, vids) per query; `allowed` restricts candidates *before* ranking."""
+        """Top-k (scores, vids) per query; `allowed` restricts candidates *before* ranking. Scores are
+        inner products, estimated from the codes for quantised indexes (binary: see `hamming_scores`)."""
         with self.lock.read():
             if allowed is not None and self.deleted:
                 allowed = np.setdiff1d(allowed, np.fromiter(self.deleted, dtype=np.int64))
@@ -223,10 +308,13 @@ class FaissIndex:
                 selector = faiss.IDSelectorBatch(allowed.astype(np.int64))
             elif self.deleted:
                 selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.fromiter(self.deleted, dtype=np.int64)))
-            params = self._params(selector, nprobe)
+            params = self._params(selector, nprobe, ef_search)
             found: tuple[np.ndarray, np.ndarray]  # (scores, ids); faiss itself is untyped
             if selector is None and self._gpu is not None and not self._gpu_dirty:
                 found = self._gpu.search(queries, k)
+            elif self.binary:
+                distances, ids = self.index.search(self._codes(queries), k, params=params)
+                found = hamming_scores(distances, self.dim), ids
             else:
                 found = self.index.search(queries, k, params=params)
             return found
@@ -235,7 +323,7 @@ class FaissIndex:
 
     def enable_gpu(self) -> bool:
         """Clone to the GPU for unfiltered searches; the CPU index stays the persisted truth."""
-        if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1 or self.is_hnsw:
+        if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1 or self.is_hnsw or self.binary:
             return False
         with self.lock.write():
             self._gpu_resources = getattr(self, "_gpu_resources", None) or faiss.StandardGpuResources()
@@ -273,13 +361,16 @@ class FaissIndex:
                 return handle.write(chunk)
 
             with self.lock.read():
-                faiss.write_index(self.index, faiss.PyCallbackIOWriter(write))
+                (faiss.write_index_binary if self.binary else faiss.write_index)(
+                    self.index, faiss.PyCallbackIOWriter(write)
+                )
                 trailer = json.dumps(
                     {
                         "factory": self.factory,
                         "dim": self.dim,
                         "applied_seq": self.applied_seq,
                         "deleted": sorted(self.deleted),
+                        "tuning": self.tuning,
                     }
                 ).encode()
             tail = trailer + struct.pack("<Q", len(trailer))
@@ -316,7 +407,8 @@ class FaissIndex:
                 return chunk
 
             try:
-                index = faiss.read_index(faiss.PyCallbackIOReader(read))
+                reader = faiss.read_index_binary if is_binary(trailer["factory"]) else faiss.read_index
+                index = reader(faiss.PyCallbackIOReader(read))
             except RuntimeError as exc:
                 raise ValueError(f"snapshot index unreadable: {exc}") from None
         if index.d != trailer["dim"] or not index.is_trained:
@@ -325,6 +417,7 @@ class FaissIndex:
         loaded.index = index
         loaded.applied_seq = trailer["applied_seq"]
         loaded.deleted = set(trailer["deleted"])
+        loaded.tuning = trailer.get("tuning")
         return loaded
 
 
@@ -379,6 +472,11 @@ def _check_trailer(trailer: Any) -> None:
         and all(isinstance(trailer.get(k), int) and trailer[k] >= 0 for k in ("dim", "applied_seq"))
         and isinstance(trailer.get("deleted"), list)
         and all(isinstance(v, int) for v in trailer["deleted"])
+        and _tuning_ok(trailer.get("tuning"))
     )
     if not ok:
         raise ValueError("snapshot trailer malformed")
+
+
+def _tuning_ok(tuning: Any) -> bool:
+    return tuning is None or (isinstance(tuning, dict) and isinstance(tuning.get("ef_search"), int))
