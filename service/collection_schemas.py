@@ -20,6 +20,24 @@ class IndexOptions(RequestBody):
     pq_m: int = Field(default=16, ge=1, description="Sub-quantizers for ivfpq (about pq_m bytes per vector).")
     hnsw_m: int = Field(default=32, ge=2, le=256)
     ef_search: int = Field(default=128, ge=1, le=4096)
+    quantization: Literal["none", "int8", "binary"] = Field(
+        default="none",
+        description="int8: 8-bit scalar quantiser (about 4x less index memory); binary: one sign bit per "
+        "dimension (32x less). Milvus: int8 -> IVF_SQ8 / HNSW_SQ, binary -> IVF_RABITQ.",
+    )
+    rescore: bool = Field(
+        default=True,
+        description="Quantised indexes: rank k*oversample candidates again with the stored float vectors, so "
+        "scores are float scores. Off: scores are the index's estimates (the collection's stats say which).",
+    )
+    oversample: int = Field(default=4, ge=1, le=100, description="Candidates per result when rescoring.")
+    recall_target: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="hnsw only: efSearch is the smallest that reaches this recall@10, measured on the "
+        "collection's own vectors when its index is built or snapshotted (stats: index.tuning).",
+    )
 
 
 class CollectionCreate(RequestBody):
