@@ -50,6 +50,14 @@ class DatasetError(ValueError):
     """An upload that cannot be stored as it is; the message says what to change."""
 
 
+class DatasetNameError(DatasetError):
+    """The name given for an upload is not one it may be stored under (the API's `filename`)."""
+
+
+class EmptyDatasetError(DatasetError):
+    """An upload of no bytes: nothing to store."""
+
+
 class DatasetTooLargeError(DatasetError):
     """Over a size, count or storage limit (HTTP 413); `code` says which."""
 
@@ -86,12 +94,12 @@ class DatasetInfo:
 def check_filename(filename: str) -> str:
     name = filename.strip()
     if not _SAFE_NAME.match(name) or ".." in name:
-        raise DatasetError(
+        raise DatasetNameError(
             f"filename {filename!r} is not allowed: use letters, digits, '.', '_' and '-' (at most 128 characters), "
             "no folders"
         )
     if not name.lower().endswith(ALLOWED_SUFFIXES):
-        raise DatasetError(f"filename {filename!r} must end with one of {', '.join(ALLOWED_SUFFIXES)}")
+        raise DatasetNameError(f"filename {filename!r} must end with one of {', '.join(ALLOWED_SUFFIXES)}")
     return name
 
 

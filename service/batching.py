@@ -50,9 +50,13 @@ BUSY_WINDOW_S = 1.0  # busy seconds per throughput sample
 
 
 class QueueFullError(Exception):
-    def __init__(self, pending: int, limit: int, retry_after: int, detail: str | None = None) -> None:
+    """A request refused at admission; `model` (the batcher's model ref) and `retry_after` are what
+    service/errors.py's table renders into the 429 and its Retry-After."""
+
+    def __init__(self, pending: int, limit: int, retry_after: int, detail: str | None = None, *, model: str) -> None:
         super().__init__(detail or f"queue full: {pending} inputs pending, limit {limit}")
         self.retry_after = retry_after
+        self.model = model
 
 
 class WorkerStoppedError(RuntimeError):
@@ -246,7 +250,7 @@ class Batcher:
             raise WorkerStoppedError(f"the batch worker for {self.name} is not running")
         ahead = self._pending + self._reserved
         if ahead + count > self.limits.max_queue_items:
-            raise QueueFullError(ahead, self.limits.max_queue_items, self.retry_after(count))
+            raise QueueFullError(ahead, self.limits.max_queue_items, self.retry_after(count), model=self.name)
         rate = self.rate
         refusal = wait_refusal(ahead, rate, self.limits.max_queue_wait_s)
         if refusal is not None:
@@ -256,6 +260,7 @@ class Batcher:
                 refusal,
                 f"estimated wait {ahead / rate:.1f}s ({ahead} inputs ahead at {rate:.0f} inputs/s) is over "
                 f"the {self.limits.max_queue_wait_s:g}s budget (DUET_MAX_QUEUE_WAIT_MS)",
+                model=self.name,
             )
 
     def _unreserve(self, count: int) -> None:

@@ -37,16 +37,15 @@ from registry.names import DEFAULT_ALIAS, LATEST
 from registry.store import ModelRegistry, ModelVersionInfo
 from service.batching import QueueFullError
 from service.collection_schemas import CollectionCreate, DeleteRequest, ItemIn, Query, SearchRequest, UpsertRequest
-from service.embedding import embed_prepared, embed_queued
+from service.embedding import embed_prepared
 from service.errors import ApiError
 from service.inputs import check_modalities, check_text, prepare
+from service.limits import ImageMemoryFullError
 from service.metrics import Metrics
 from service.model_pool.pool import ModelPool
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-IMAGE_MEMORY_FULL = "image_memory_full"  # service.inputs' code for "no room to decode these images now"
 
 
 @dataclass
@@ -226,16 +225,8 @@ class CollectionsService:
             model = await self.pool.get(ref)
             try:
                 prepared = await prepare(contents, model.encoder, self.settings, labels)
-            except ApiError as exc:
-                # service.inputs says "no room for these images now" only as its 429; wait it out, as for a
-                # full queue (every other refusal of the inputs fails the job).
-                if exc.code != IMAGE_MEMORY_FULL:
-                    raise
-                await asyncio.sleep(float((exc.headers or {}).get("Retry-After", 1)))
-                continue
-            try:
-                return await embed_queued(model, prepared)
-            except QueueFullError as exc:
+                return await embed_prepared(model, prepared)
+            except (ImageMemoryFullError, QueueFullError) as exc:  # no room now: wait; any other refusal fails the job
                 await asyncio.sleep(exc.retry_after)
 
     # -- items -------------------------------------------------------------------------

@@ -3,8 +3,11 @@
 Shape (OpenAI's, so its clients show the message):
     {"error": {"message": "...", "type": "invalid_request_error", "code": "...", "param": "..."}}
 
-Routes raise `ApiError` or let domain errors from `encoders`/`registry` propagate; nothing
-else catches broadly, and an unexpected exception becomes a 500 that names no internals.
+Routes raise `ApiError` for what they check themselves, and let domain errors (registry, encoders,
+collections, model pool, batcher, image memory budget, jobs and dataset uploads) propagate: each
+is answered by its row in `_DOMAIN_ERRORS`, the one place that says which status, code, message,
+param and headers it gets. Nothing else catches broadly, and an unexpected exception becomes a
+500 that names no internals.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -35,7 +38,8 @@ from index.errors import (
     PayloadError,
     ReembedRefusedError,
 )
-from jobs.records import InvalidTransitionError, JobError, JobNotFoundError, StoreUnavailableError
+from jobs.datasets import DatasetError, DatasetNameError, DatasetTooLargeError, EmptyDatasetError
+from jobs.records import InvalidTransitionError, JobNotFoundError, StoreUnavailableError
 from registry.errors import (
     IntegrityError,
     InvalidNameError,
@@ -44,7 +48,9 @@ from registry.errors import (
     VersionNotFoundError,
 )
 from service.auth.route_policy import app_routes
-from service.model_pool.errors import ModelMemoryBudgetError, ModelMemoryBusyError, ModelPoolError
+from service.batching import QueueFullError, WorkerStoppedError
+from service.limits import ImageMemoryFullError, ImagesTooLargeError
+from service.model_pool.errors import ModelMemoryBudgetError, ModelMemoryBusyError
 
 logger = logging.getLogger(__name__)
 
@@ -95,12 +101,22 @@ class DomainMapping(NamedTuple):
 
     cls: type[Exception]
     status: int
-    code: str
+    code: str | Callable[[Exception], str]  # a hook where the error says which limit it hit
     headers: Callable[[Exception], dict[str, str]] | None = None
     message: Callable[[Exception], str] | None = None  # the answer's message; default: str(exc)
+    param: str | None = None  # OpenAI's `param`: the request field to fix
 
 
-# Domain error -> (status, code[, headers]). Order matters: the first matching class wins.
+def _queue_full_message(exc: Exception) -> str:
+    full = cast(QueueFullError, exc)
+    return f"{full.model} is at capacity ({full}); retry after {full.retry_after}s"
+
+
+def _dataset_code(exc: Exception) -> str:
+    return cast(DatasetTooLargeError, exc).code  # which limit: size, file count or storage
+
+
+# Domain error -> (status, code[, headers, message, param]). Order matters: the first matching class wins.
 _DOMAIN_ERRORS: list[DomainMapping] = [
     DomainMapping(InvalidNameError, 400, "invalid_model_reference"),
     DomainMapping(ModelNotFoundError, 404, "model_not_found"),
@@ -134,6 +150,19 @@ _DOMAIN_ERRORS: list[DomainMapping] = [
     ),
     DomainMapping(ModelMemoryBudgetError, 507, "model_memory_budget"),
     DomainMapping(ModelMemoryBusyError, 503, "model_memory_busy", _retry_after),
+    DomainMapping(QueueFullError, 429, "queue_full", _retry_after, _queue_full_message),
+    DomainMapping(
+        WorkerStoppedError,
+        503,
+        "worker_dead",
+        message=lambda exc: f"{exc}; the service needs a restart (see /health)",
+    ),
+    DomainMapping(ImagesTooLargeError, 413, "images_too_large", param="input"),
+    DomainMapping(ImageMemoryFullError, 429, "image_memory_full", _retry_after),
+    DomainMapping(DatasetNameError, 400, "invalid_dataset_name", param="filename"),
+    DomainMapping(EmptyDatasetError, 400, "empty_dataset"),
+    DomainMapping(DatasetTooLargeError, 413, _dataset_code),
+    DomainMapping(DatasetError, 400, "invalid_dataset"),
 ]
 
 
@@ -144,18 +173,43 @@ def _mapping(exc: BaseException) -> DomainMapping | None:
     return None
 
 
+def _code(mapping: DomainMapping, exc: Exception) -> str:
+    return mapping.code if isinstance(mapping.code, str) else mapping.code(exc)
+
+
 def domain_status(exc: BaseException) -> tuple[int, str]:
     mapping = _mapping(exc)
-    return (mapping.status, mapping.code) if mapping else (500, "internal_error")
+    if mapping is None or not isinstance(exc, Exception):
+        return 500, "internal_error"
+    return mapping.status, _code(mapping, exc)
+
+
+def domain_error(exc: Exception) -> ApiError:
+    """A domain error as the API answers it: its row of `_DOMAIN_ERRORS` rendered (a 500
+    `internal_error` for a class the table does not know)."""
+    mapping = _mapping(exc)
+    if mapping is None:
+        return ApiError(500, str(exc), code="internal_error")
+    return ApiError(
+        mapping.status,
+        mapping.message(exc) if mapping.message else str(exc),
+        code=_code(mapping, exc),
+        param=mapping.param,
+        headers=mapping.headers(exc) if mapping.headers else None,
+    )
 
 
 def domain_response(exc: Exception) -> tuple[int, str, str, dict[str, str] | None]:
     """(status, code, message, headers) of a domain error, as the API answers it."""
-    mapping = _mapping(exc)
-    if mapping is None:
-        return 500, "internal_error", str(exc), None
-    message = mapping.message(exc) if mapping.message else str(exc)
-    return mapping.status, mapping.code, message, mapping.headers(exc) if mapping.headers else None
+    error = domain_error(exc)
+    return error.status, error.code, error.message, error.headers
+
+
+def handled_domain_errors() -> list[type[Exception]]:
+    """The classes the app installs the table's handler for: every row's class, less those a
+    base class already in the list catches (Starlette finds a handler along the error's MRO)."""
+    classes = list(dict.fromkeys(mapping.cls for mapping in _DOMAIN_ERRORS))
+    return [cls for cls in classes if not any(base is not cls and issubclass(cls, base) for base in classes)]
 
 
 _LOCATIONS = ("body", "query", "path", "header")
@@ -210,17 +264,15 @@ def install_error_handlers(app: FastAPI) -> None:
         _count(request, exc.code)
         return error_response(exc.status, exc.message, exc.code, exc.param, exc.headers)
 
-    @app.exception_handler(RegistryError)
-    @app.exception_handler(EncoderError)
-    @app.exception_handler(CollectionError)
-    @app.exception_handler(ModelPoolError)
-    @app.exception_handler(JobError)
     async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
-        status, code, message, headers = domain_response(exc)
-        if status >= 500:
-            logger.error("%s: %s", code, exc)
-        _count(request, code)
-        return error_response(status, message, code, headers=headers)
+        error = domain_error(exc)
+        if error.status >= 500:
+            logger.error("%s: %s", error.code, exc)
+        _count(request, error.code)
+        return error_response(error.status, error.message, error.code, error.param, error.headers)
+
+    for cls in handled_domain_errors():
+        app.add_exception_handler(cls, _domain_error)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

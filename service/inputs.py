@@ -226,23 +226,7 @@ def _peak_bytes(pending: list[PendingImage]) -> int:
 
 def _reserve_image_memory(pending: list[PendingImage], settings: Settings) -> int:
     """Reserve the request's peak image memory before decoding; the bytes it keeps after decoding."""
-    need = _peak_bytes(pending)
-    total = settings.max_image_memory_bytes
-    if need > total:
-        raise ApiError(
-            413,
-            f"the images of this request need {need} bytes of memory once decoded; the server allows "
-            f"{total} (DUET_MAX_IMAGE_MEMORY_BYTES): send fewer or smaller images per request",
-            code="images_too_large",
-            param="input",
-        )
-    if not memory_budget(total).reserve(need):
-        raise ApiError(
-            429,
-            f"the server is decoding other images and has no room for this request's {need} bytes now; retry",
-            code="image_memory_full",
-            headers={"Retry-After": "1"},
-        )
+    memory_budget(settings.max_image_memory_bytes).claim(_peak_bytes(pending))  # 413 never / 429 not now
     return sum(p.held_bytes for p in pending)
 
 

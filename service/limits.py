@@ -296,6 +296,36 @@ async def release_shielded(limiter: Limiter, decision: Decision) -> None:
 # -- memory for decoded images ------------------------------------------------------------------
 
 
+class ImageMemoryError(Exception):
+    """A request's decoded images do not fit the image memory budget (DUET_MAX_IMAGE_MEMORY_BYTES);
+    service/errors.py's table says how each refusal answers."""
+
+
+class ImagesTooLargeError(ImageMemoryError):
+    """The images need more than the whole budget: this request can never be decoded (413)."""
+
+    def __init__(self, need: int, total: int) -> None:
+        super().__init__(
+            f"the images of this request need {need} bytes of memory once decoded; the server allows "
+            f"{total} (DUET_MAX_IMAGE_MEMORY_BYTES): send fewer or smaller images per request"
+        )
+        self.need = need
+        self.total = total
+
+
+class ImageMemoryFullError(ImageMemoryError):
+    """Other requests' images hold the room this one needs now: a retry soon may fit (429). A
+    background re-embed waits `retry_after` seconds and tries again instead of failing."""
+
+    retry_after = 1
+
+    def __init__(self, need: int) -> None:
+        super().__init__(
+            f"the server is decoding other images and has no room for this request's {need} bytes now; retry"
+        )
+        self.need = need
+
+
 class MemoryBudget:
     """Bytes that decoded images may hold at once in this process, all requests together.
 
@@ -315,6 +345,14 @@ class MemoryBudget:
                 return False
             self.used += amount
             return True
+
+    def claim(self, amount: int) -> None:
+        """`reserve`, or say why not: `ImagesTooLargeError` when `amount` can never fit,
+        `ImageMemoryFullError` when it does not fit now."""
+        if amount > self.total:
+            raise ImagesTooLargeError(amount, self.total)
+        if not self.reserve(amount):
+            raise ImageMemoryFullError(amount)
 
     def release(self, amount: int) -> None:
         with self._lock:

@@ -22,7 +22,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from common.logs import current_request_id
-from jobs.datasets import ANONYMOUS, DatasetError, DatasetLimits, DatasetStore, DatasetTooLargeError, check_filename
+from jobs.datasets import (
+    ANONYMOUS,
+    DatasetLimits,
+    DatasetStore,
+    DatasetTooLargeError,
+    EmptyDatasetError,
+    check_filename,
+)
 from jobs.records import (
     JobNotFoundError,
     JobRecord,
@@ -307,12 +314,10 @@ async def upload_dataset(
     filename: str = Query(description="Name to keep, e.g. sts-train.csv or shapes.zip (a data file plus its images)."),
 ) -> JSONResponse:
     """Upload a dataset as the raw request body (`curl --data-binary @file`). It is stored by
-    content hash; the answer's `path` is what a job config's dataset `path` names."""
+    content hash; the answer's `path` is what a job config's dataset `path` names. What is wrong
+    with an upload (`DatasetError`s) is answered by service/errors.py's table."""
     settings = state.settings
-    try:
-        name = check_filename(filename)
-    except DatasetError as exc:
-        raise ApiError(400, str(exc), code="invalid_dataset_name", param="filename") from None
+    name = check_filename(filename)
     datasets = dataset_store(settings)
     owner = _owner(request)
     temp, digest = await anyio.to_thread.run_sync(datasets.begin)
@@ -322,20 +327,14 @@ async def upload_dataset(
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > settings.max_dataset_bytes:
-                    raise ApiError(
-                        413,
-                        f"dataset is larger than {settings.max_dataset_bytes} bytes (DUET_MAX_DATASET_BYTES)",
-                        code="dataset_too_large",
+                    raise DatasetTooLargeError(
+                        f"dataset is larger than {settings.max_dataset_bytes} bytes (DUET_MAX_DATASET_BYTES)"
                     )
                 digest.update(chunk)
                 await anyio.to_thread.run_sync(sink.write, chunk)
         if size == 0:
-            raise ApiError(400, "the upload is empty; send the file as the request body", code="empty_dataset")
+            raise EmptyDatasetError("the upload is empty; send the file as the request body")
         info = await anyio.to_thread.run_sync(datasets.commit, temp, digest.hexdigest(), size, name, owner)
-    except DatasetTooLargeError as exc:
-        raise ApiError(413, str(exc), code=exc.code) from None
-    except DatasetError as exc:
-        raise ApiError(400, str(exc), code="invalid_dataset") from None
     finally:
         temp.unlink(missing_ok=True)
     return JSONResponse(info.to_dict(), status_code=201)

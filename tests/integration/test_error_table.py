@@ -270,3 +270,14 @@ def test_the_embed_path_still_answers_per_input_errors_with_their_param():
         asyncio.run(main())
     assert (raised.value.status, raised.value.code, raised.value.param) == (422, "internal_error", "input[1]")
     assert raised.value.message == "input[1] could not be embedded: boom"
+
+
+def test_every_row_of_the_table_is_answered_by_the_table_handler():
+    """A class added to `_DOMAIN_ERRORS` without a handler along its MRO would be a bare 500."""
+    from service.errors import _DOMAIN_ERRORS
+
+    app = FastAPI()
+    install_error_handlers(app)
+    for mapping in _DOMAIN_ERRORS:
+        handler = next(app.exception_handlers[cls] for cls in mapping.cls.__mro__ if cls in app.exception_handlers)
+        assert handler.__name__ == "_domain_error", mapping.cls

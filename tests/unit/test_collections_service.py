@@ -1,5 +1,6 @@
 """CollectionsService without HTTP: the background re-embed's embed function waits out a full queue
-(the batcher's own QueueFullError), and fails on anything else."""
+(the batcher's own QueueFullError), and fails on anything else; a live request gets the batcher's
+errors as they are, which service/errors.py's table answers (429 + Retry-After, 503)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 from index.items import StoredItem
 from service.batching import QueueFullError, WorkerStoppedError
 from service.collections_service import CollectionsService, parse_filter
-from service.errors import ApiError
+from service.errors import ApiError, domain_error
 from service.settings import Settings
 
 
@@ -55,7 +56,12 @@ ITEMS = [StoredItem(id=f"i{n}", modality="text", vector=np.zeros(3, np.float32),
 
 
 def test_the_reembed_embed_function_waits_out_a_full_queue():
-    batcher = Batcher([QueueFullError(9000, 8192, retry_after=0), QueueFullError(9000, 8192, retry_after=0)])
+    batcher = Batcher(
+        [
+            QueueFullError(9000, 8192, retry_after=0, model="tiny/1"),
+            QueueFullError(9000, 8192, retry_after=0, model="tiny/1"),
+        ]
+    )
     collections = service(batcher)
 
     async def main():
@@ -69,19 +75,19 @@ def test_the_reembed_embed_function_waits_out_a_full_queue():
 
 def test_the_reembed_embed_function_fails_on_a_dead_worker():
     collections = service(Batcher([WorkerStoppedError("worker of tiny/1 stopped")]))
-    with pytest.raises(ApiError) as raised:
+    with pytest.raises(WorkerStoppedError) as raised:
         asyncio.run(collections._embed_stored("tiny/1", ITEMS))
-    assert (raised.value.status, raised.value.code) == (503, "worker_dead")
+    assert (domain_error(raised.value).status, domain_error(raised.value).code) == (503, "worker_dead")
 
 
 def test_a_live_request_still_gets_429_with_retry_after_for_a_full_queue():
-    collections = service(Batcher([QueueFullError(9000, 8192, retry_after=7)]))
+    collections = service(Batcher([QueueFullError(9000, 8192, retry_after=7, model="tiny/1")]))
     collection = SimpleNamespace(name="docs", config=SimpleNamespace(model="tiny/1"))
     collections.pool.model.info.manifest.contract.accepts = lambda modality: True
-    with pytest.raises(ApiError) as raised:
+    with pytest.raises(QueueFullError) as raised:
         asyncio.run(collections._embed_contents(collection, [("text", "hello")], ["items[0].text"]))
-    assert (raised.value.status, raised.value.code) == (429, "queue_full")
-    assert raised.value.headers == {"Retry-After": "7"}
+    answer = domain_error(raised.value)
+    assert (answer.status, answer.code, answer.headers) == (429, "queue_full", {"Retry-After": "7"})
 
 
 def test_filters_are_parsed_from_json():

@@ -13,9 +13,9 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from service.errors import ApiError
+from service.errors import ApiError, domain_error
 from service.inputs import prepare
-from service.limits import MemoryBudget, memory_budget
+from service.limits import ImageMemoryFullError, ImagesTooLargeError, MemoryBudget, memory_budget
 from service.settings import Settings
 
 MODEL = SimpleNamespace(contract=SimpleNamespace(image_size=64))
@@ -62,9 +62,10 @@ def test_many_large_images_are_queued_reduced_and_their_memory_given_back(tmp_pa
 
 def test_a_request_that_could_never_fit_is_413_before_decoding(tmp_path):
     settings = _settings(tmp_path, BIG)  # one full-size 1024 x 1024 decode does not fit
-    with pytest.raises(ApiError) as refused:
+    with pytest.raises(ImagesTooLargeError) as refused:
         _prepare(settings, 2)
-    assert refused.value.status == 413 and refused.value.code == "images_too_large"
+    answer = domain_error(refused.value)
+    assert answer.status == 413 and answer.code == "images_too_large"
     assert memory_budget(settings.max_image_memory_bytes).used == 0
 
 
@@ -73,9 +74,10 @@ def test_a_momentarily_full_budget_is_429_with_retry_after(tmp_path):
     budget = memory_budget(settings.max_image_memory_bytes)
     assert budget.reserve(BIG)  # another request is decoding
     try:
-        with pytest.raises(ApiError) as refused:
+        with pytest.raises(ImageMemoryFullError) as refused:
             _prepare(settings, 1, size=(1024, 1024 + 512))  # 1.5 x BIG + its reduced copy
-        assert refused.value.status == 429 and refused.value.headers == {"Retry-After": "1"}
+        answer = domain_error(refused.value)
+        assert answer.status == 429 and answer.headers == {"Retry-After": "1"}
         assert budget.used == BIG
     finally:
         budget.release(BIG)
