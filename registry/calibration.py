@@ -72,6 +72,9 @@ def read_calibration(info: ModelVersionInfo) -> Calibration | None:
         text = path.read_text()
     except FileNotFoundError:
         return None
+    except OSError as exc:  # unreadable (permissions, a directory in its place): calibrate afresh
+        logger.warning("ignoring %s: cannot read it (%s)", path, exc)
+        return None
     try:
         calibration = Calibration.model_validate_json(text)
     except ValidationError as exc:
@@ -109,7 +112,7 @@ def publish_calibration(info: ModelVersionInfo, calibration: Calibration) -> Cal
                 return existing
             os.replace(tmp, path)
         _fsync_dir(path.parent)
-        return calibration
+        return read_calibration(info) or calibration  # another process may have replaced it since
     finally:
         tmp.unlink(missing_ok=True)
 

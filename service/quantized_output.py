@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -32,6 +33,8 @@ from service.errors import ApiError
 from service.inputs import prepare
 from service.model_pool.pool import LoadedModel
 from service.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 # The sample goes through the batcher this many texts at a time, so it never needs more queue
 # room than a small request and interleaves with other traffic instead of blocking it.
@@ -164,7 +167,11 @@ class CalibrationCache:
                 dimension=embeddings.shape[1],
                 embeddings_b64=base64.b64encode(embeddings.astype("<f4").tobytes()).decode("ascii"),
             )
-            stored = await anyio.to_thread.run_sync(publish_calibration, info, computed)
+            try:
+                stored = await anyio.to_thread.run_sync(publish_calibration, info, computed)
+            except OSError as exc:  # a read-only or full registry volume must not fail the request
+                logger.warning("cannot store the calibration of %s (%s); using it for this process only", info.ref, exc)
+                stored = computed
         return decode_sample(stored)
 
 

@@ -90,3 +90,16 @@ def test_a_corrupt_file_counts_as_none_and_is_replaced(versions):
     assert read_calibration(first) is None
     fresh = publish_calibration(first, _calibration(first, 0.3))
     assert read_calibration(first) == fresh
+
+
+def test_an_unreadable_path_counts_as_none(versions):
+    _, first, _ = versions
+    path = calibration_path(first)
+    path.unlink(missing_ok=True)
+    path.mkdir()
+    try:
+        assert read_calibration(first) is None
+        with pytest.raises(OSError):  # the service logs it and keeps the calibration in memory
+            publish_calibration(first, _calibration(first, 0.3))
+    finally:
+        path.rmdir()

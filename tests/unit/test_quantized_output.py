@@ -87,6 +87,17 @@ def test_a_failed_calibration_is_retried_by_the_next_request(tmp_path):
     assert failing.calls == 2
 
 
+def test_an_unwritable_registry_still_answers(tmp_path, monkeypatch, caplog):
+    def read_only(info, calibration):
+        raise PermissionError(13, "Read-only file system")
+
+    monkeypatch.setattr("service.quantized_output.publish_calibration", read_only)
+    model, sample = _model(tmp_path), _sample()
+    ranges = asyncio.run(CalibrationCache(CountingEmbedder(sample)).ranges(model, 8))
+    np.testing.assert_array_equal(ranges, calibration_ranges(sample))
+    assert "cannot store the calibration of m/1" in caplog.text
+
+
 @pytest.mark.parametrize(
     ("output_dtype", "embedding_types", "expected"),
     [
