@@ -25,16 +25,21 @@ from pydantic_core import ErrorDetails
 
 from trainer.tables import clip
 
-DatasetKind = Literal["pairs", "triplets", "graded", "texts"]
-LossName = Literal["infonce", "sigmoid", "debiased", "cosent", "cosine"]
-# Which losses accept which data: graded pairs need a regression-style loss; the contrastive
-# losses need (anchor, positive[, negatives...]) rows. "texts" become SimCSE pairs (t, t).
+DatasetKind = Literal["pairs", "triplets", "graded", "texts", "multi_positive"]
+LossName = Literal["infonce", "sigmoid", "debiased", "hn_nce", "cwcl", "moco", "multi_positive", "cosent", "cosine"]
+# Which losses accept which data: graded pairs need a regression-style loss or CWCL's soft targets;
+# the contrastive losses need (anchor, positive[, negatives...]) rows. "texts" become SimCSE pairs
+# (t, t). Rows with a list of positives need the loss that reads several positives per anchor.
+_CONTRASTIVE = ("infonce", "sigmoid", "debiased", "hn_nce", "cwcl", "moco")
 LOSSES_FOR_KIND: dict[str, tuple[str, ...]] = {
-    "pairs": ("infonce", "sigmoid", "debiased"),
-    "triplets": ("infonce", "sigmoid", "debiased"),
-    "texts": ("infonce", "sigmoid", "debiased"),
-    "graded": ("cosent", "cosine"),
+    "pairs": _CONTRASTIVE,
+    "triplets": _CONTRASTIVE,
+    "texts": _CONTRASTIVE,
+    "graded": ("cosent", "cosine", "cwcl"),
+    "multi_positive": ("multi_positive",),
 }
+CACHED_LOSSES = ("infonce", "moco")
+MAX_QUEUE = 262_144  # 2 queues x 262k x 1024-d float32 = 2 GiB: the most any caller may ask for
 
 
 class ConfigError(ValueError):
@@ -69,6 +74,14 @@ class DatasetSpec(_Strict):
         default_factory=list, max_length=MAX_COLUMNS, description="Columns of explicit hard negatives."
     )
     score: str = Field(default="score", description="Column of the graded score (graded pairs only).")
+    max_positives: int | None = Field(
+        default=None,
+        gt=0,
+        le=MAX_COLUMNS,
+        description="multi_positive: positives per training example (the 'positive' column holds a list); a row "
+        "with more is split into several examples, one with fewer is padded and masked. Default: the most any "
+        "row has.",
+    )
     score_max: float | None = Field(default=None, gt=0, description="Scores are divided by this (STS: 5).")
     limit: int | None = Field(default=None, gt=0, le=10**12, description="Use only the first N rows.")
     skip_bad_rows: bool = Field(default=False, description="Count and skip bad rows instead of failing.")
@@ -96,6 +109,26 @@ class LossSpec(_Strict):
     gather_across_devices: bool = Field(default=False, description="Negatives from every process, with gradients.")
     matryoshka_dims: list[Annotated[int, Field(gt=0, le=MAX_SEQ_LENGTH)]] = Field(
         default_factory=list, max_length=MAX_COLUMNS, description="Also train these prefix lengths."
+    )
+    beta: float = Field(
+        default=0.5, ge=0, le=100, description="hn_nce: hardness; negatives weighted by exp(beta * logit), 0 = InfoNCE."
+    )
+    cwcl_reference: Literal["anchor", "positive"] = Field(
+        default="positive",
+        description="cwcl on pairs: the column whose intra-modal similarity gives the soft targets (the frozen "
+        "tower's, with freeze). Graded data uses its scores instead.",
+    )
+    queue_size: int = Field(default=4096, gt=0, le=MAX_QUEUE, description="moco: past keys kept as negatives.")
+    momentum: float = Field(default=0.995, ge=0, lt=1, description="moco: EMA factor of the key encoder.")
+    false_negative_threshold: float | None = Field(
+        default=0.9,
+        ge=-1,
+        le=1,
+        description="moco: drop in-batch and queued negatives whose cosine to the positive's key exceeds this "
+        "(likely false negatives); null keeps them all.",
+    )
+    hardest_negatives: int | None = Field(
+        default=None, gt=0, le=MAX_QUEUE, description="moco: keep only this many hardest queue entries per anchor."
     )
 
 
@@ -186,8 +219,7 @@ def _combination_problems(config: TrainConfig) -> list[str]:
             problems.append(f"train[{i}]: hard-negative mining needs pairs, not graded data")
     if config.loss.cached and config.loss.mini_batch_size > config.batch_size:
         problems.append("loss.mini_batch_size must not exceed batch_size")
-    if config.loss.cached and config.loss.name != "infonce":
-        problems.append("loss.cached is available for infonce only")
+    problems += _loss_option_problems(config)
     if config.output.promote and config.output.promote.alias in config.output.aliases:
         problems.append("output.promote.alias is also in output.aliases: it would move unconditionally")
     promote = config.output.promote
@@ -195,6 +227,31 @@ def _combination_problems(config: TrainConfig) -> list[str]:
         problems.append("output.promote.compare_to 'none' needs output.promote.min_value (else nothing is checked)")
     if promote and not config.eval:
         problems.append("output.promote needs an evaluation set (eval) to measure its metric on")
+    return problems
+
+
+def _loss_option_problems(config: TrainConfig) -> list[str]:
+    """Loss options that cannot work together or with this data, each with what to change."""
+    loss = config.loss
+    problems = []
+    if loss.cached and loss.name not in CACHED_LOSSES:
+        problems.append(f"loss.cached is available for {' and '.join(CACHED_LOSSES)} only, not {loss.name}")
+    if loss.name == "moco":
+        if loss.matryoshka_dims:
+            problems.append(
+                "loss.matryoshka_dims cannot be used with moco: the queue and the momentum encoder hold full-size "
+                "keys; train the prefixes with infonce"
+            )
+        if loss.queue_size < config.batch_size:
+            problems.append("loss.queue_size must be at least batch_size (a smaller queue holds less than one batch)")
+    for i, spec in enumerate(config.train):
+        if spec.kind == "multi_positive" and config.mining.enabled:
+            problems.append(f"train[{i}]: hard-negative mining needs pairs, not multi_positive data")
+        if spec.kind == "multi_positive" and spec.negatives:
+            problems.append(f"train[{i}]: multi_positive data takes no negatives columns (every other row's are)")
+    for i, spec in enumerate(config.eval):
+        if spec.kind == "multi_positive":
+            problems.append(f"eval[{i}]: multi_positive data is for training; evaluate on pairs (one row per positive)")
     return problems
 
 

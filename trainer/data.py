@@ -1,5 +1,6 @@
-"""Training and evaluation data: rows of (anchor, positive[, negatives]) or graded pairs,
-each side a text or an image, read from a file into a `datasets.Dataset`.
+"""Training and evaluation data: rows of (anchor, positive[, negatives]), graded pairs, or an
+anchor with a list of positives (`multi_positive`: several captions of one image), each side a
+text or an image, read from a file into a `datasets.Dataset`.
 
 Every row is checked while the file is read (empty text, missing or unreadable image), and a
 bad row is reported by file and line, or counted and skipped when the spec says so. Images
@@ -132,24 +133,61 @@ def _convert(
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for role, source in _roles(spec):
-        value = row.get(source)
         if source not in row:
             raise RowError(_missing_column(spec, source, row))
-        if value is None or (isinstance(value, str) and not value.strip()):
-            raise RowError(f"column '{source}' is empty")
-        if not isinstance(value, str):
-            value = str(value)
-        modality = "image" if _is_image_ref(value) else "text"
-        known = modalities.setdefault(role, modality)
-        if known != modality:
-            raise RowError(f"column '{source}' holds {modality} here but {known} in earlier rows")
-        out[role] = _check_image(value, base, root) if modality == "image" else value
+        value = row.get(source)
+        if spec.kind == "multi_positive" and role == "positive":
+            values = value if isinstance(value, list) else [value]
+            if not values:
+                raise RowError(f"column '{source}' holds an empty list; a row needs at least one positive")
+            out[role] = [_cell(v, role, source, base, modalities, root) for v in values]
+        else:
+            out[role] = _cell(value, role, source, base, modalities, root)
     if spec.kind == "texts":
         out["positive"] = out["anchor"]  # unsupervised SimCSE: the text is its own positive
         modalities["positive"] = modalities["anchor"]
     if spec.kind == "graded":
         out["score"] = _score(row.get(spec.score), spec)
     return out
+
+
+def _cell(value: Any, role: str, source: str, base: Path, modalities: dict[str, str], root: Path | None) -> str:
+    """One checked value: text, or an image path resolved and verified (decoded only later)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise RowError(f"column '{source}' is empty")
+    if not isinstance(value, str):
+        value = str(value)
+    modality = "image" if _is_image_ref(value) else "text"
+    known = modalities.setdefault(role, modality)
+    if known != modality:
+        raise RowError(f"column '{source}' holds {modality} here but {known} in earlier rows")
+    return _check_image(value, base, root) if modality == "image" else value
+
+
+def spread_positives(
+    rows: list[dict[str, Any]], keys: list[tuple[Any, ...]], per_example: int | None
+) -> tuple[list[dict[str, Any]], list[tuple[Any, ...]], int]:
+    """Rows whose "positive" is a list -> examples with columns positive_1..positive_K and "score" =
+    how many of them are real (the multi-positive loss masks the rest).
+
+    A row with more than K positives becomes several examples (nothing is dropped; the trainer's
+    no-duplicates sampler keeps them out of one batch, where the shared anchor would be a false
+    negative); one with fewer repeats its first positive in the spare slots, which the loss
+    ignores. K defaults to the most positives any row has. Returns (examples, their keys, K).
+    """
+    k = per_example or max(len(row["positive"]) for row in rows)
+    examples: list[dict[str, Any]] = []
+    example_keys: list[tuple[Any, ...]] = []
+    for row, key in zip(rows, keys, strict=True):
+        positives = row["positive"]
+        for begin in range(0, len(positives), k):
+            chunk = positives[begin : begin + k]
+            example = {"anchor": row["anchor"]}
+            example.update({f"positive_{j + 1}": chunk[j] if j < len(chunk) else chunk[0] for j in range(k)})
+            example["score"] = float(len(chunk))
+            examples.append(example)
+            example_keys.append(key)
+    return examples, example_keys, k
 
 
 def _score(value: Any, spec: DatasetSpec) -> float:
@@ -246,6 +284,10 @@ def load_data(spec: DatasetSpec, base_dir: Path | None = None, *, confined: bool
         raise RowError(f"{label}: no usable rows")
     columns = [role for role, _ in _roles(spec)] + (["positive"] if spec.kind == "texts" else [])
     columns += ["score"] if spec.kind == "graded" else []
+    if spec.kind == "multi_positive":
+        rows, keys, k = spread_positives(rows, keys, spec.max_positives)
+        columns = ["anchor", *(f"positive_{j + 1}" for j in range(k)), "score"]
+        modalities.update({f"positive_{j + 1}": modalities["positive"] for j in range(k)})
     return LoadedData(
         name=spec.name or path.stem,
         kind=spec.kind,

@@ -9,13 +9,25 @@ from torch import nn
 
 from trainer.config import LossSpec
 from trainer.losses import (
+    CachedMomentumQueueLoss,
     CachedSymmetricInfoNCELoss,
+    ContinuouslyWeightedLoss,
     DebiasedContrastiveLoss,
+    HardNegativeNCELoss,
+    MomentumQueueLoss,
+    MultiPositiveInfoNCELoss,
     SigmoidLoss,
     SymmetricInfoNCELoss,
     _ContrastiveLoss,
     matryoshka,
 )
+
+
+class _QueueOptions(TypedDict):
+    queue_size: int
+    momentum: float
+    false_negative_threshold: float | None
+    hardest: int | None
 
 
 class _InfoNCEOptions(TypedDict):
@@ -34,22 +46,40 @@ def build_loss(spec: LossSpec, model: Any) -> nn.Module:
         # cosine onto the gold score (Reimers & Gurevych 2019), which keeps the scale calibrated.
         graded = CoSENTLoss(model) if spec.name == "cosent" else CosineSimilarityLoss(model)
         return MatryoshkaLoss(model, graded, spec.matryoshka_dims) if spec.matryoshka_dims else graded
-    loss: _ContrastiveLoss
+    loss = _contrastive_loss(spec, model)
+    return matryoshka(loss, spec.matryoshka_dims) if spec.matryoshka_dims else loss
+
+
+def _contrastive_loss(spec: LossSpec, model: Any) -> _ContrastiveLoss:
+    common = _InfoNCEOptions(
+        init_temperature=spec.temperature,
+        learnable_temperature=spec.learnable_temperature,
+        max_logit_scale=spec.max_logit_scale,
+        symmetric=spec.symmetric,
+        gather_across_devices=spec.gather_across_devices,
+    )
     if spec.name == "infonce":
-        common = _InfoNCEOptions(
-            init_temperature=spec.temperature,
-            learnable_temperature=spec.learnable_temperature,
-            max_logit_scale=spec.max_logit_scale,
-            symmetric=spec.symmetric,
-            gather_across_devices=spec.gather_across_devices,
+        if spec.cached:
+            return CachedSymmetricInfoNCELoss(model, mini_batch_size=spec.mini_batch_size, **common)
+        return SymmetricInfoNCELoss(model, **common)
+    if spec.name == "hn_nce":
+        return HardNegativeNCELoss(model, beta=spec.beta, **common)
+    if spec.name == "cwcl":
+        return ContinuouslyWeightedLoss(model, reference=spec.cwcl_reference, **common)
+    if spec.name == "multi_positive":
+        return MultiPositiveInfoNCELoss(model, **common)
+    if spec.name == "moco":
+        queue = _QueueOptions(
+            queue_size=spec.queue_size,
+            momentum=spec.momentum,
+            false_negative_threshold=spec.false_negative_threshold,
+            hardest=spec.hardest_negatives,
         )
-        loss = (
-            CachedSymmetricInfoNCELoss(model, mini_batch_size=spec.mini_batch_size, **common)
-            if spec.cached
-            else SymmetricInfoNCELoss(model, **common)
-        )
-    elif spec.name == "sigmoid":
-        loss = SigmoidLoss(
+        if spec.cached:
+            return CachedMomentumQueueLoss(model, mini_batch_size=spec.mini_batch_size, **queue, **common)
+        return MomentumQueueLoss(model, **queue, **common)
+    if spec.name == "sigmoid":
+        return SigmoidLoss(
             model,
             init_temperature=spec.temperature,
             init_bias=spec.sigmoid_bias,
@@ -57,11 +87,9 @@ def build_loss(spec: LossSpec, model: Any) -> nn.Module:
             max_logit_scale=spec.max_logit_scale,
             gather_across_devices=spec.gather_across_devices,
         )
-    else:
-        loss = DebiasedContrastiveLoss(
-            model,
-            tau_plus=spec.tau_plus,
-            temperature=spec.temperature,
-            gather_across_devices=spec.gather_across_devices,
-        )
-    return matryoshka(loss, spec.matryoshka_dims) if spec.matryoshka_dims else loss
+    return DebiasedContrastiveLoss(
+        model,
+        tau_plus=spec.tau_plus,
+        temperature=spec.temperature,
+        gather_across_devices=spec.gather_across_devices,
+    )

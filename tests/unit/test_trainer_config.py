@@ -115,3 +115,75 @@ def test_a_missing_confined_file_is_named_as_given_and_unconfined_tilde_still_ex
     assert error.value.problems == ["train[0].path: no such file 'abc/none.jsonl'"]
     monkeypatch.setenv("HOME", str(folder))
     parse_config({**GOOD, "train": [{"path": "~/train.jsonl"}]}, None)  # `duet train` on one's own files
+
+
+def _with_loss(folder, loss, kind="pairs", **extra):
+    return parse_config({**GOOD, "train": [{"path": "train.jsonl", "kind": kind}], "loss": loss, **extra}, folder)
+
+
+def test_the_new_losses_fit_their_data_kinds(folder):
+    for name in ("hn_nce", "cwcl", "moco"):
+        assert _with_loss(folder, {"name": name}).loss.name == name
+    assert _with_loss(folder, {"name": "cwcl"}, kind="graded").loss.name == "cwcl"  # scores as soft targets
+    assert _with_loss(folder, {"name": "multi_positive"}, kind="multi_positive").loss.name == "multi_positive"
+    assert _with_loss(folder, {"name": "moco", "cached": True}).loss.cached
+    with pytest.raises(ConfigError, match="multi_positive data needs loss multi_positive, not infonce"):
+        _with_loss(folder, {"name": "infonce"}, kind="multi_positive")
+    with pytest.raises(ConfigError, match="graded data needs loss cosent, cosine, cwcl, not moco"):
+        _with_loss(folder, {"name": "moco"}, kind="graded")
+
+
+@pytest.mark.parametrize(
+    ("loss", "extra", "words"),
+    [
+        ({"name": "hn_nce", "cached": True}, {}, "loss.cached is available for infonce and moco only, not hn_nce"),
+        ({"name": "moco", "matryoshka_dims": [64]}, {}, "matryoshka_dims cannot be used with moco"),
+        ({"name": "moco", "queue_size": 16}, {"batch_size": 32}, "queue_size must be at least batch_size"),
+        ({"name": "moco", "momentum": 1.0}, {}, "loss.momentum"),
+        ({"name": "moco", "false_negative_threshold": 1.5}, {}, "loss.false_negative_threshold"),
+        ({"name": "hn_nce", "beta": -1}, {}, "loss.beta"),
+        ({"name": "cwcl", "cwcl_reference": "image"}, {}, "loss.cwcl_reference"),
+        ({"name": "infonce"}, {"eval": [{"path": "train.jsonl", "kind": "multi_positive"}]}, "eval[0]: multi_pos"),
+    ],
+)
+def test_loss_options_that_cannot_work_are_refused_with_what_to_change(folder, loss, extra, words):
+    with pytest.raises(ConfigError) as error:
+        _with_loss(folder, loss, **extra)
+    assert any(words in problem for problem in error.value.problems), error.value.problems
+
+
+def test_multi_positive_data_refuses_mining_and_negative_columns(folder):
+    bad = {
+        **GOOD,
+        "train": [{"path": "train.jsonl", "kind": "multi_positive", "negatives": ["hard"]}],
+        "loss": {"name": "multi_positive"},
+        "mining": {"enabled": True},
+    }
+    with pytest.raises(ConfigError) as error:
+        parse_config(bad, folder)
+    text = "\n".join(error.value.problems)
+    assert "mining needs pairs, not multi_positive" in text and "takes no negatives" in text
+
+
+def test_each_loss_name_builds_its_loss(folder, tiny_model_dir):
+    from sentence_transformers import SentenceTransformer
+
+    from trainer import losses
+    from trainer.losses_factory import build_loss
+
+    model = SentenceTransformer(str(tiny_model_dir), device="cpu")
+    expected = {
+        ("hn_nce", False): losses.HardNegativeNCELoss,
+        ("cwcl", False): losses.ContinuouslyWeightedLoss,
+        ("multi_positive", False): losses.MultiPositiveInfoNCELoss,
+        ("moco", False): losses.MomentumQueueLoss,
+        ("moco", True): losses.CachedMomentumQueueLoss,
+    }
+    for (name, cached), cls in expected.items():
+        spec = {"name": name, "cached": cached, "beta": 0.25, "queue_size": 128, "hardest_negatives": 7}
+        kind = "multi_positive" if name == "multi_positive" else "pairs"
+        loss = build_loss(_with_loss(folder, spec, kind=kind).loss, model)
+        assert type(loss) is cls, name
+    built = build_loss(_with_loss(folder, {"name": "moco", "queue_size": 128, "hardest_negatives": 7}).loss, model)
+    assert built.queue_size == 128 and built.hardest == 7
+    assert build_loss(_with_loss(folder, {"name": "hn_nce", "beta": 0.25}).loss, model).beta == 0.25

@@ -158,3 +158,37 @@ def test_a_missing_column_says_which_setting_or_format_to_use(tmp_path):
     message = str(error.value)
     assert "column 'anchor' is missing (the file's columns: 'question', 'answer', 'label')" in message
     assert "'anchor' setting" in message and "format: sts" in message
+
+
+# -- multi_positive: an anchor with a list of positives -----------------------------------------
+
+
+def test_multi_positive_rows_spread_into_padded_examples_with_counts(tmp_path):
+    Image.new("RGB", (4, 4), "red").save(tmp_path / "red.png")
+    rows = [
+        {"image": "red.png", "captions": ["a red square", "a small red box", "red on grey"]},
+        {"image": "red.png", "captions": "one caption as a plain string"},
+    ]
+    path = write_jsonl(tmp_path / "m.jsonl", rows)
+    spec = DatasetSpec(path=str(path), kind="multi_positive", anchor="image", positive="captions")
+    data = load_data(spec)  # K = the most positives a row has (3)
+    assert data.columns == ["anchor", "positive_1", "positive_2", "positive_3", "score"]
+    assert data.modalities == {"anchor": "image", "positive_1": "text", "positive_2": "text", "positive_3": "text"}
+    assert [r["score"] for r in data.rows] == [3.0, 1.0]
+    assert data.rows[1]["positive_2"] == data.rows[1]["positive_3"] == "one caption as a plain string"  # padding
+    split = load_data(spec.model_copy(update={"max_positives": 2}))  # 3 captions -> 2 examples, nothing dropped
+    assert [(r["positive_1"], r["positive_2"], r["score"]) for r in split.rows] == [
+        ("a red square", "a small red box", 2.0),
+        ("red on grey", "red on grey", 1.0),
+        ("one caption as a plain string", "one caption as a plain string", 1.0),
+    ]
+    assert split.to_hf()[0]["anchor"].getpixel((0, 0)) == (255, 0, 0)
+
+
+def test_multi_positive_bad_rows_say_what_is_wrong(tmp_path):
+    path = write_jsonl(tmp_path / "m.jsonl", [{"anchor": "a", "positive": ["x"]}, {"anchor": "b", "positive": []}])
+    with pytest.raises(RowError, match="m.jsonl:2: column 'positive' holds an empty list"):
+        load_data(DatasetSpec(path=str(path), kind="multi_positive"))
+    path = write_jsonl(tmp_path / "e.jsonl", [{"anchor": "a", "positive": ["x", " "]}])
+    with pytest.raises(RowError, match="e.jsonl:1: column 'positive' is empty"):
+        load_data(DatasetSpec(path=str(path), kind="multi_positive"))
