@@ -17,6 +17,7 @@ import typer
 from duet.config_cli import config_reference
 from duet.index_cli import index_app
 from duet.keys_cli import keys_app
+from duet.optimize_cli import optimize
 
 HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}  # subcommands inherit it from the group
 
@@ -25,6 +26,7 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="Inspect and change the model registry.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+models_app.command("optimize")(optimize)
 app.add_typer(index_app, name="index")
 app.add_typer(keys_app, name="keys")
 app.command("config-reference")(config_reference)

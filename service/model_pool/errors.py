@@ -7,6 +7,8 @@ table, so the hot-swap watcher can tell the two apart without reading HTTP statu
 
 from __future__ import annotations
 
+from registry.errors import InvalidNameError
+
 
 class ModelPoolError(Exception):
     """A model version could not be made ready to serve."""
@@ -20,3 +22,10 @@ class ModelMemoryBusyError(ModelPoolError):
     """No room now: the loaded versions that would have to go are busy. Worth retrying shortly."""
 
     retry_after = 5  # seconds, for the answer's Retry-After
+
+
+class VariantUnavailableError(ModelPoolError, InvalidNameError):
+    """A reference names a variant this server will not serve: the fidelity gate refused it (the
+    message carries the measured numbers), or its runtime is not installed here. The client's to
+    fix (ask for the version itself, or another variant), so it answers as a bad model reference
+    (400 `invalid_model_reference`) through the registry's row in `service.errors`."""

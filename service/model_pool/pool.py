@@ -6,6 +6,10 @@ files' hash), warms it up, and starts its batcher. Several versions can be loade
 when their parameters would exceed the memory budget, the least recently used idle version
 is unloaded. Aliases are resolved through the alias watcher (`hot_swap`), which alone moves
 them; a version that cannot be made to fit raises the pool's own errors (`errors`).
+
+A reference may end in a variant (`minilm/1:onnx-int8`, `minilm:openvino-int8`; encoders/variants.py):
+the reference before ':' resolves as usual (aliases watched the same way), then the version's
+variant is loaded under its own key, only if its fidelity gate passed.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,18 +27,21 @@ import numpy as np
 from PIL import Image
 
 from encoders.encoder import Encoder
+from encoders.errors import RuntimeMissingError, VariantSpecError
+from encoders.variants import VariantSpec, split_variant
+from registry.errors import InvalidNameError
 from registry.names import parse_model_ref
-from registry.store import ModelRegistry, ModelVersionInfo
+from registry.store import ModelRegistry, ModelVersionInfo, VariantInfo
 from service.batching import Batcher, BatchLimits
 from service.metrics import Metrics
-from service.model_pool.cpu_policy import TorchThreads, default_batch_size, inference_workers
-from service.model_pool.errors import ModelMemoryBudgetError, ModelMemoryBusyError
+from service.model_pool.cpu_policy import TorchThreads, default_batch_size, inference_workers, usable_cores
+from service.model_pool.errors import ModelMemoryBudgetError, ModelMemoryBusyError, VariantUnavailableError
 from service.model_pool.hot_swap import AliasWatcher
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".onnx")
 
 
 @dataclass
@@ -44,10 +51,28 @@ class LoadedModel:
     batcher: Batcher
     memory_bytes: int
     last_used: float = field(default_factory=time.monotonic)
+    variant: VariantInfo | None = None  # set when a runtime variant of `info` answers
 
     @property
     def ref(self) -> str:
-        return self.info.ref
+        return self.variant.ref if self.variant is not None else self.info.ref
+
+
+def split_reference(ref: str) -> tuple[str, VariantSpec | None]:
+    """The reference before ':' and the variant after it; a malformed variant is a bad reference (400)."""
+    try:
+        return split_variant(ref)
+    except VariantSpecError as exc:
+        raise InvalidNameError(str(exc)) from None
+
+
+def refused_message(variant: VariantInfo) -> str:
+    fidelity = variant.record.fidelity
+    return (
+        f"{variant.ref} is not served: its fidelity gate refused it ({'; '.join(fidelity.reasons)}; measured "
+        f"cosine to fp32 min {fidelity.cosine_min:.4f}, STS Spearman {fidelity.spearman:.2f} vs fp32 "
+        f"{fidelity.spearman_fp32:.2f}). Ask for {variant.version.ref} itself or another variant"
+    )
 
 
 def estimate_bytes(folder: Path) -> int:
@@ -90,8 +115,10 @@ class ModelPool:
         return self.settings.model_memory_budget_mb * 1024 * 1024
 
     async def resolve(self, ref: str | None) -> ModelVersionInfo:
-        """Reference -> version. Versions are cached for good; aliases are watched once seen."""
-        parsed = parse_model_ref(ref or self.settings.default_model)
+        """Reference -> version (a variant's version: what collections pin). Versions are cached
+        for good; aliases are watched once seen."""
+        base, _ = split_reference(ref or self.settings.default_model)
+        parsed = parse_model_ref(base)
         if parsed.version is None:
             return await self.watcher.resolve(parsed)
         key = str(parsed)
@@ -101,13 +128,30 @@ class ModelPool:
         return info
 
     async def get(self, ref: str | None) -> LoadedModel:
-        return await self.ensure_loaded(await self.resolve(ref))
+        base, spec = split_reference(ref or self.settings.default_model)
+        info = await self.resolve(base)
+        if spec is None:
+            return await self.ensure_loaded(info)
+        return await self.ensure_variant_loaded(info, spec)
 
     async def ensure_loaded(self, info: ModelVersionInfo) -> LoadedModel:
         """The loaded version, loading it first if needed (one load however many callers wait)."""
         model = self.loaded.get(info.ref)
         if model is None:
-            model = await self._load_once(info)
+            model = await self._load_once(info.ref, info.path, lambda: self._load_sync(info))
+        model.last_used = time.monotonic()
+        return model
+
+    async def ensure_variant_loaded(self, info: ModelVersionInfo, spec: VariantSpec) -> LoadedModel:
+        """The loaded variant of `info`, if its record says the fidelity gate passed and its runtime
+        is installed here; otherwise `VariantUnavailableError` saying why (with the gate's numbers)."""
+        key = f"{info.ref}:{spec.name}"
+        model = self.loaded.get(key)
+        if model is None:
+            variant = await anyio.to_thread.run_sync(self.registry.get_variant, info, spec.name)
+            if not variant.record.fidelity.passed:
+                raise VariantUnavailableError(refused_message(variant))
+            model = await self._load_once(key, variant.path, lambda: self._load_variant_sync(variant, spec))
         model.last_used = time.monotonic()
         return model
 
@@ -123,19 +167,19 @@ class ModelPool:
         finally:
             self._protected.discard(ref)
 
-    async def _load_once(self, info: ModelVersionInfo) -> LoadedModel:
-        task = self._loading.get(info.ref)
+    async def _load_once(self, key: str, folder: Path, load: Callable[[], LoadedModel]) -> LoadedModel:
+        task = self._loading.get(key)
         if task is None:
-            task = asyncio.ensure_future(self._load(info))
-            self._loading[info.ref] = task
-            task.add_done_callback(lambda _: self._loading.pop(info.ref, None))
+            task = asyncio.ensure_future(self._load(key, folder, load))
+            self._loading[key] = task
+            task.add_done_callback(lambda _: self._loading.pop(key, None))
         return await asyncio.shield(task)
 
-    async def _load(self, info: ModelVersionInfo) -> LoadedModel:
-        needed = estimate_bytes(info.path)
+    async def _load(self, key: str, folder: Path, load: Callable[[], LoadedModel]) -> LoadedModel:
+        needed = estimate_bytes(folder)
         self._make_room(needed)
-        model = await anyio.to_thread.run_sync(self._load_sync, info)
-        self.loaded[info.ref] = model
+        model = await anyio.to_thread.run_sync(load)
+        self.loaded[key] = model
         self._make_room(0)  # the real size may exceed the estimate
         self._update_gauges()
         return model
@@ -151,11 +195,39 @@ class ModelPool:
             packing=self.settings.text_packing,
             pack_tokens=self.settings.pack_tokens,
         )
+        return self._serve(info, None, encoder, started)
+
+    def _load_variant_sync(self, variant: VariantInfo, spec: VariantSpec) -> LoadedModel:
+        """A runtime variant: the version's files and the variant's both verified, on the CPU, with
+        the cores split between the batcher's workers as for torch."""
+        from encoders.runtime import load_variant_encoder
+
+        started = time.perf_counter()
+        info = variant.version
+        self.registry.verify(info)
+        self.registry.verify_variant(variant)
+        try:
+            encoder = load_variant_encoder(
+                info.path,
+                variant.path,
+                spec,
+                threads=max(1, usable_cores() // self.workers),
+                contract=info.manifest.contract,
+            )
+        except RuntimeMissingError as exc:
+            raise VariantUnavailableError(f"{variant.ref} cannot be served by this server: {exc}") from None
+        return self._serve(info, variant, encoder, started)
+
+    def _serve(
+        self, info: ModelVersionInfo, variant: VariantInfo | None, encoder: Encoder, started: float
+    ) -> LoadedModel:
+        """Warm the encoder up and start its batcher."""
+        ref = variant.ref if variant is not None else info.ref
         if self.settings.warmup:
             _warm_up(encoder)
         batcher = Batcher(
-            name=info.ref,
-            encode=self.watcher.announcing(info.ref, encoder.encode),
+            name=ref,
+            encode=self.watcher.announcing(ref, encoder.encode),
             limits=self._limits_for(encoder),
             metrics=self.metrics,
             workers=self.workers,
@@ -163,12 +235,14 @@ class ModelPool:
         batcher.start()
         logger.info(
             "loaded %s on %s in %.1fs (%s)",
-            info.ref,
+            ref,
             encoder.device,
             time.perf_counter() - started,
             "trained" if info.manifest.trained else "UNTRAINED",
         )
-        return LoadedModel(info=info, encoder=encoder, batcher=batcher, memory_bytes=encoder.memory_bytes())
+        model = LoadedModel(info=info, encoder=encoder, batcher=batcher, memory_bytes=encoder.memory_bytes())
+        model.variant = variant
+        return model
 
     def _limits_for(self, encoder: Encoder) -> BatchLimits:
         """A packed model's text batch is one pack: its budget is real tokens, and the batch size

@@ -4,12 +4,40 @@ from __future__ import annotations
 
 import anyio
 from fastapi import APIRouter, Depends
+from pydantic import Field
 
-from registry.store import ModelVersionInfo
+from registry.manifest import VariantRecord
+from registry.store import ModelRegistry, ModelVersionInfo
 from service.deps import PoolDep, RegistryDep, require_json
+from service.model_pool.pool import split_reference
 from service.schemas import AliasUpdate, ModelCard, ModelList, VersionCard, VersionList
 
 router = APIRouter(tags=["models"])
+
+
+class ModelDetail(VersionCard):
+    """A version card with its optimised variants (encoders/variants.py) and their fidelity gates.
+
+    Kept here, beside the one route that answers it, rather than in service/schemas.py: only
+    `GET /v1/models/{name}` shows variants (the version listings stay as they were)."""
+
+    variant: VariantRecord | None = Field(
+        default=None, description="The variant the reference names (`minilm/1:onnx-int8`), with its gate's numbers."
+    )
+    variants: dict[str, VariantRecord] = Field(
+        default_factory=dict,
+        description="Every variant derived from this version (`duet models optimize`); `fidelity.passed` says "
+        "whether it is served.",
+    )
+
+
+def _detail(
+    registry: ModelRegistry, name: str
+) -> tuple[ModelVersionInfo, VariantRecord | None, dict[str, VariantRecord]]:
+    base, spec = split_reference(name)
+    info = registry.resolve(base)
+    variant = registry.get_variant(info, spec.name).record if spec is not None else None
+    return info, variant, registry.list_variants(info)
 
 
 def _version_card(info: ModelVersionInfo, loaded: bool, asked: str | None = None) -> VersionCard:
@@ -47,12 +75,15 @@ async def list_models(registry: RegistryDep) -> ModelList:
     )
 
 
-@router.get("/v1/models/{name}", response_model=VersionCard, summary="The version a reference resolves to")
-async def get_model(name: str, registry: RegistryDep, pool: PoolDep) -> VersionCard:
-    """`name` or `name@alias` (URL-encode '@' as %40 if your client needs to); OpenAI's fields name the
-    reference asked for, so `client.models.retrieve("minilm").id == "minilm"`."""
-    info = await anyio.to_thread.run_sync(registry.resolve, name)
-    return _version_card(info, info.ref in pool.loaded, asked=name)
+@router.get("/v1/models/{name}", response_model=ModelDetail, summary="The version a reference resolves to")
+async def get_model(name: str, registry: RegistryDep, pool: PoolDep) -> ModelDetail:
+    """`name` or `name@alias` (URL-encode '@' as %40 if your client needs to), optionally with a variant
+    (`minilm/1:onnx-int8`); OpenAI's fields name the reference asked for, so
+    `client.models.retrieve("minilm").id == "minilm"`. Lists the version's variants with their gates' numbers."""
+    info, variant, variants = await anyio.to_thread.run_sync(_detail, registry, name)
+    ref = f"{info.ref}:{variant.name}" if variant is not None else info.ref
+    card = _version_card(info, ref in pool.loaded, asked=name)
+    return ModelDetail(**card.model_dump(), variant=variant, variants=variants)
 
 
 @router.get("/v1/models/{name}/versions", response_model=VersionList, summary="All versions of a model")
