@@ -32,6 +32,7 @@ from index.milvus.expressions import after_clause, compile_filter, conjunction, 
 from index.milvus.schema import (
     CONTENT_MAX_BYTES,
     ITEM_FIELDS,
+    MAX_LIMIT,
     ROW_FIELDS,
     build_index_params,
     index_type,
@@ -89,6 +90,20 @@ def row_to_item(row: dict[str, Any], dim: int | None = None) -> StoredItem:
         payload=dict(row.get("payload") or {}),
         content=row.get("content"),
     )
+
+
+def _rescored(hits: list[dict[str, Any]], query: np.ndarray) -> list[dict[str, Any]]:
+    """Hits ranked by the exact inner product of the query with their float vectors (which becomes their
+    `distance`, the score reported)."""
+    scored = []
+    for hit in hits:
+        entity = hit.get("entity", {})
+        vector = entity.get("vector")
+        if vector is None:
+            continue
+        scored.append({**hit, "distance": float(np.dot(query, _vector(vector)))})
+    scored.sort(key=lambda hit: -hit["distance"])
+    return scored
 
 
 class MilvusCollection:
@@ -259,8 +274,12 @@ class MilvusCollection:
         modality: str | None = None,
         nprobe: int | None = None,
         exclude: list[str | None] | None = None,
+        rescore: bool | None = None,
     ) -> list[list[Hit]]:
-        """Top-k per query in one search RPC; `exclude[i]` drops one id from query i's hits."""
+        """Top-k per query in one search RPC; `exclude[i]` drops one id from query i's hits. A quantised
+        index (IVF_SQ8, HNSW_SQ, IVF_RABITQ) is asked for `k * oversample` candidates with their float
+        vectors, ranked again here by the exact inner product, unless rescoring is off (`rescore`
+        overrides the collection's choice)."""
         queries = np.asarray(queries, dtype=np.float32)
         if queries.ndim == 1:
             queries = queries[None, :]
@@ -270,18 +289,23 @@ class MilvusCollection:
         if len(queries) == 0 or k <= 0:
             return [[] for _ in range(len(queries))]
         fetch = k + (1 if any(skips) else 0)
+        spec = self.config.index
+        rescoring = spec.quantization != "none" and (spec.rescore if rescore is None else rescore)
+        limit = min(fetch * spec.oversample, MAX_LIMIT) if rescoring else fetch
         results = self.conn.call(
             "search",
             self.physical,
             data=queries.tolist(),
             filter=expr,
-            limit=fetch,
-            output_fields=ROW_FIELDS,
-            search_params=search_params(self.config.index, fetch, nprobe),
+            limit=limit,
+            output_fields=[*ROW_FIELDS, "vector"] if rescoring else ROW_FIELDS,
+            search_params=search_params(spec, limit, nprobe),
             consistency_level="Strong",
         )
         out = []
-        for row_hits, skip in zip(results, skips):
+        for row_hits, query, skip in zip(results, queries, skips):
+            if rescoring:
+                row_hits = _rescored(row_hits, query)
             hits = []
             for hit in row_hits:
                 entity = hit.get("entity", {})
@@ -301,6 +325,19 @@ class MilvusCollection:
                     break
             out.append(hits)
         return out
+
+    def _quantization_stats(self) -> dict[str, Any]:
+        spec = self.config.index
+        if spec.quantization == "none":
+            scores = "float"
+        else:
+            scores = "float (rescored)" if spec.rescore else f"{index_type(spec)} estimate (not rescored)"
+        return {
+            "quantization": spec.quantization,
+            "rescore": spec.rescore,
+            "oversample": spec.oversample,
+            "scores": scores,
+        }
 
     def count(self, expr: str = "") -> int:
         rows = self.conn.call("query", self.physical, filter=expr, output_fields=["count(*)"])
@@ -349,6 +386,7 @@ class MilvusCollection:
                 "alias": names.alias(self.backend.prefix, self.name),
                 "uri": self.conn.where,
                 "modality_gap_max_items": MODALITY_GAP_MAX_ITEMS,
+                **self._quantization_stats(),
             },
             "payload_fields": self.schema,
             "modality_gap": self.modality_gap(counts) if len(counts) > 1 else None,
