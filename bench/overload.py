@@ -52,19 +52,19 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.harness import HOST, code_state  # noqa: E402
 from bench.results import write_section  # noqa: E402
 from bench.serve import (  # noqa: E402
+    CODE_DIRS,
     DEFAULT_TEXTS,
-    HOST,
     MODEL_NAME,
-    ServerProcess,
-    code_state,
     command_line,
     duet_spec,
     http_post,
     load_texts,
     machine_busy_seconds,
-    machine_summary,
+    read_head,
+    serve_machine,
     tree_cpu_seconds,
     tree_peak_rss_kb,
     tree_rss_kb,
@@ -81,12 +81,7 @@ PATH = "/v1/embeddings"
 
 
 async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
-    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-    status = int(head[0].split(" ", 2)[1])
-    headers = {}
-    for line in head[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
+    status, headers = await read_head(reader)
     body = await reader.readexactly(int(headers.get("content-length", "0")))
     return status, headers, body
 
@@ -412,14 +407,14 @@ def build_requests(texts: list[str], count: int, port: int) -> list[bytes]:
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup in `with` blocks
     args = parse_args(argv)
-    code, machine = code_state(), machine_summary()
+    code, machine = code_state(CODE_DIRS), serve_machine()
     texts = load_texts(args.texts_file)
     with tempfile.TemporaryDirectory(prefix="duet-overload-") as tmp:
         spec = duet_spec(argparse.Namespace(duet=args.duet), Path(tmp) / "data")
         spec.env["DUET_MAX_QUEUE_WAIT_MS"] = str(args.max_queue_wait_ms)
         requests = build_requests(texts, 2000, spec.port)
-        with ServerProcess(spec, Path(tmp) / "duet.log") as server:
-            server.wait_ready(args.startup_timeout)
+        with spec.process(Path(tmp) / "duet.log") as server:
+            server.wait_ready(args.startup_timeout, spec.ready_path, poll=0.5)
             rss = RssSampler(server.pid, args.rss_every)
             rss.start()
             rss.enter("ready")

