@@ -67,15 +67,12 @@ and kept), 2 the run could not complete (time limit, harness error).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import os
 import random
 import shlex
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -87,7 +84,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-HOST = "127.0.0.1"
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.harness import ServerError, ServerProcess, duet_serve, milvus_lite  # noqa: E402
+from bench.results import write_section  # noqa: E402
+
 DIM = 64
 SNAPSHOT = "index.snapshot"
 SNAPSHOT_TMP = "index.tmp"  # FaissIndex.write_snapshot writes path.with_suffix(".tmp") first
@@ -191,67 +194,41 @@ class Violations:
 # -- the server --------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
-def duet_command() -> list[str]:
-    beside = Path(sys.executable).parent / "duet"  # the console script of this interpreter
-    found = str(beside) if beside.exists() else shutil.which("duet")
-    if not found:
-        raise HarnessError("the `duet` command is not installed (pip install -e '.[service]')")
-    return [found]
-
-
 class MilvusLite:
-    """`milvus-lite server` in its own process group on a fresh port each start (same data dir)."""
+    """`milvus-lite server` on a fresh port each start (same data dir); a log per start."""
 
     def __init__(self, data_dir: Path, log_dir: Path) -> None:
         self.data_dir = data_dir
         self.log_dir = log_dir
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.process: ServerProcess | None = None
         self.starts = 0
         self.uri = ""
 
     def start(self, timeout: float) -> float:
-        beside = Path(sys.executable).parent / "milvus-lite"
-        found = str(beside) if beside.exists() else shutil.which("milvus-lite")
-        if not found:
-            raise HarnessError("`milvus-lite` is not installed (pip install -e '.[dev]')")
-        port = free_port()
         self.starts += 1
-        log_path = self.log_dir / f"milvus-{self.starts:03d}.log"
-        command = [found, "server", "--data-dir", str(self.data_dir), "--host", HOST, "--port", str(port)]
-        with open(log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        self.uri = f"http://{HOST}:{port}"
-        started = time.monotonic()
-        while time.monotonic() - started < timeout:
-            if self.proc.poll() is not None:
-                raise HarnessError(f"milvus-lite server exited with {self.proc.returncode}: see {log_path}")
-            with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=1):
-                return time.monotonic() - started
-            time.sleep(0.1)
-        raise HarnessError(f"milvus-lite server not listening after {timeout:.0f}s: see {log_path}")
+        try:
+            self.process = milvus_lite(self.data_dir, self.log_dir / f"milvus-{self.starts:03d}.log").start()
+            self.uri = self.process.base
+            return self.process.wait_listening(timeout)
+        except ServerError as exc:
+            raise HarnessError(str(exc)) from None
 
     def kill(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        process, self.process = self.process, None
+        kill(process)
+
+
+def kill(process: ServerProcess | None) -> None:
+    """SIGKILL a process group and reap it; a group that outlives SIGKILL stops the run."""
+    if process is not None:
         try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired as exc:
-            raise HarnessError(f"milvus-lite pid {proc.pid} still alive 15s after SIGKILL") from exc
+            process.kill()
+        except ServerError as exc:
+            raise HarnessError(str(exc)) from None
 
 
 class Server:
-    """`duet serve` in its own process group, on a fresh port each start; logs kept per start."""
+    """`duet serve` on a fresh port each start (same data dir); a log per start, kept."""
 
     def __init__(
         self, data_dir: Path, log_dir: Path, snapshot_interval: float, milvus: MilvusLite | None = None
@@ -259,12 +236,11 @@ class Server:
         self.milvus = milvus
         self.data_dir = data_dir
         self.log_dir = log_dir
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.process: ServerProcess | None = None
         self.starts = 0
         self.log_path: Path | None = None
         self.url = ""
         self.env = {
-            **os.environ,
             "DUET_PRELOAD_MODELS": "[]",  # vector-only: no model to load, fast start
             "DUET_REGISTER_DEFAULT_MODELS": "false",
             "DUET_SNAPSHOT_INTERVAL_SECONDS": str(snapshot_interval),
@@ -276,48 +252,24 @@ class Server:
     def start(self) -> None:
         if self.milvus is not None:
             self.env["DUET_MILVUS_URI"] = self.milvus.uri  # a new port after each Milvus restart
-        port = free_port()
         self.starts += 1
         self.log_path = self.log_dir / f"server-{self.starts:03d}.log"
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [*duet_command(), "serve", "--data-dir", str(self.data_dir), "--port", str(port)],
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.url = f"http://{HOST}:{port}"
+        self.process = duet_serve(self.data_dir, self.log_path, self.env).start()
+        self.url = self.process.base
 
     def wait_ready(self, timeout: float) -> float:
-        """Seconds until GET /ready is 200; raises if the server exits or the time runs out."""
-        started = time.monotonic()
-        deadline = started + timeout
-        with httpx.Client(base_url=self.url, timeout=2.0) as client:
-            while time.monotonic() < deadline:
-                if self.proc is None or self.proc.poll() is not None:
-                    code = None if self.proc is None else self.proc.returncode
-                    raise ServerDown(f"server exited with {code} before it was ready\n{self.log_tail()}")
-                try:
-                    if client.get("/ready").status_code == 200:
-                        return time.monotonic() - started
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.1)
-        raise ServerDown(f"server not ready after {timeout:.0f}s\n{self.log_tail()}")
+        """Seconds from the start until GET /ready is 200; ServerDown if the server exits or the time runs out."""
+        if self.process is None:
+            raise ServerDown("server not started")
+        try:
+            return self.process.wait_ready(timeout, poll=0.1)
+        except ServerError as exc:
+            raise ServerDown(f"{exc.reason}\n{self.log_tail()}") from None
 
     def kill(self) -> None:
         """SIGKILL the whole process group (uvicorn and anything it started) and reap it."""
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):  # already gone
-            os.killpg(proc.pid, signal.SIGKILL)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired as exc:
-            raise HarnessError(f"server pid {proc.pid} still alive 15s after SIGKILL") from exc
+        process, self.process = self.process, None
+        kill(process)
 
     def log_text(self) -> str:
         if self.log_path is None or not self.log_path.exists():
@@ -724,7 +676,7 @@ def corrupt_snapshot(run: Run, how: str, rng: random.Random) -> None:
 
 def restart(run: Run, rng: random.Random, allow_startup_kill: bool) -> float:
     milvus = run.server.milvus
-    if milvus is not None and milvus.proc is None:
+    if milvus is not None and milvus.process is None:
         milvus.start(run.args.ready_timeout)
     if allow_startup_kill and rng.random() < run.args.startup_kill_prob:
         run.server.start()  # killed again during start-up (open, replay, first snapshot)
@@ -856,9 +808,6 @@ def write_results(
     failed: Violations,
 ) -> None:
     """The run's summary as the `crash-<backend>` section of bench/RESULTS.md."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from results import write_section
-
     command = shlex.join(["python", "bench/crash_test.py", *(sys.argv[1:] if argv is None else argv)])
     what = (
         "`duet serve` (DUET_COLLECTIONS_BACKEND=milvus) on a `milvus-lite server` the test starts; "
