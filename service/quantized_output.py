@@ -26,6 +26,7 @@ import anyio
 import numpy as np
 
 from encoders.calibration_texts import CALIBRATION_TEXTS, SAMPLE_NAME
+from encoders.contract import Modality
 from encoders.quantize import OUTPUT_DTYPES, calibration_ranges, needs_calibration, quantize
 from registry.calibration import Calibration, calibration_path, publish_calibration, read_calibration
 from service.embedding import embed_prepared
@@ -112,8 +113,8 @@ def embedder(settings: Settings) -> EmbedSample:
     async def embed_sample(model: LoadedModel) -> np.ndarray:
         rows = []
         for start in range(0, len(CALIBRATION_TEXTS), _CHUNK):
-            items = [("text", text) for text in CALIBRATION_TEXTS[start : start + _CHUNK]]
-            prepared = await prepare(items, model.encoder, settings)  # type: ignore[arg-type]
+            items: list[tuple[Modality, str]] = [("text", text) for text in CALIBRATION_TEXTS[start : start + _CHUNK]]
+            prepared = await prepare(items, model.encoder, settings)
             rows.append(await embed_prepared(model, prepared))
         return np.concatenate(rows).astype(np.float32)
 

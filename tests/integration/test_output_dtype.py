@@ -14,7 +14,7 @@ from sentence_transformers.util.quantization import quantize_embeddings
 from encoders.calibration_texts import CALIBRATION_TEXTS
 from registry.calibration import read_calibration
 from service.quantized_output import decode_sample, truncate_and_normalize
-from tests.helpers import cosine
+from tests.helpers import cosine, png_data_uri
 
 TEXTS = ["A man is playing a guitar.", "Ein Mann spielt Gitarre.", "The cat sleeps on the mat.", "short"]
 NUMPY = {"int8": np.int8, "uint8": np.uint8, "binary": np.int8, "ubinary": np.uint8}
@@ -111,3 +111,21 @@ def test_openai_client_gets_ints_through_extra_body(server):
     assert all(float(v).is_integer() and -128 <= v <= 127 for v in response.data[0].embedding)
     plain = client.embeddings.create(model="minilm", input=TEXTS[:2])  # its default path, unchanged
     assert len(plain.data[0].embedding) == 384 and not all(float(v).is_integer() for v in plain.data[0].embedding)
+
+
+def test_dual_encoder_images_use_its_text_calibration(http, server):
+    inputs = ["a red square", png_data_uri(color=(255, 0, 0)), png_data_uri(color=(0, 0, 255))]
+    body = {"model": "minilm-dual", "input": inputs}
+    floats = http.post("/v1/embeddings", json=body).json()["data"]
+    quantised = http.post("/v1/embeddings", json={**body, "output_dtype": "uint8"})
+    assert quantised.status_code == 200, quantised.text
+    assert quantised.json()["model"] == "minilm-dual/1"
+    stored = read_calibration(server.state.registry.resolve("minilm-dual"))
+    assert stored is not None and stored.ref == "minilm-dual/1"  # its own, from text
+    expected = quantize_embeddings(
+        np.array([d["embedding"] for d in floats], dtype=np.float32),
+        precision="uint8",
+        calibration_embeddings=decode_sample(stored),
+    )
+    got = np.array([d["embedding"] for d in quantised.json()["data"]], dtype=np.uint8)
+    np.testing.assert_array_equal(got, expected)
