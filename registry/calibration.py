@@ -18,6 +18,8 @@ So every replica quantises a version with the same ranges, and they never change
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 import os
@@ -26,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from registry.store import ModelVersionInfo
 
@@ -49,6 +51,17 @@ class Calibration(BaseModel):
     dimension: int = Field(ge=1)
     embeddings_b64: str = Field(description="count x dimension little-endian float32, row-major, base64.")
     created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    @model_validator(mode="after")
+    def _embeddings_fit_the_shape(self) -> Calibration:
+        """A truncated or hand-edited file is refused here, not when a request decodes it."""
+        try:
+            size = len(base64.b64decode(self.embeddings_b64, validate=True))
+        except binascii.Error:
+            raise ValueError("embeddings_b64 is not base64") from None
+        if size != self.count * self.dimension * 4:
+            raise ValueError(f"embeddings_b64 holds {size} bytes, not {self.count} x {self.dimension} float32")
+        return self
 
 
 def calibration_path(info: ModelVersionInfo) -> Path:

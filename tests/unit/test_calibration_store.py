@@ -4,6 +4,7 @@ the hashed artifact folder."""
 from __future__ import annotations
 
 import base64
+import json
 
 import numpy as np
 import pytest
@@ -87,6 +88,10 @@ def test_each_version_has_its_own_and_ignores_anothers(versions):
 def test_a_corrupt_file_counts_as_none_and_is_replaced(versions):
     _, first, _ = versions
     calibration_path(first).write_text("{not json")
+    assert read_calibration(first) is None
+    cut = _calibration(first, 0.3).model_dump()
+    cut["embeddings_b64"] = cut["embeddings_b64"][:-8]  # a truncated copy: the shape no longer fits
+    calibration_path(first).write_text(json.dumps(cut))
     assert read_calibration(first) is None
     fresh = publish_calibration(first, _calibration(first, 0.3))
     assert read_calibration(first) == fresh
