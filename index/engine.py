@@ -322,8 +322,9 @@ class FaissIndex:
     # -- GPU -----------------------------------------------------------------------------
 
     def enable_gpu(self) -> bool:
-        """Clone to the GPU for unfiltered searches; the CPU index stays the persisted truth."""
-        if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1 or self.is_hnsw or self.binary:
+        """Clone to the GPU for unfiltered searches; the CPU index stays the persisted truth. Not HNSW and not
+        quantised indexes (FAISS has no GPU version of a flat SQ8 or a binary index; they exist to save memory)."""
+        if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1 or self.is_hnsw or self.quantized:
             return False
         with self.lock.write():
             self._gpu_resources = getattr(self, "_gpu_resources", None) or faiss.StandardGpuResources()
