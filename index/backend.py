@@ -18,6 +18,7 @@ gets the same answer on either.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -25,7 +26,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from index.config import CollectionConfig
-from index.items import Hit, StoredItem
+from index.items import HIT_DEFAULT, Hit, StoredItem
 from index.payloads import PayloadLimits
 
 BackendKind = Literal["faiss", "milvus"]
@@ -73,7 +74,9 @@ class CollectionHandle(Protocol):
         modality: str | None = None,
         nprobe: int | None = None,
         exclude: list[str | None] | None = None,
-    ) -> list[list[Hit]]: ...
+        include: AbstractSet[str] = HIT_DEFAULT,
+    ) -> list[list[Hit]]:
+        """Top-k hits per query; `include`: what each hit carries besides id, score and modality (`HIT_FIELDS`)."""
 
     def count(self) -> int: ...
 

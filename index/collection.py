@@ -18,6 +18,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from index.errors import (
     ItemNotFoundError,
 )
 from index.filters import compile_filter
-from index.items import Hit, StoredItem
+from index.items import HIT_DEFAULT, Hit, StoredItem
 from index.layout import SNAPSHOT_FILE, STORE_FILE, data_folder
 from index.payloads import PayloadLimits, check_payload
 from index.quantization import SQ_TRAIN_MIN, SQ_TRAIN_SAMPLE, rescore
@@ -423,12 +424,14 @@ class Collection:
         nprobe: int | None = None,
         exclude: list[str | None] | None = None,
         rescore: bool | None = None,
+        include: AbstractSet[str] = HIT_DEFAULT,
     ) -> list[list[Hit]]:
         """Top-k hits per query (queries validated and normalised like stored vectors).
 
         `query_modalities` lets modality-gap correction shift each query by its own centroid;
         `exclude[i]` drops one id from query i's results (a query by item id skips itself);
-        `rescore` overrides the collection's own choice for a quantised index.
+        `rescore` overrides the collection's own choice for a quantised index; `include`: what hits
+        carry besides id, score and modality (`index.items.HIT_FIELDS`), and so what rows are read.
         """
         if self._centroids and query_modalities is not None:
             queries = self._for_index(queries, query_modalities)
@@ -442,7 +445,7 @@ class Collection:
             scores, vids = self._exact(queries, allowed, fetch)
         else:
             scores, vids = self._index_search(queries, fetch, allowed, nprobe, rescore)
-        return self._hits(scores, vids, k, exclude or [None] * len(queries))
+        return self._hits(scores, vids, k, exclude or [None] * len(queries), include)
 
     def _index_search(
         self, queries: np.ndarray, fetch: int, allowed: np.ndarray | None, nprobe: int | None, wanted: bool | None
@@ -466,13 +469,16 @@ class Collection:
         top = np.argsort(-scores, axis=1)[:, :k]
         return np.take_along_axis(scores, top, axis=1), vids[top]
 
-    def _hits(self, scores: np.ndarray, vids: np.ndarray, k: int, exclude: list[str | None]) -> list[list[Hit]]:
-        # Rows for the first k (+1 for a self-exclusion) candidates of each query first; the
-        # spare candidates are looked up only if some of those rows vanished in the meantime.
+    def _hits(
+        self, scores: np.ndarray, vids: np.ndarray, k: int, exclude: list[str | None], include: AbstractSet[str]
+    ) -> list[list[Hit]]:
+        # Rows for the first k (+1 for a self-exclusion) candidates of each query first, all queries in one
+        # lookup; the spare candidates are looked up only if some of those rows vanished in the meantime.
         first = vids[:, : k + (1 if any(exclude) else 0)]
-        items = self.store.by_vids(sorted({int(v) for v in first.ravel() if v >= 0}), with_vectors=False)
+        items = self.store.hit_rows(first, include)
         if any(int(v) not in items for v in first.ravel() if v >= 0):
-            items = self.store.by_vids(sorted({int(v) for v in vids.ravel() if v >= 0}), with_vectors=False)
+            items = self.store.hit_rows(vids, include)
+        with_vector = "vector" in include
         results = []
         for row_scores, row_vids, skip in zip(scores, vids, exclude):
             hits = []
@@ -480,7 +486,16 @@ class Collection:
                 item = items.get(int(vid))
                 if item is None or item.id == skip:
                     continue  # -1 padding, or deleted between search and lookup
-                hits.append(Hit(item.id, float(score), item.payload, item.modality, item.content))
+                hits.append(
+                    Hit(
+                        item.id,
+                        float(score),
+                        item.payload,
+                        item.modality,
+                        item.content,
+                        item.vector if with_vector else None,
+                    )
+                )
                 if len(hits) == k:
                     break
             results.append(hits)

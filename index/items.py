@@ -18,6 +18,12 @@ class StoredItem:
     vid: int = -1  # the faiss backend's integer id for the item's vector; unused by others
 
 
+# What a search hit may carry beyond id, score and modality (a search's `include`), and what it carries when
+# the search does not say: payload and content, as every answer had before `include` existed.
+HIT_FIELDS = ("payload", "content", "vector")
+HIT_DEFAULT = frozenset({"payload", "content"})
+
+
 @dataclass
 class Hit:
     id: str
@@ -25,3 +31,4 @@ class Hit:
     payload: dict[str, Any]
     modality: str
     content: str | None
+    vector: np.ndarray | None = None  # only when the search asks for it (`include`)

@@ -13,16 +13,17 @@ import json
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 
 from index.errors import PayloadError
 from index.filters import FIELD, value_type
-from index.items import StoredItem
+from index.items import HIT_DEFAULT, HIT_FIELDS, StoredItem
 from index.payloads import dump_payload, load_payload, repair_payloads
 
 logger = logging.getLogger(__name__)
@@ -279,6 +280,37 @@ class CollectionStore:
             ).fetchall()
             found.update((r["vid"], _row_to_item(r, self.dim)) for r in rows)
         return found
+
+    def hit_rows(self, vids: np.ndarray, include: Collection[str] = HIT_DEFAULT) -> dict[int, StoredItem]:
+        """Rows of search hits by FAISS id: every hit of every query of a request in one statement, and only
+        the columns asked for (`HIT_FIELDS`; id, vid and modality always). A 256-query batch of top-10 is
+        2,560 rows: `by_vids` took 6 statements of 500 placeholders, sqlite3.Row lookups by name and
+        payloads decoded even when the caller then dropped them. Ids < 0 (FAISS's padding) are skipped."""
+        unique = np.unique(np.asarray(vids, dtype=np.int64))
+        wanted = unique[unique >= 0]
+        if not len(wanted):
+            return {}
+        extra = [field for field in HIT_FIELDS if field in include]
+        columns = ", ".join(["id", "vid", "modality", *extra])
+        cursor = self._reader.cursor()
+        cursor.row_factory = None  # plain tuples: a Row's lookups by name cost more than the rest of the row
+        rows = cursor.execute(
+            f"SELECT {columns} FROM items WHERE vid IN (SELECT value FROM json_each(?))",
+            (orjson.dumps(wanted, option=orjson.OPT_SERIALIZE_NUMPY),),
+        ).fetchall()
+        return {row[1]: self._hit_item(row, extra) for row in rows}
+
+    def _hit_item(self, row: tuple[Any, ...], extra: list[str]) -> StoredItem:
+        values = dict(zip(extra, row[3:]))
+        vector = values.get("vector")
+        return StoredItem(
+            id=row[0],
+            modality=row[2],
+            vector=np.frombuffer(vector, dtype=np.float32, count=self.dim) if vector is not None else _NO_VECTOR,
+            payload=load_payload(values["payload"]) if "payload" in values else {},
+            content=values.get("content"),
+            vid=row[1],
+        )
 
     def vectors(self, vids: np.ndarray) -> np.ndarray:
         items = self.by_vids([int(v) for v in vids])

@@ -10,6 +10,11 @@ from index.config import NAME_PATTERN
 from service.schemas import RequestBody
 
 IndexKind = Literal["auto", "flat", "ivf", "ivfpq", "hnsw"]
+HitField = Literal["payload", "content", "vector"]  # index.items.HIT_FIELDS
+VECTOR_DESCRIPTION = (
+    "Floats, or one base64 string of little-endian float32 (what /v1/embeddings returns with "
+    '`encoding_format: "base64"`, passed through as it is): 4 bytes per dimension, no JSON numbers to parse.'
+)
 
 
 class IndexOptions(RequestBody):
@@ -114,7 +119,7 @@ class ItemIn(RequestBody):
     id: str = Field(min_length=1, max_length=256)
     text: str | None = None
     image: str | None = Field(default=None, description="data:image/<type>;base64,... URI")
-    vector: list[float] | None = None
+    vector: list[float] | str | None = Field(default=None, description=VECTOR_DESCRIPTION)
     modality: Literal["text", "image"] | None = Field(
         default=None, description="For raw vectors: which modality they came from (for the modality gap)."
     )
@@ -166,7 +171,7 @@ class DeleteResponse(BaseModel):
 class Query(RequestBody):
     text: str | None = None
     image: str | None = None
-    vector: list[float] | None = None
+    vector: list[float] | str | None = Field(default=None, description=VECTOR_DESCRIPTION)
     id: str | None = None
 
     @model_validator(mode="after")
@@ -185,6 +190,11 @@ class SearchRequest(RequestBody):
     modality: Literal["text", "image", "vector"] | None = Field(default=None, description="Only items of this kind.")
     nprobe: int | None = Field(default=None, ge=1, le=2048)
     model: str | None = Field(default=None, description="If given, must resolve to the collection's pinned version.")
+    include: list[HitField] | None = Field(
+        default=None,
+        description="What each hit carries besides id, score and modality: any of payload, content and vector "
+        "(the stored, normalised vector, as floats). Default: payload and content. `[]` answers fastest.",
+    )
 
     @model_validator(mode="after")
     def _one_of(self) -> SearchRequest:
@@ -196,9 +206,10 @@ class SearchRequest(RequestBody):
 class SearchHit(BaseModel):
     id: str
     score: float
-    payload: dict[str, Any]
+    payload: dict[str, Any] | None = Field(default=None, description="Absent unless included (by default it is).")
     modality: str
-    content: str | None = None
+    content: str | None = Field(default=None, description="Absent unless included (by default it is).")
+    vector: list[float] | None = Field(default=None, description='Only with "vector" in `include`.')
 
 
 class SearchResponse(BaseModel):

@@ -15,10 +15,13 @@ Milvus); its calls block (disk, network), so every one runs in a worker thread. 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import dataclasses
 import json
 import logging
 import time
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -30,7 +33,7 @@ from index.backend import CollectionBackend, CollectionHandle, EmbedFn
 from index.config import CollectionConfig
 from index.engine import IndexSpec
 from index.errors import BackendUnavailableError, CollectionBusyError, CollectionNotFoundError, InvalidVectorError
-from index.items import Hit, StoredItem
+from index.items import HIT_DEFAULT, Hit, StoredItem
 from index.payloads import PayloadLimits, check_payload
 from registry.errors import VersionNotFoundError
 from registry.names import DEFAULT_ALIAS, LATEST
@@ -88,6 +91,7 @@ class SearchResult:
     model: str | None
     collection: str
     warning: str | None  # `X-Duet-Warning`: the pinned version is untrained
+    include: AbstractSet[str] = HIT_DEFAULT  # what the hits carry besides id, score and modality
 
 
 class CollectionsService:
@@ -252,10 +256,10 @@ class CollectionsService:
         vectors: list[np.ndarray | None] = [None] * len(body.items)
         contents: list[tuple[Modality, str]] = []
         labels, positions = [], []
+        for i, row in _given_vectors(collection, [item.vector for item in body.items], "items").items():
+            vectors[i] = row
         for i, item in enumerate(body.items):
-            if item.vector is not None:
-                vectors[i] = _vector(collection, item.vector, f"items[{i}].vector")
-            else:
+            if item.vector is None:
                 kind: Modality = "text" if item.text is not None else "image"
                 contents.append((kind, cast(str, item.text if kind == "text" else item.image)))
                 labels.append(f"items[{i}].{kind}")
@@ -341,6 +345,7 @@ class CollectionsService:
         collection = await self._get(name)
         await self._check_model(collection, body.model)
         vectors, modalities, exclude = await self._query_vectors(queries, collection)
+        include = HIT_DEFAULT if body.include is None else frozenset(body.include)
         started = time.perf_counter()
         hits = await anyio.to_thread.run_sync(
             lambda: collection.search(
@@ -351,10 +356,12 @@ class CollectionsService:
                 modality=body.modality,
                 nprobe=body.nprobe,
                 exclude=exclude,
+                include=include,
             )
         )
         self.metrics.index_search_latency.observe(time.perf_counter() - started)
-        return SearchResult(hits, collection.config.model, collection.name, await self._untrained(collection))
+        warning = await self._untrained(collection)
+        return SearchResult(hits, collection.config.model, collection.name, warning, include)
 
     async def _query_vectors(
         self, queries: list[Query], collection: CollectionHandle
@@ -365,10 +372,12 @@ class CollectionsService:
         exclude: list[str | None] = [None] * len(queries)
         contents: list[tuple[Modality, str]] = []
         labels, positions = [], []
+        for i, row in _given_vectors(collection, [query.vector for query in queries], "queries").items():
+            rows[i] = row
         for i, query in enumerate(queries):
             if query.vector is not None:
-                rows[i] = _vector(collection, query.vector, f"queries[{i}].vector")
-            elif query.id is not None:
+                continue
+            if query.id is not None:
                 item = await anyio.to_thread.run_sync(collection.get, query.id)
                 rows[i], modalities[i], exclude[i] = item.vector, item.modality, item.id
             else:
@@ -456,11 +465,66 @@ def _created_view(collection: CollectionHandle, kind: str) -> CollectionView:
         return CollectionView(collection.config, {"count": 0, "dropped": True})
 
 
-def _vector(collection: CollectionHandle, values: list[float], label: str) -> np.ndarray:
+def _given_vectors(
+    collection: CollectionHandle, values: list[list[float] | str | None], prefix: str
+) -> dict[int, np.ndarray]:
+    """{position: checked vector} of the entries that give a vector (`{prefix}[i].vector`)."""
+    given = [i for i, value in enumerate(values) if value is not None]
+    if not given:
+        return {}
+    matrix = _vectors(
+        collection, [cast(list[float] | str, values[i]) for i in given], [f"{prefix}[{i}].vector" for i in given]
+    )
+    return dict(zip(given, matrix))
+
+
+def _vectors(collection: CollectionHandle, values: list[list[float] | str], labels: list[str]) -> np.ndarray:
+    """The given vectors (floats or base64), checked and normalised as one matrix: one `prepare_vectors` for a
+    256-query batch instead of 256. When the matrix is refused, each row is checked alone to name the one
+    at fault (`queries[3].vector: ...`)."""
+    dim = collection.config.dim
+    rows = [_decoded(value, dim, label) if isinstance(value, str) else value for value, label in zip(values, labels)]
+    try:
+        return collection.prepare_vectors(rows)
+    except InvalidVectorError as exc:
+        for row, label in zip(rows, labels):
+            _vector(collection, row, label)
+        raise ApiError(400, f"the given vectors: {exc}", code="invalid_vector", param=labels[0]) from None
+
+
+def _vector(collection: CollectionHandle, values: list[float] | np.ndarray, label: str) -> np.ndarray:
     try:
         return collection.prepare_vectors(values)[0]
     except InvalidVectorError as exc:
         raise ApiError(400, f"{label}: {exc}", code="invalid_vector", param=label) from None
+
+
+def _decoded(value: str, dim: int, label: str) -> np.ndarray:
+    """A base64 vector: little-endian float32, as /v1/embeddings answers with `encoding_format: "base64"`."""
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(
+            400,
+            f"{label} is a string but not base64: send a list of numbers, or base64 of little-endian float32 "
+            '(what /v1/embeddings returns with "encoding_format": "base64")',
+            code="invalid_vector",
+            param=label,
+        ) from None
+    if len(raw) != 4 * dim:
+        hint = (
+            " (one byte a value is a quantised output_dtype: search and upsert take float32)"
+            if len(raw) < 4 * dim
+            else ""
+        )
+        raise ApiError(
+            400,
+            f"{label} decodes to {len(raw)} bytes; this collection's {dim}-dimension vectors are {4 * dim} bytes "
+            f"of little-endian float32{hint}",
+            code="invalid_vector",
+            param=label,
+        )
+    return np.frombuffer(raw, dtype="<f4")
 
 
 def _item_modality(item: ItemIn) -> str:

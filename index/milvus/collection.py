@@ -19,6 +19,7 @@ import heapq
 import logging
 import threading
 import time
+from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -26,7 +27,7 @@ import numpy as np
 from index.config import MODALITIES, CollectionConfig, validate_item_id
 from index.engine import as_matrix
 from index.errors import CollectionBusyError, CollectionNotFoundError, InvalidCollectionError, ItemNotFoundError
-from index.items import Hit, StoredItem
+from index.items import HIT_DEFAULT, Hit, StoredItem
 from index.milvus import names
 from index.milvus.expressions import after_clause, compile_filter, conjunction, ids_clause, modality_clause
 from index.milvus.schema import (
@@ -79,6 +80,12 @@ def reembed_running(state: dict[str, Any] | None) -> bool:
 
 def _vector(value: Any) -> np.ndarray:
     return np.asarray(value, dtype=np.float32)
+
+
+def _hit_fields(include: AbstractSet[str], rescoring: bool) -> list[str]:
+    """The output fields of a search: id and modality, what the hits include, and the vectors a rescore needs."""
+    fields = [f for f in ROW_FIELDS if f in ("id", "modality") or f in include]
+    return [*fields, "vector"] if rescoring or "vector" in include else fields
 
 
 def row_to_item(row: dict[str, Any], dim: int | None = None) -> StoredItem:
@@ -275,11 +282,12 @@ class MilvusCollection:
         nprobe: int | None = None,
         exclude: list[str | None] | None = None,
         rescore: bool | None = None,
+        include: AbstractSet[str] = HIT_DEFAULT,
     ) -> list[list[Hit]]:
         """Top-k per query in one search RPC; `exclude[i]` drops one id from query i's hits. A quantised
         index (IVF_SQ8, HNSW_SQ, IVF_RABITQ) is asked for `k * oversample` candidates with their float
         vectors, ranked again here by the exact inner product, unless rescoring is off (`rescore`
-        overrides the collection's choice)."""
+        overrides the collection's choice). Only the fields in `include` travel back (id and modality always)."""
         queries = np.asarray(queries, dtype=np.float32)
         if queries.ndim == 1:
             queries = queries[None, :]
@@ -298,11 +306,12 @@ class MilvusCollection:
             data=queries.tolist(),
             filter=expr,
             limit=limit,
-            output_fields=[*ROW_FIELDS, "vector"] if rescoring else ROW_FIELDS,
+            output_fields=_hit_fields(include, rescoring),
             search_params=search_params(spec, limit, nprobe),
             consistency_level="Strong",
         )
         out = []
+        with_vector = "vector" in include
         for row_hits, query, skip in zip(results, queries, skips):
             if rescoring:
                 row_hits = _rescored(row_hits, query)
@@ -319,6 +328,7 @@ class MilvusCollection:
                         dict(entity.get("payload") or {}),
                         entity.get("modality"),
                         entity.get("content"),
+                        _vector(entity["vector"]) if with_vector else None,
                     )
                 )
                 if len(hits) == k:

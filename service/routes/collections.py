@@ -7,6 +7,7 @@ collection store go up as they are and are mapped to statuses in `service/errors
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
 from typing import Annotated, Any
 
 import anyio
@@ -15,7 +16,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi import Query as QueryParam
 from fastapi.responses import Response
 
-from index.items import StoredItem
+from index.items import Hit, StoredItem
 from service.body import body_schema, parse_body
 from service.collection_schemas import (
     CollectionCreate,
@@ -195,15 +196,45 @@ async def search(name: str, request: Request, collections: CollectionsDep) -> Re
     found = await collections.search(name, body)
     # orjson straight from the hits: a batch of 256 queries x k hits through pydantic models
     # costs more than the FAISS search it reports.
-    results = [[h.__dict__ for h in row] for row in found.hits]
+    results = hit_dicts(found.hits, found.include)
     return Response(
         orjson.dumps(
             {
                 "results": results[0] if body.query is not None else results,
                 "model": found.model,
                 "collection": found.collection,
-            }
+            },
+            option=orjson.OPT_SERIALIZE_NUMPY,  # included vectors: float32 arrays, written as JSON numbers
         ),
         media_type="application/json",
         headers={"X-Duet-Warning": found.warning} if found.warning else {},
     )
+
+
+def hit_dicts(hits: list[list[Hit]], include: AbstractSet[str]) -> list[list[dict[str, Any]]]:
+    """Hits as `SearchHit` shows them: id, score, modality, and only the fields the search included (payload
+    and content unless it said otherwise), in `SearchHit`'s order."""
+    payload, content, vector = "payload" in include, "content" in include, "vector" in include
+    if payload and content and not vector:  # the default answer, the common case: one dict per hit, no branches
+        return [
+            [
+                {"id": h.id, "score": h.score, "payload": h.payload, "modality": h.modality, "content": h.content}
+                for h in row
+            ]
+            for row in hits
+        ]
+    rows = []
+    for row in hits:
+        dicts = []
+        for h in row:
+            hit: dict[str, Any] = {"id": h.id, "score": h.score}
+            if payload:
+                hit["payload"] = h.payload
+            hit["modality"] = h.modality
+            if content:
+                hit["content"] = h.content
+            if vector:
+                hit["vector"] = h.vector
+            dicts.append(hit)
+        rows.append(dicts)
+    return rows
