@@ -219,3 +219,36 @@ def test_binary_snapshot_round_trip(tmp_path):
     assert loaded.binary and loaded.index.ntotal == 20 and loaded.deleted == {10} and loaded.ef_search == 48
     _, found = loaded.search(clustered(20)[1:2], 1)
     assert found.tolist() == [[11]]
+
+
+@pytest.mark.parametrize(
+    ("spec", "milvus_index", "params"),
+    [
+        ({"quantization": "int8"}, "IVF_SQ8", {"nlist": 128}),
+        ({"quantization": "int8", "kind": "ivf", "nlist": 64}, "IVF_SQ8", {"nlist": 64}),
+        ({"quantization": "int8", "kind": "hnsw", "hnsw_m": 16}, "HNSW_SQ", {"M": 16, "sq_type": "SQ8"}),
+        ({"quantization": "binary", "kind": "flat"}, "IVF_RABITQ", {"nlist": 128}),
+        ({"kind": "flat"}, "FLAT", {}),
+    ],
+)
+def test_milvus_maps_quantisation_to_the_servers_indexes(spec, milvus_index, params):
+    from index.milvus.schema import index_params, index_type, search_params
+
+    index = IndexSpec(**spec)
+    assert index_type(index) == milvus_index
+    assert params.items() <= index_params(index).items()
+    searched = search_params(index, 72, None)["params"]
+    assert ("nprobe" in searched) == milvus_index.startswith("IVF") and ("ef" in searched) == ("HNSW" in milvus_index)
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [({"quantization": "binary", "kind": "hnsw"}, "IVF_RABITQ"), ({"kind": "hnsw", "recall_target": 0.9}, "ef_search")],
+)
+def test_milvus_refuses_what_it_cannot_offer(spec, words):
+    from index.milvus.schema import build_schema, check_supported
+
+    with pytest.raises(InvalidCollectionError, match=words):
+        check_supported(IndexSpec(**spec))
+    with pytest.raises(InvalidCollectionError, match=words):  # before the server is asked for anything
+        build_schema(CollectionConfig(name="m", dim=DIM, index=IndexSpec(**spec)))
