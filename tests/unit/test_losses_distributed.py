@@ -26,7 +26,11 @@ from torch import nn
 
 from trainer.losses import (
     CachedSymmetricInfoNCELoss,
+    ContinuouslyWeightedLoss,
     DebiasedContrastiveLoss,
+    HardNegativeNCELoss,
+    MomentumQueueLoss,
+    MultiPositiveInfoNCELoss,
     SigmoidLoss,
     SymmetricInfoNCELoss,
     symmetric_info_nce,
@@ -34,7 +38,7 @@ from trainer.losses import (
 
 WORLD_SIZE = 2
 LOCAL_BATCH = 4
-KINDS = ("infonce", "infonce_one_way", "cached", "sigmoid", "debiased")
+KINDS = ("infonce", "infonce_one_way", "cached", "sigmoid", "debiased", "hn_nce", "cwcl", "multi_positive", "moco")
 
 
 class _Linear(nn.Module):
@@ -58,6 +62,16 @@ def _make_loss(kind: str, model: nn.Module, gather: bool) -> nn.Module:
         return CachedSymmetricInfoNCELoss(model, init_temperature=0.1, mini_batch_size=3, gather_across_devices=gather)
     if kind == "sigmoid":
         return SigmoidLoss(model, init_temperature=0.2, init_bias=-2.0, gather_across_devices=gather)
+    if kind == "hn_nce":
+        return HardNegativeNCELoss(model, beta=0.8, init_temperature=0.1, gather_across_devices=gather)
+    if kind == "cwcl":  # soft targets from the positives, gathered like the columns
+        return ContinuouslyWeightedLoss(model, init_temperature=0.1, gather_across_devices=gather)
+    if kind == "multi_positive":  # the third column as a second positive
+        return MultiPositiveInfoNCELoss(model, init_temperature=0.1, gather_across_devices=gather)
+    if kind == "moco":  # first step: an empty queue, keys from every rank, the filter on
+        return MomentumQueueLoss(
+            model, queue_size=16, false_negative_threshold=0.5, init_temperature=0.1, gather_across_devices=gather
+        )
     return DebiasedContrastiveLoss(model, tau_plus=0.1, temperature=0.2, gather_across_devices=gather)
 
 
@@ -165,6 +179,10 @@ def test_gathered_loss_and_gradients_equal_the_union_batch(per_rank, kind):
             "cached": {"log_logit_scale"},
             "sigmoid": {"log_logit_scale", "logit_bias"},
             "debiased": set(),
+            "hn_nce": {"log_logit_scale"},
+            "cwcl": {"log_logit_scale"},
+            "multi_positive": {"log_logit_scale"},
+            "moco": {"log_logit_scale"},
         }[kind]
     )
     for name, expected in reference["scalars"].items():
