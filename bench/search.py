@@ -61,15 +61,11 @@ import hashlib
 import json
 import math
 import os
-import platform
 import shlex
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -84,15 +80,14 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.harness import Budget, LoadSampler, ServerProcess, code_state, duet_serve, machine_summary  # noqa: E402
+from bench.results import write_section  # noqa: E402
 from index.collection import Collection  # noqa: E402
 from index.config import CollectionConfig  # noqa: E402
 from index.engine import FaissIndex, IndexSpec  # noqa: E402
 from index.items import StoredItem  # noqa: E402
 from index.layout import SNAPSHOT_FILE  # noqa: E402
 from index.manager import CollectionManager  # noqa: E402
-
-sys.path.insert(0, str(REPO / "bench"))
-from results import write_section  # noqa: E402
 
 
 def code_fingerprint() -> str:
@@ -106,7 +101,7 @@ def code_fingerprint() -> str:
 CODE_AT_IMPORT = code_fingerprint()
 
 DEFAULT_RESULTS = REPO / "bench" / "RESULTS.md"
-HOST = "127.0.0.1"
+CODE_DIRS = ("index", "service", "duet")  # what a vector-only `duet serve` runs
 DIM = 384
 K = 10
 CLUSTERS = 1000
@@ -123,18 +118,6 @@ KINDS = ("flat", "ivf", "hnsw")
 TARGET_BATCH_RATIO = 0.9
 TARGET_SINGLE_OVERHEAD_MS = 5.0
 TARGET_MEMORY_RATIO = 1.3
-
-
-@dataclass(frozen=True)
-class Budget:
-    """How long each timing runs: at least min calls, then until max calls or seconds."""
-
-    batch_min: int
-    batch_max: int
-    batch_s: float
-    single_min: int
-    single_max: int
-    single_s: float
 
 
 FULL = Budget(batch_min=4, batch_max=60, batch_s=15.0, single_min=30, single_max=500, single_s=10.0)
@@ -534,84 +517,21 @@ def run_collections(
 # -- the server ------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    """`duet serve` as a subprocess on a free port (the CLI entry point, run by this Python)."""
-
-    def __init__(self, data_dir: Path, log_path: Path) -> None:
-        if (now := code_fingerprint()) != CODE_AT_IMPORT:
-            raise RuntimeError(
-                f"the code under test changed during the run (index/, service/, duet/: {CODE_AT_IMPORT} -> {now}); "
-                "a server would not run what the in-process phases ran. Rerun when the tree is quiet"
-            )
-        self.port = free_port()
-        self.base = f"http://{HOST}:{self.port}"
-        self.log_path = log_path
-        env = dict(os.environ, DUET_PRELOAD_MODELS="[]", DUET_REGISTER_DEFAULT_MODELS="false")
-        command = [
-            sys.executable,
-            "-c",
-            "from duet.cli import app; app()",
-            "serve",
-            "--data-dir",
-            str(data_dir),
-            "--host",
-            HOST,
-            "--port",
-            str(self.port),
-            "--log-level",
-            "warning",
-        ]
-        self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
-        self.started = time.perf_counter()
-        self.proc = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+def duet_server(data_dir: Path, log_path: Path) -> ServerProcess:
+    """`duet serve`, vector-only (no model imported), on a free port; refused if the code under test has
+    changed since this process imported it (the server would not run what the in-process phases ran)."""
+    if (now := code_fingerprint()) != CODE_AT_IMPORT:
+        raise RuntimeError(
+            f"the code under test changed during the run (index/, service/, duet/: {CODE_AT_IMPORT} -> {now}); "
+            "a server would not run what the in-process phases ran. Rerun when the tree is quiet"
         )
+    env = {"DUET_PRELOAD_MODELS": "[]", "DUET_REGISTER_DEFAULT_MODELS": "false"}
+    return duet_serve(data_dir, log_path, env, args=["--log-level", "warning"])
 
-    def wait_ready(self, timeout_s: float) -> float:
-        deadline = self.started + timeout_s
-        with httpx.Client(timeout=5) as client:
-            while time.perf_counter() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
-                try:
-                    if client.get(f"{self.base}/ready").status_code == 200:
-                        return time.perf_counter() - self.started
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.2)
-        raise TimeoutError(f"server not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
 
-    def memory(self) -> tuple[float, float]:
-        return proc_status(self.proc.pid)
-
-    def rebuilt(self) -> list[str]:
-        """Warnings the server logged about unusable snapshots (it then rebuilt from the store)."""
-        return [line for line in self.log_path.read_text(errors="replace").splitlines() if "snapshot unusable" in line]
-
-    def log_tail(self, lines: int = 20) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self._log.close()
-
-    def __enter__(self) -> Server:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+def snapshot_rebuilds(server: ServerProcess) -> list[str]:
+    """Warnings the server logged about unusable snapshots (it then rebuilt from the store)."""
+    return [line for line in server.log_text().splitlines() if "snapshot unusable" in line]
 
 
 def post(client: httpx.Client, url: str, body: bytes) -> bytes:
@@ -644,7 +564,13 @@ def load_snapshot_index(res: SizeResult, kind: str, work: Path) -> Any:
 
 
 def http_kind(
-    res: SizeResult, kind: str, queries: np.ndarray, truth: np.ndarray, budget: Budget, server: Server, raw_index: Any
+    res: SizeResult,
+    kind: str,
+    queries: np.ndarray,
+    truth: np.ndarray,
+    budget: Budget,
+    server: ServerProcess,
+    raw_index: Any,
 ) -> None:
     """Recall, then batched and single-query searches over HTTP alternated with raw FAISS on the same index."""
     url = f"{server.base}/v1/collections/{kind}/search"
@@ -675,16 +601,16 @@ def run_http(
     for kind in KINDS:
         raw_index = load_snapshot_index(res, kind, work)
         gc.collect()
-        with Server(work / f"n{res.n}-{kind}", work / f"server-n{res.n}-{kind}.log") as server:
+        with duet_server(work / f"n{res.n}-{kind}", work / f"server-n{res.n}-{kind}.log") as server:
             startup = server.wait_ready(ready_timeout)
-            if rebuilt := server.rebuilt():
+            if rebuilt := snapshot_rebuilds(server):
                 raise RuntimeError(f"server {kind} did not load the snapshot this process wrote: {rebuilt[0]}")
             time.sleep(1.0)
-            rss, hwm = server.memory()
+            rss, hwm = proc_status(server.pid)
             memory = res.memory[kind] = MemoryRow(kind, startup, rss, hwm)
             log(f"server {kind}: ready in {startup:.1f} s, VmRSS {rss:.0f} MiB, VmHWM {hwm:.0f} MiB")
             http_kind(res, kind, queries, truth, budget, server, raw_index)
-            memory.rss_after_mib = server.memory()[0]
+            memory.rss_after_mib = proc_status(server.pid)[0]
         del raw_index
         gc.collect()
 
@@ -694,10 +620,10 @@ def run_empty_server(
 ) -> None:
     """Baseline RSS, the HTTP floor (GET /health), and HTTP upserts into a fresh collection."""
     data_dir = work / "empty"
-    with Server(data_dir, work / "server-empty.log") as server:
+    with duet_server(data_dir, work / "server-empty.log") as server:
         server.wait_ready(ready_timeout)
         time.sleep(1.0)
-        run.empty_rss_mib, run.empty_hwm_mib = server.memory()
+        run.empty_rss_mib, run.empty_hwm_mib = proc_status(server.pid)
         log(f"empty server: VmRSS {run.empty_rss_mib:.0f} MiB")
         with httpx.Client(timeout=httpx.Timeout(600, connect=10)) as client:
             health = measure(
@@ -886,36 +812,9 @@ def size_tables(res: SizeResult, run: RunResult) -> str:
 
 
 def machine() -> str:
-    cpu = "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    meminfo = Path("/proc/meminfo").read_text().splitlines()
-    mem = next(line.split()[1] for line in meminfo if line.startswith("MemTotal"))
-    return (
-        f"nproc {os.cpu_count()}, {cpu}, {int(mem) / 2**20:.0f} GiB RAM; faiss {faiss.__version__} "
-        f"({faiss.omp_get_max_threads()} OpenMP threads), numpy {np.__version__}, httpx {httpx.__version__}, "
-        f"Python {platform.python_version()}, {platform.system()} {platform.release()}"
-    )
-
-
-def git_head() -> str:
-    try:
-        head = subprocess.run(
-            ["git", "log", "-1", "--format=%h %cI"], cwd=REPO, capture_output=True, text=True, timeout=10
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "index", "service", "duet"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "git unavailable"
-    state = "with uncommitted changes there" if dirty.stdout.strip() else "clean there"
-    return f"commit {head.stdout.strip() or '?'} (index/, service/, duet/ {state})"
+    software = [f"faiss {faiss.__version__} ({faiss.omp_get_max_threads()} OpenMP threads)"]
+    software += [f"numpy {np.__version__}", f"httpx {httpx.__version__}"]
+    return machine_summary(software, memory=True, system=True)
 
 
 def render(run: RunResult, command: str, code: str, started: datetime.datetime, elapsed_s: float, load: str) -> str:
@@ -1002,28 +901,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-class LoadSampler:
-    """The 1-minute load average every few seconds, on a daemon thread (others may share the cores)."""
-
-    def __init__(self, every_s: float = 5.0) -> None:
-        self.samples: list[float] = [os.getloadavg()[0]]
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(every_s,), daemon=True)
-        self._thread.start()
-
-    def _run(self, every_s: float) -> None:
-        while not self._stop.wait(every_s):
-            self.samples.append(os.getloadavg()[0])
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def summary(self) -> str:
-        values = np.array(self.samples)
-        return f"min {values.min():.1f}, median {np.median(values):.1f}, max {values.max():.1f}"
-
-
 @dataclass
 class Reporter:
     """Renders, prints and (unless --no-write) writes the section; called after every size."""
@@ -1033,7 +910,7 @@ class Reporter:
     started: datetime.datetime = field(default_factory=lambda: datetime.datetime.now().astimezone())
     t0: float = field(default_factory=time.perf_counter)
     load: LoadSampler = field(default_factory=LoadSampler)
-    code: str = field(default_factory=git_head)
+    code: str = field(default_factory=lambda: code_state(CODE_DIRS))
 
     def __call__(self, run: RunResult, final: bool) -> None:
         if final:

@@ -36,7 +36,6 @@ Writes the `search-backends` section of bench/RESULTS.md (bench/results.py) unle
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import gc
 import json
@@ -44,8 +43,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -56,22 +53,21 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
-for path in (str(REPO), str(BENCH)):
-    if path not in sys.path:
-        sys.path.insert(0, path)
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
-from results import write_section  # noqa: E402
-from search import (  # noqa: E402
+from bench.harness import Budget, LoadSampler, ServerProcess, code_state, duet_serve, milvus_lite  # noqa: E402
+from bench.results import write_section  # noqa: E402
+from bench.search import (  # noqa: E402
     BATCH,
+    CODE_DIRS,
     DIM,
     N_QUERIES,
     K,
-    LoadSampler,
     Timing,
-    git_head,
     log,
+    machine,
     make_queries,
     make_vectors,
     measure,
@@ -80,21 +76,9 @@ from search import (  # noqa: E402
     table,
 )
 
-HOST = "127.0.0.1"
 SECTION = "search-backends"
 COLLECTION = "bench"
 BACKENDS = ("faiss", "milvus")
-
-
-@dataclass(frozen=True)
-class Budget:
-    batch_min: int
-    batch_max: int
-    batch_s: float
-    single_min: int
-    single_max: int
-    single_s: float
-    concurrent_s: float
 
 
 FULL = Budget(batch_min=4, batch_max=60, batch_s=20.0, single_min=20, single_max=500, single_s=15.0, concurrent_s=20.0)
@@ -104,119 +88,27 @@ QUICK = Budget(batch_min=2, batch_max=10, batch_s=3.0, single_min=5, single_max=
 # -- processes -------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
-def executable(name: str) -> str:
-    beside = Path(sys.executable).parent / name
-    found = str(beside) if beside.exists() else shutil.which(name)
-    if not found:
-        raise RuntimeError(f"`{name}` is not installed (pip install -e '.[dev]')")
-    return found
-
-
-class Process:
-    """A subprocess in its own session, its output in a log file; stop() always reaps it."""
-
-    def __init__(self, command: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
-        self.started = time.perf_counter()
-        self.proc = subprocess.Popen(
-            command,
-            cwd=REPO,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def log_tail(self, lines: int = 25) -> str:
-        text = self.log_path.read_text(errors="replace").splitlines()
-        return "\n".join(line for line in text[-lines:])
-
-    def check_alive(self, what: str) -> None:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {self.proc.returncode}:\n{self.log_tail()}")
-
-    def rss_mib(self) -> float | None:
-        try:
-            return proc_status(self.proc.pid)[0]
-        except (OSError, KeyError):
-            return None
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        self._log.close()
-
-
-class MilvusLite(Process):
-    """`milvus-lite server`: a Milvus gRPC server (single Python process) on a free port."""
-
-    def __init__(self, data_dir: Path, log_path: Path) -> None:
-        self.port = free_port()
-        self.uri = f"http://{HOST}:{self.port}"
-        command = [executable("milvus-lite"), "server", "--data-dir", str(data_dir), "--host", HOST]
-        super().__init__([*command, "--port", str(self.port)], log_path)
-
-    def wait_ready(self, timeout_s: float) -> float:
-        deadline = self.started + timeout_s
-        while time.perf_counter() < deadline:
-            self.check_alive("milvus-lite server")
-            with contextlib.suppress(OSError), socket.create_connection((HOST, self.port), timeout=1):
-                return time.perf_counter() - self.started
-            time.sleep(0.2)
-        raise TimeoutError(f"milvus-lite server not listening after {timeout_s:.0f} s:\n{self.log_tail()}")
-
-
-class Duet(Process):
+def duet_server(
+    data_dir: Path, log_path: Path, backend: str, milvus_uri: str | None, milvus_timeout: float = 10.0
+) -> ServerProcess:
     """`duet serve`, vector-only (no model imported), on a free port with its own data dir."""
+    env = {
+        "DUET_PRELOAD_MODELS": "[]",
+        "DUET_REGISTER_DEFAULT_MODELS": "false",
+        "DUET_FAISS_GPU": "false",
+        "DUET_COLLECTIONS_BACKEND": backend,
+    }
+    if milvus_uri:
+        env["DUET_MILVUS_URI"] = milvus_uri
+        env["DUET_MILVUS_TIMEOUT_SECONDS"] = str(milvus_timeout)
+    return duet_serve(data_dir, log_path, env, args=["--log-level", "info"]).start()
 
-    def __init__(
-        self, data_dir: Path, log_path: Path, backend: str, milvus_uri: str | None, milvus_timeout: float = 10.0
-    ) -> None:
-        self.port = free_port()
-        self.base = f"http://{HOST}:{self.port}"
-        env = dict(
-            os.environ,
-            DUET_PRELOAD_MODELS="[]",
-            DUET_REGISTER_DEFAULT_MODELS="false",
-            DUET_FAISS_GPU="false",
-            DUET_COLLECTIONS_BACKEND=backend,
-        )
-        for key in ("REDIS_URL", "DUET_REDIS_URL"):
-            env.pop(key, None)
-        if milvus_uri:
-            env["DUET_MILVUS_URI"] = milvus_uri
-            env["DUET_MILVUS_TIMEOUT_SECONDS"] = str(milvus_timeout)
-        # The CLI through this interpreter (as bench/search.py runs it), not the `duet` script: the command
-        # line then holds neither "duet serve" nor "duet.cli serve", patterns others' clean-ups may kill by.
-        command = [sys.executable, "-c", "from duet.cli import app; app()", "serve", "--data-dir", str(data_dir)]
-        command += ["--host", HOST, "--port", str(self.port), "--log-level", "info"]
-        super().__init__(command, log_path, env)
 
-    def wait_ready(self, timeout_s: float) -> float:
-        deadline = self.started + timeout_s
-        with httpx.Client(timeout=5) as client:
-            while time.perf_counter() < deadline:
-                self.check_alive("duet serve")
-                with contextlib.suppress(httpx.HTTPError):
-                    if client.get(f"{self.base}/ready").status_code == 200:
-                        return time.perf_counter() - self.started
-                time.sleep(0.2)
-        raise TimeoutError(f"duet serve not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
+def rss_mib(process: ServerProcess) -> float | None:
+    try:
+        return proc_status(process.pid)[0]
+    except (OSError, KeyError):
+        return None
 
 
 # -- HTTP -----------------------------------------------------------------------------------------
@@ -393,15 +285,17 @@ def run_backend(
     """The backend's results: one, or for milvus two (as loaded, and after a flush)."""
     res = BackendResult(backend)
     out = [res]
-    processes: list[Process] = []
+    processes: list[ServerProcess] = []
     try:
         milvus_uri = None
         if backend == "milvus":
-            milvus = MilvusLite(work / "milvus-data", work / "milvus-lite.log")
+            milvus = milvus_lite(work / "milvus-data", work / "milvus-lite.log").start()
             processes.append(milvus)
-            log(f"milvus-lite server listening after {milvus.wait_ready(ready_timeout):.1f} s ({milvus.uri})")
-            milvus_uri = milvus.uri
-        duet = Duet(work / f"{backend}-1", work / f"duet-{backend}-1.log", backend, milvus_uri, run.milvus_timeout)
+            log(f"milvus-lite server listening after {milvus.wait_listening(ready_timeout):.1f} s ({milvus.base})")
+            milvus_uri = milvus.base
+        duet = duet_server(
+            work / f"{backend}-1", work / f"duet-{backend}-1.log", backend, milvus_uri, run.milvus_timeout
+        )
         processes.append(duet)
         res.ready_s = duet.wait_ready(ready_timeout)
         log(f"{backend}: duet serve ready in {res.ready_s:.1f} s")
@@ -424,11 +318,11 @@ def run_backend(
                 raise RuntimeError(f"{backend}: the collection holds {res.count} items after {run.n:,} upserts")
             log(f"{backend}: upsert {res.upsert_vps(run.n):,.0f} vectors/s ({run.batch} per request)")
         measure_searches(res, duet.base, queries, truth, budget, run.clients)
-        res.duet_rss_mib = duet.rss_mib()
+        res.duet_rss_mib = rss_mib(duet)
         if backend != "milvus":
             return out
 
-        res.milvus_rss_mib = processes[0].rss_mib()
+        res.milvus_rss_mib = rss_mib(processes[0])
         # milvus-lite searches its unsealed memtable (the last writes, up to 128 MB) by brute force in
         # Python; sealed segments through their index. Milvus seals segments itself (by size and age).
         flushed = BackendResult(
@@ -444,7 +338,7 @@ def run_backend(
         measure_searches(flushed, duet.base, queries, truth, budget, run.clients)
         bases = [duet.base]
         for r in range(2, replicas + 1):
-            more = Duet(
+            more = duet_server(
                 work / f"{backend}-{r}", work / f"duet-{backend}-{r}.log", backend, milvus_uri, run.milvus_timeout
             )
             processes.append(more)
@@ -458,22 +352,22 @@ def run_backend(
             _, single = search_bodies(queries)
             flushed.concurrent.append(concurrent_search(bases, single, run.clients, budget.concurrent_s))
             log(f"milvus: {run.clients} clients on {len(bases)} replicas: {flushed.concurrent[-1].qps:,.1f} q/s")
-        flushed.duet_rss_mib = duet.rss_mib()
-        flushed.milvus_rss_mib = processes[0].rss_mib()
+        flushed.duet_rss_mib = rss_mib(duet)
+        flushed.milvus_rss_mib = rss_mib(processes[0])
         for process in processes:
-            process.check_alive(process.log_path.name)
+            process.check_alive()
     except Exception as exc:  # name the processes that died: a refused connection says nothing
         dead = [
-            f"{p.log_path.name}: exit {p.proc.returncode}\n{p.log_tail(8)}"
+            f"{p.log_path.name}: exit {p.proc and p.proc.returncode}\n{p.log_tail(8)}"
             for p in processes
-            if p.proc.poll() is not None
+            if not p.running()
         ]
         if dead:
             raise RuntimeError(f"{exc!r}; exited: " + "; ".join(dead)) from exc
         raise
     finally:
         for process in reversed(processes):
-            process.stop()
+            process.stop(grace=30)
     return out
 
 
@@ -485,8 +379,6 @@ def ratio(value: float | None, base: float | None) -> str:
 
 
 def report(run: Run, command: str, started: datetime.datetime, elapsed_s: float, load: str, code: str) -> str:
-    from search import machine
-
     backends = [b for b in (*BACKENDS, "milvus, flushed") if b in run.results]
     base = run.results.get("faiss")
     compared = [b for b in backends if b != "faiss"] if base is not None else []
@@ -657,7 +549,12 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
     args = parse_args(argv)
     budget = QUICK if args.quick else FULL
     command = command or shlex.join(["python", "bench/search_backends.py", *(sys.argv[1:] if argv is None else argv)])
-    started, t0, load, code = datetime.datetime.now().astimezone(), time.perf_counter(), LoadSampler(), git_head()
+    started, t0, load, code = (
+        datetime.datetime.now().astimezone(),
+        time.perf_counter(),
+        LoadSampler(),
+        code_state(CODE_DIRS),
+    )
     run = Run(n=args.n, batch=args.batch, clients=args.clients, index=args.index, milvus_timeout=args.milvus_timeout)
     work = Path(tempfile.mkdtemp(prefix="duet-bench-backends-", dir=args.workdir))
     log(f"work dir {work}; N = {args.n:,}; backends {args.backends}")
