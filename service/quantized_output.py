@@ -32,7 +32,7 @@ from registry.calibration import Calibration, calibration_path, publish_calibrat
 from service.embedding import embed_prepared
 from service.errors import ApiError
 from service.inputs import prepare
-from service.model_pool.pool import LoadedModel
+from service.model_pool.pool import LoadedModel, ModelPool
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -107,10 +107,21 @@ def sample_sha256() -> str:
     return hashlib.sha256("\n".join(CALIBRATION_TEXTS).encode()).hexdigest()
 
 
-def embedder(settings: Settings) -> EmbedSample:
+async def calibration_model(model: LoadedModel, pool: ModelPool) -> LoadedModel:
+    """What embeds the sample: the version itself (torch, fp32), also when a runtime variant
+    (`minilm/1:onnx-int8`) is asked first. A version's int8 bytes must not depend on which variant
+    happened to calibrate it; its variants are gated to stay within cosine 0.99 of it, so the
+    version's ranges fit their vectors too."""
+    if model.variant is None:
+        return model
+    return await pool.ensure_loaded(model.info)
+
+
+def embedder(settings: Settings, pool: ModelPool) -> EmbedSample:
     """Embed the built-in sample with a loaded version, through its batcher like any request."""
 
-    async def embed_sample(model: LoadedModel) -> np.ndarray:
+    async def embed_sample(asked: LoadedModel) -> np.ndarray:
+        model = await calibration_model(asked, pool)
         rows = []
         for start in range(0, len(CALIBRATION_TEXTS), _CHUNK):
             items: list[tuple[Modality, str]] = [("text", text) for text in CALIBRATION_TEXTS[start : start + _CHUNK]]
@@ -176,12 +187,12 @@ class CalibrationCache:
         return decode_sample(stored)
 
 
-def calibration_cache(app_state: Any, settings: Settings) -> CalibrationCache:
+def calibration_cache(app_state: Any, settings: Settings, pool: ModelPool) -> CalibrationCache:
     """The app's cache, made on first use (a quantised request is rare next to float ones, so the
     float path never pays for it). Check-and-set never awaits, so it is atomic on the event loop."""
     cache = getattr(app_state, "duet_calibrations", None)
     if cache is None:
-        cache = CalibrationCache(embedder(settings))
+        cache = CalibrationCache(embedder(settings, pool))
         app_state.duet_calibrations = cache
     return cache
 

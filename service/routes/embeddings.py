@@ -47,7 +47,7 @@ async def create_embeddings(body: EmbeddingRequest, pool: PoolDep, settings: Set
         )
     ranges = None
     if needs_ranges(dtype):  # before admission: a first request may embed the calibration sample
-        cache = calibration_cache(request.app.state, settings)
+        cache = calibration_cache(request.app.state, settings, pool)
         ranges = await cache.ranges(model, body.dimensions or contract.dimension)
     with admitted(model, len(items)) as admission:  # 429 here, before tokens are counted or images decoded
         prepared = await prepare(items, model.encoder, settings)

@@ -15,7 +15,7 @@ from registry.calibration import calibration_path
 from registry.manifest import Lineage, Manifest
 from registry.store import ModelVersionInfo
 from service.errors import ApiError
-from service.quantized_output import CalibrationCache, requested_dtype, truncate_and_normalize
+from service.quantized_output import CalibrationCache, calibration_model, requested_dtype, truncate_and_normalize
 
 
 def _model(tmp_path, dimension: int = 8) -> SimpleNamespace:
@@ -96,6 +96,19 @@ def test_an_unwritable_registry_still_answers(tmp_path, monkeypatch, caplog):
     ranges = asyncio.run(CalibrationCache(CountingEmbedder(sample)).ranges(model, 8))
     np.testing.assert_array_equal(ranges, calibration_ranges(sample))
     assert "cannot store the calibration of m/1" in caplog.text
+
+
+def test_a_variant_is_calibrated_by_its_version_itself():
+    version = SimpleNamespace(info="minilm/1 info", variant=None)
+
+    class Pool:
+        async def ensure_loaded(self, info):
+            assert info == "minilm/1 info"
+            return version
+
+    variant = SimpleNamespace(info="minilm/1 info", variant="onnx-int8 record")
+    assert asyncio.run(calibration_model(variant, Pool())) is version
+    assert asyncio.run(calibration_model(version, Pool())) is version
 
 
 @pytest.mark.parametrize(
