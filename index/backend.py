@@ -75,8 +75,10 @@ class CollectionHandle(Protocol):
         nprobe: int | None = None,
         exclude: list[str | None] | None = None,
         include: AbstractSet[str] = HIT_DEFAULT,
+        rescore: bool | None = None,
     ) -> list[list[Hit]]:
-        """Top-k hits per query; `include`: what each hit carries besides id, score and modality (`HIT_FIELDS`)."""
+        """Top-k hits per query; `include`: what each hit carries besides id, score and modality (`HIT_FIELDS`);
+        `rescore`: for a quantised index, overrides the collection's own choice."""
 
     def count(self) -> int: ...
 

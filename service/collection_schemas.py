@@ -189,6 +189,11 @@ class SearchRequest(RequestBody):
     filter: dict[str, Any] | None = None
     modality: Literal["text", "image", "vector"] | None = Field(default=None, description="Only items of this kind.")
     nprobe: int | None = Field(default=None, ge=1, le=2048)
+    rescore: bool | None = Field(
+        default=None,
+        description="Quantised collections: rank the candidates again with the stored float vectors (true) or "
+        "answer with the index's own estimates (false). Default: the collection's `index.rescore`.",
+    )
     model: str | None = Field(default=None, description="If given, must resolve to the collection's pinned version.")
     include: list[HitField] | None = Field(
         default=None,

@@ -355,6 +355,7 @@ class CollectionsService:
                 filter=body.filter,
                 modality=body.modality,
                 nprobe=body.nprobe,
+                rescore=body.rescore,
                 exclude=exclude,
                 include=include,
             )

@@ -120,7 +120,7 @@ def test_quantised_collections_survive_a_restart(request, backend, tmp_path_fact
             assert [[h["id"] for h in row] for row in results(http, name)] == found
 
 
-def test_rescoring_improves_binary_recall(http):
+def test_rescoring_improves_binary_recall(backend, http):
     rescored, raw = create(http, quantization="binary"), create(http, quantization="binary", rescore=False)
     fill(http, rescored)
     fill(http, raw)
@@ -128,6 +128,14 @@ def test_rescoring_improves_binary_recall(http):
     assert recall(with_rescore) >= 0.9 and recall(with_rescore) >= recall(without)
     stats = http.get(f"/v1/collections/{raw}").json()["stats"]["index"]
     assert stats["rescore"] is False and "not rescored" in stats["scores"]
+    # Per search, `rescore` overrides the collection's choice, both ways.
+    for query, row in zip(QUERIES, results(http, raw, rescore=True)):
+        assert [h["score"] for h in row] == pytest.approx([float_score(query, h) for h in row], abs=1e-4)
+    unrescored = results(http, rescored, rescore=False)
+    if backend == "faiss":  # a binary flat index has no training: the two collections' indexes are the same
+        assert unrescored == without
+    else:  # milvus-lite answers IVF_RABITQ searches of this size exactly (recall 1.0), rescored or not
+        assert recall(unrescored) >= 0.9 and all(len(row) == K for row in unrescored)
 
 
 @pytest.mark.parametrize(
