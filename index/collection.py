@@ -39,7 +39,7 @@ from index.filters import compile_filter
 from index.items import HIT_DEFAULT, Hit, StoredItem
 from index.layout import SNAPSHOT_FILE, STORE_FILE, data_folder
 from index.payloads import PayloadLimits, check_payload
-from index.quantization import SQ_TRAIN_MIN, SQ_TRAIN_SAMPLE, rescore
+from index.quantization import SQ_TRAIN_MIN, SQ_TRAIN_SAMPLE, rescore, rescore_candidates
 from index.recall import RECALL_K, SAMPLE_QUERIES, calibrate, needs_calibration
 from index.store import CollectionStore
 
@@ -450,12 +450,14 @@ class Collection:
     def _index_search(
         self, queries: np.ndarray, fetch: int, allowed: np.ndarray | None, nprobe: int | None, wanted: bool | None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The index's top `fetch`; a quantised index's top `fetch * oversample`, ranked again by the exact
-        float inner product (unless rescoring is off for the collection or this search)."""
+        """The index's top `fetch`; a quantised index's top `fetch * oversample` (within MAX_RESCORE_ROWS a
+        call), ranked again by the exact float inner product (unless rescoring is off for the collection or
+        this search)."""
         spec = self.config.index
         if not self.index.quantized or not (spec.rescore if wanted is None else wanted):
             return self.index.search(queries, fetch, allowed, nprobe)
-        _, vids = self.index.search(queries, fetch * spec.oversample, allowed, nprobe)
+        candidates = rescore_candidates(fetch, spec.oversample, len(queries))
+        _, vids = self.index.search(queries, candidates, allowed, nprobe)
         return rescore(queries, vids, self._float_vectors, fetch)
 
     def _exact(self, queries: np.ndarray, allowed: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -34,6 +34,10 @@ QUANTIZATIONS: tuple[str, ...] = ("none", "int8", "binary")
 SQ_TRAIN_MIN = 1000  # int8 collections index exactly (float) below this many vectors
 SQ_TRAIN_SAMPLE = 65_536  # vectors the scalar quantiser's ranges are trained on
 MAX_OVERSAMPLE = 100
+# Candidate vectors one search call may rescore, over all its queries (~400 MB of float32 at 384-d): big
+# k x oversample x queries products are cut to this, never less than the k (+ margin) each query needs.
+MAX_RESCORE_ROWS = 262_144
+_GATHER_FLOATS = 1 << 22  # candidate vector components gathered at once while rescoring (16 MB)
 _BINARY_IDMAP = "BIDMap2,"
 
 
@@ -61,6 +65,12 @@ def hamming_scores(distances: np.ndarray, dim: int) -> np.ndarray:
     return scores
 
 
+def rescore_candidates(fetch: int, oversample: int, queries: int) -> int:
+    """How many candidates per query a rescoring search asks the index for: `fetch * oversample`, within
+    MAX_RESCORE_ROWS for the whole call."""
+    return min(fetch * oversample, max(fetch, MAX_RESCORE_ROWS // max(queries, 1)))
+
+
 # (vids) -> {vid: float vector as the index sees it}; rows deleted since the search are simply absent.
 FetchVectors = Callable[[np.ndarray], dict[int, np.ndarray]]
 
@@ -80,7 +90,11 @@ def rescore(queries: np.ndarray, vids: np.ndarray, fetch: FetchVectors, keep: in
             present[i] = True
     position = np.where(vids >= 0, np.searchsorted(unique, np.maximum(vids, 0)), len(unique))
     position = np.where(present[position], position, len(unique))
-    scores = np.einsum("nd,nmd->nm", queries, rows[position], dtype=np.float32)
+    scores = np.empty(vids.shape, dtype=np.float32)
+    step = max(1, _GATHER_FLOATS // max(vids.shape[1] * queries.shape[1], 1))  # bounded memory for the gather
+    for start in range(0, len(queries), step):
+        block = slice(start, start + step)
+        scores[block] = np.einsum("nd,nmd->nm", queries[block], rows[position[block]], dtype=np.float32)
     scores[position == len(unique)] = -np.inf
     order = np.argsort(-scores, axis=1, kind="stable")[:, :keep]
     missing = np.take_along_axis(position, order, 1) == len(unique)

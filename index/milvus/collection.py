@@ -40,6 +40,7 @@ from index.milvus.schema import (
     search_params,
 )
 from index.payloads import PayloadLimits, check_payload
+from index.quantization import rescore_candidates
 from index.store import _merge_schema
 
 if TYPE_CHECKING:
@@ -299,7 +300,7 @@ class MilvusCollection:
         fetch = k + (1 if any(skips) else 0)
         spec = self.config.index
         rescoring = spec.quantization != "none" and (spec.rescore if rescore is None else rescore)
-        limit = min(fetch * spec.oversample, MAX_LIMIT) if rescoring else fetch
+        limit = min(rescore_candidates(fetch, spec.oversample, len(queries)), MAX_LIMIT) if rescoring else fetch
         results = self.conn.call(
             "search",
             self.physical,

@@ -252,3 +252,21 @@ def test_milvus_refuses_what_it_cannot_offer(spec, words):
         check_supported(IndexSpec(**spec))
     with pytest.raises(InvalidCollectionError, match=words):  # before the server is asked for anything
         build_schema(CollectionConfig(name="m", dim=DIM, index=IndexSpec(**spec)))
+
+
+def test_rescoring_work_is_bounded_per_call(monkeypatch):
+    from index import quantization
+    from index.quantization import MAX_RESCORE_ROWS, rescore_candidates
+
+    assert rescore_candidates(18, 4, 256) == 72
+    assert rescore_candidates(1008, 100, 256) == MAX_RESCORE_ROWS // 256  # 1024: k x 100 x 256 queries is cut
+    assert rescore_candidates(1008, 4, 256) == 1024 and rescore_candidates(1008, 1, 256) == 1008
+    # Many candidates per query: gathered a few queries at a time (here 2), the same answer as all at once.
+    monkeypatch.setattr(quantization, "_GATHER_FLOATS", 2 * 3000 * DIM)
+    rng = np.random.default_rng(0)
+    stored = {v: rng.normal(size=DIM).astype(np.float32) for v in range(3000)}
+    queries = rng.normal(size=(5, DIM)).astype(np.float32)
+    vids = np.stack([rng.permutation(3000) for _ in range(5)])
+    scores, ranked = rescore(queries, vids, lambda v: {int(i): stored[int(i)] for i in v}, 3)
+    matrix = np.stack([stored[v] for v in range(3000)])
+    assert ranked.tolist() == np.argsort(-(queries @ matrix.T), axis=1)[:, :3].tolist()
