@@ -126,7 +126,11 @@ def open_variant(root: Path, name: str, spec: IndexSpec, store: Path) -> tuple[C
     manager.create(CollectionConfig(name=name, dim=DIM, index=spec, modalities=("vector",)))
     manager.close()
     folder = root / name
-    shutil.copyfile(store, folder / STORE_FILE)
+    for suffix in ("", "-wal", "-shm"):  # SQLite's side files go with their database, or not at all
+        target, source = folder / f"{STORE_FILE}{suffix}", Path(f"{store}{suffix}")
+        target.unlink(missing_ok=True)
+        if source.exists():
+            shutil.copyfile(source, target)
     (folder / SNAPSHOT_FILE).unlink()
     manager = CollectionManager(root)
     started = time.perf_counter()

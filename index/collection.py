@@ -40,7 +40,7 @@ from index.items import HIT_DEFAULT, Hit, StoredItem
 from index.layout import SNAPSHOT_FILE, STORE_FILE, data_folder
 from index.payloads import PayloadLimits, check_payload
 from index.quantization import SQ_TRAIN_MIN, SQ_TRAIN_SAMPLE, rescore, rescore_candidates
-from index.recall import RECALL_K, SAMPLE_QUERIES, calibrate, needs_calibration
+from index.recall import RECALL_K, SAMPLE_QUERIES, calibrate, exact_top, held_out_like, needs_calibration
 from index.store import CollectionStore
 
 logger = logging.getLogger(__name__)
@@ -229,12 +229,19 @@ class Collection:
         sampled = self.store.matching_vids("vid IN (SELECT vid FROM items ORDER BY random() LIMIT ?)", [SAMPLE_QUERIES])
         found = self._float_vectors(sampled)
         vids = np.array(sorted(found), dtype=np.int64)
-        queries = np.stack([found[int(v)] for v in vids])
-        blocks = ((v, self._for_index(x, m)) for v, x, m in self.store.iter_vectors())
+        points = np.stack([found[int(v)] for v in vids])
+        nearest = exact_top(points, vids, self._index_blocks(), 1)[:, 0]  # the nearest other stored vector
+        near = self._float_vectors(nearest)
+        keep = np.array([int(v) in near for v in nearest])
+        queries = held_out_like(points[keep], np.stack([near[int(v)] for v in nearest[keep]]))
         spec = self.config.index
         candidates = (RECALL_K + RACE_MARGIN) * spec.oversample if index.quantized and spec.rescore else RECALL_K
-        index.tuning = calibrate(index, queries, vids, blocks, count, candidates)
+        index.tuning = calibrate(index, queries, self._index_blocks(), count, candidates)
         logger.info("collection %s: HNSW efSearch from recall target: %s", self.name, index.tuning)
+
+    def _index_blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every stored (vids, vectors) as the index holds them, in blocks."""
+        return ((vids, self._for_index(vectors, modalities)) for vids, vectors, modalities in self.store.iter_vectors())
 
     def _float_vectors(self, vids: np.ndarray) -> dict[int, np.ndarray]:
         """The stored float vectors of these rows, as the index holds them (modality gap removed);

@@ -270,3 +270,13 @@ def test_rescoring_work_is_bounded_per_call(monkeypatch):
     scores, ranked = rescore(queries, vids, lambda v: {int(i): stored[int(i)] for i in v}, 3)
     matrix = np.stack([stored[v] for v in range(3000)])
     assert ranked.tolist() == np.argsort(-(queries @ matrix.T), axis=1)[:, :3].tolist()
+
+
+def test_calibration_queries_are_new_points_at_the_datas_spacing():
+    from index.recall import held_out_like
+
+    points, nearest = clustered(50, seed=6), clustered(50, seed=7)
+    moved = held_out_like(points * 3.0, nearest)  # any norm (the dot metric): only the direction moves
+    cos_moved = np.sum(points * moved, axis=1) / np.linalg.norm(moved, axis=1)
+    expected = np.clip(np.sum(points * nearest, axis=1), 0.05, 0.9999)
+    assert cos_moved == pytest.approx(expected, abs=1e-4)
