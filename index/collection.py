@@ -39,7 +39,7 @@ from index.filters import compile_filter
 from index.items import HIT_DEFAULT, Hit, StoredItem
 from index.layout import SNAPSHOT_FILE, STORE_FILE, data_folder
 from index.payloads import PayloadLimits, check_payload
-from index.quantization import SQ_TRAIN_MIN, SQ_TRAIN_SAMPLE, rescore, rescore_candidates
+from index.quantization import SQ_RETRAIN_GROWTH, SQ_TRAIN_MIN, SQ_TRAIN_SAMPLE, rescore, rescore_candidates
 from index.recall import RECALL_K, SAMPLE_QUERIES, calibrate, exact_top, held_out_like, needs_calibration
 from index.store import CollectionStore
 
@@ -215,10 +215,15 @@ class Collection:
 
     def _grown(self, count: int) -> bool:
         """The collection outgrew its index: an exact stand-in can now be trained into the configured index
-        (IVF, int8), or an int8 flat index of an `auto` collection has reached IVF size."""
+        (IVF, int8), an int8 flat index of an `auto` collection has reached IVF size, or a flat or IVF int8
+        index has SQ_RETRAIN_GROWTH times the vectors its ranges were trained on (index.quantization)."""
         current, wanted = self.index.factory, self._factory(count)
         if current == "IDMap2,Flat":
             return wanted != current
+        trained = self.index.trained_on
+        retrainable = "SQ8" in current and not self.index.is_hnsw and 0 < trained < SQ_TRAIN_SAMPLE
+        if retrainable and count >= SQ_RETRAIN_GROWTH * trained:
+            return True
         return current == "IDMap2,SQ8" and wanted.startswith("IVF")
 
     def _calibrate(self, index: FaissIndex) -> None:

@@ -232,6 +232,7 @@ class FaissIndex:
         self.deleted: set[int] = set()  # HNSW tombstones only
         # HNSW's efSearch chosen from `spec.recall_target` (index.recall): ef_search, recall, k, sample, count
         self.tuning: dict[str, Any] | None = None
+        self.trained_on = 0  # vectors the quantisers were trained on (0: none needed, or trained elsewhere)
         self.lock = RWLock()
         self._gpu: Any = None
         self._gpu_dirty = True
@@ -261,6 +262,7 @@ class FaissIndex:
     def train(self, sample: np.ndarray) -> None:
         if not self.index.is_trained:
             self.index.train(np.ascontiguousarray(sample, dtype=np.float32))
+            self.trained_on = len(sample)
 
     def _codes(self, vectors: np.ndarray) -> np.ndarray:
         """What FAISS takes: float32 rows, or for a binary index their sign bits."""
@@ -372,6 +374,7 @@ class FaissIndex:
                         "applied_seq": self.applied_seq,
                         "deleted": sorted(self.deleted),
                         "tuning": self.tuning,
+                        "trained_on": self.trained_on,
                     }
                 ).encode()
             tail = trailer + struct.pack("<Q", len(trailer))
@@ -419,6 +422,8 @@ class FaissIndex:
         loaded.applied_seq = trailer["applied_seq"]
         loaded.deleted = set(trailer["deleted"])
         loaded.tuning = trailer.get("tuning")
+        trained_on = trailer.get("trained_on", 0)
+        loaded.trained_on = trained_on if isinstance(trained_on, int) else 0
         return loaded
 
 

@@ -11,11 +11,15 @@ of the +-1 sign vectors scaled to [-1, 1]), and the collection's stats say so (`
 When each index trains:
 - int8 needs each dimension's range (`SQ8`, trained on a sample). A collection holds its vectors in
   an exact float index until it has `SQ_TRAIN_MIN` vectors, then rebuilds as SQ8 trained on a random
-  sample of up to `SQ_TRAIN_SAMPLE` stored vectors (the same path as `auto` growing into IVF). The
-  ranges are retrained whenever the index is rebuilt from the store: `POST .../rebuild`, a re-embed,
-  an `auto` collection growing into IVF, HNSW compaction, or an unusable snapshot. Snapshots keep
-  the trained quantiser, so a restart replays onto the same ranges. Values outside the ranges are
-  clipped (their ranking is then rougher; rescoring repairs it).
+  sample of up to `SQ_TRAIN_SAMPLE` stored vectors (the same path as `auto` growing into IVF). A flat
+  or IVF int8 index trained on fewer than `SQ_TRAIN_SAMPLE` vectors is rebuilt, retrained, once the
+  collection holds `SQ_RETRAIN_GROWTH` times as many (at 10k and 100k for one that grows from empty:
+  ranges from the first thousand vectors clip the later ones more often); an HNSW int8 index is not
+  (rebuilding its graph costs minutes at that size): `POST .../rebuild` retrains it. The ranges are
+  also retrained whenever the index is rebuilt from the store for any other reason (a re-embed, an
+  `auto` collection growing into IVF, HNSW compaction, an unusable snapshot). Snapshots keep the
+  trained quantiser (and `trained_on`), so a restart replays onto the same ranges. Values outside the
+  ranges are clipped (their ranking is then rougher; rescoring repairs it).
 - binary needs no training: bit i is `vector[i] > 0`.
 
 Only this module knows how vectors become bits; the engine calls it at the FAISS boundary.
@@ -33,6 +37,7 @@ Quantization = Literal["none", "int8", "binary"]
 QUANTIZATIONS: tuple[str, ...] = ("none", "int8", "binary")
 SQ_TRAIN_MIN = 1000  # int8 collections index exactly (float) below this many vectors
 SQ_TRAIN_SAMPLE = 65_536  # vectors the scalar quantiser's ranges are trained on
+SQ_RETRAIN_GROWTH = 10  # a flat or IVF int8 index trained on fewer than SQ_TRAIN_SAMPLE retrains at 10x its sample
 MAX_OVERSAMPLE = 100
 # Candidate vectors one search call may rescore, over all its queries (~400 MB of float32 at 384-d): big
 # k x oversample x queries products are cut to this, never less than the k (+ margin) each query needs.

@@ -132,6 +132,23 @@ def test_reembed_keeps_the_quantisation(manager):
     assert hit.id == "i7" and hit.score == pytest.approx(1.0, abs=1e-5)
 
 
+def test_int8_ranges_are_retrained_as_the_collection_grows(manager, tmp_path):
+    c = manager.create(CollectionConfig(name="grow", dim=DIM, index=IndexSpec(kind="flat", quantization="int8")))
+    data = clustered(10_000, seed=8)
+    c.upsert(items(data[:SQ_TRAIN_MIN]))
+    assert (c.index.factory, c.index.trained_on) == ("IDMap2,SQ8", SQ_TRAIN_MIN)
+    c.upsert(items(data[SQ_TRAIN_MIN : 10 * SQ_TRAIN_MIN - 1], SQ_TRAIN_MIN))
+    assert c.index.trained_on == SQ_TRAIN_MIN  # not yet 10x
+    c.upsert(items(data[10 * SQ_TRAIN_MIN - 1 :], 10 * SQ_TRAIN_MIN - 1))
+    assert c.index.trained_on == 10 * SQ_TRAIN_MIN and c.index.index.ntotal == 10_000
+    manager.close()
+    reopened = CollectionManager(tmp_path / "collections")
+    try:
+        assert reopened.get("grow").index.trained_on == 10 * SQ_TRAIN_MIN  # kept in the snapshot
+    finally:
+        reopened.close()
+
+
 def test_auto_int8_grows_into_ivf_sq8(manager):
     c, _ = make(manager, "auto8", quantization="int8", auto_ivf_threshold=1200, nlist=16)
     assert c.index.factory == "IVF16,SQ8"
