@@ -225,6 +225,7 @@ def measure(root: Path, store: Path, queries: np.ndarray, truth: np.ndarray) -> 
                 print(f"  {rows[-1]}", flush=True)
         finally:
             manager.close()
+            shutil.rmtree(root / f"v{i}", ignore_errors=True)  # one variant's copy of the store at a time
     return rows
 
 
