@@ -298,19 +298,19 @@ class CollectionStore:
             f"SELECT {columns} FROM items WHERE vid IN (SELECT value FROM json_each(?))",
             (orjson.dumps(wanted, option=orjson.OPT_SERIALIZE_NUMPY),),
         ).fetchall()
-        return {row[1]: self._hit_item(row, extra) for row in rows}
-
-    def _hit_item(self, row: tuple[Any, ...], extra: list[str]) -> StoredItem:
-        values = dict(zip(extra, row[3:]))
-        vector = values.get("vector")
-        return StoredItem(
-            id=row[0],
-            modality=row[2],
-            vector=np.frombuffer(vector, dtype=np.float32, count=self.dim) if vector is not None else _NO_VECTOR,
-            payload=load_payload(values["payload"]) if "payload" in values else {},
-            content=values.get("content"),
-            vid=row[1],
-        )
+        at = {field: 3 + i for i, field in enumerate(extra)}  # column of each included field, once per call
+        payload, content, vector = at.get("payload"), at.get("content"), at.get("vector")
+        return {
+            row[1]: StoredItem(
+                id=row[0],
+                modality=row[2],
+                vector=_NO_VECTOR if vector is None else np.frombuffer(row[vector], dtype=np.float32, count=self.dim),
+                payload={} if payload is None else load_payload(row[payload]),
+                content=None if content is None else row[content],
+                vid=row[1],
+            )
+            for row in rows
+        }
 
     def vectors(self, vids: np.ndarray) -> np.ndarray:
         items = self.by_vids([int(v) for v in vids])
