@@ -55,6 +55,7 @@ once (plus what the code under test itself copies, e.g. while writing a snapshot
 from __future__ import annotations
 
 import argparse
+import base64
 import datetime
 import gc
 import hashlib
@@ -545,11 +546,26 @@ def poster(client: httpx.Client, url: str) -> Callable[[bytes], bytes]:
     return lambda body: post(client, url, body)
 
 
+# --fast-wire: query vectors as base64 float32 (as /v1/embeddings emits them) and hits without payload or
+# content (`"include": []`), the API's cheapest request and answer; default: JSON floats, full hits.
+FAST_WIRE = False
+
+
+def wire_vector(vector: np.ndarray) -> list[float] | str:
+    if FAST_WIRE:
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    return list(vector.tolist())
+
+
 def search_bodies(queries: np.ndarray, nprobe: int | None) -> tuple[list[bytes], list[bytes]]:
     """Pre-serialised batched (256 per request) and single-query request bodies."""
-    extra = {"k": K} if nprobe is None else {"k": K, "nprobe": nprobe}
-    batched = [json.dumps({"queries": [{"vector": v} for v in b.tolist()], **extra}).encode() for b in batches(queries)]
-    single = [json.dumps({"query": {"vector": v}, **extra}).encode() for v in queries.tolist()]
+    extra: dict[str, Any] = {"k": K} if nprobe is None else {"k": K, "nprobe": nprobe}
+    if FAST_WIRE:
+        extra["include"] = []
+    batched = [
+        json.dumps({"queries": [{"vector": wire_vector(v)} for v in b], **extra}).encode() for b in batches(queries)
+    ]
+    single = [json.dumps({"query": {"vector": wire_vector(v)}, **extra}).encode() for v in queries]
     return batched, single
 
 
@@ -895,6 +911,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ready-timeout", type=float, default=600.0, help="seconds a server may take to become ready")
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="markdown file (default: %(default)s)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    parser.add_argument(
+        "--fast-wire",
+        action="store_true",
+        help='HTTP searches send base64 float32 vectors and "include": [] (hits without payload/content)',
+    )
     args = parser.parse_args(argv)
     if args.sizes is None:
         args.sizes = [20_000] if args.quick else [100_000, 1_000_000]
@@ -956,6 +977,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, exit_on_signal)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background
     args = parse_args(argv)
+    global FAST_WIRE
+    FAST_WIRE = args.fast_wire
     budget = QUICK if args.quick else FULL
     command = shlex.join(["python", "bench/search.py", *argv])
     report = Reporter(command, None if args.no_write else args.results)
