@@ -29,7 +29,6 @@ import datetime
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +43,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.harness import ServerProcess, duet_serve  # noqa: E402
+from bench.results import write_section  # noqa: E402
+
 STS_DIR = REPO.parent / "shared" / "data" / "stsbenchmark"
 TRANSCRIPT: list[str] = []
 
@@ -53,46 +55,11 @@ def say(line: str) -> None:
     TRANSCRIPT.append(line)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    """`duet serve` in a subprocess on a fresh data dir."""
-
-    def __init__(self, data_dir: Path, log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DUET_ALIAS_REFRESH_SECONDS": "2"}
-        env.pop("REDIS_URL", None)
-        command = [sys.executable, "-m", "duet.cli", "serve", "--data-dir", str(data_dir), "--port", str(self.port)]
-        self.log = log.open("wb")
-        self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO)
-
-    def wait_ready(self, timeout_s: float = 300) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"duet serve exited with {self.process.returncode}; see {self.log.name}")
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError("duet serve did not become ready")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        self.log.close()
+def duet_server(data_dir: Path, log_path: Path) -> ServerProcess:
+    """`duet serve` on a fresh data dir (embedded job store and local worker: no Redis), aliases
+    re-read every 2 s so a promotion reaches /v1/embeddings quickly."""
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DUET_ALIAS_REFRESH_SECONDS": "2"}
+    return duet_serve(data_dir, log_path, env)
 
 
 def upload(api: httpx.Client, path: Path, filename: str | None = None) -> dict[str, Any]:
@@ -296,14 +263,14 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix=f"duet-e2e-{args.task}-"))
     started = datetime.datetime.now().astimezone()
     t0 = time.perf_counter()
-    server = Server(work / "data", work / "serve.log")
+    server = duet_server(work / "data", work / "serve.log").start()
     try:
-        server.wait_ready()
-        say(f"duet serve on {server.url} (fresh data dir, embedded job store, local worker)")
-        with httpx.Client(base_url=server.url, timeout=120) as api:
+        server.wait_ready(300, poll=0.5)
+        say(f"duet serve on {server.base} (fresh data dir, embedded job store, local worker)")
+        with httpx.Client(base_url=server.base, timeout=120) as api:
             checks = task_sts(api, work) if args.task == "sts" else task_shapes(api, work, args.epochs)
     finally:
-        server.stop()
+        server.stop(grace=60)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     elapsed = (time.perf_counter() - t0) / 60
@@ -324,8 +291,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("\n" + report)
     if not args.no_write:
-        from bench.results import write_section
-
         write_section(f"jobs-e2e-{args.task}", report)
     return 0 if ok else 1
 

@@ -47,12 +47,10 @@ import contextlib
 import datetime
 import json
 import os
-import platform
 import random
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -70,7 +68,16 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.helpers import PAIRS as TINY_PAIRS  # noqa: E402 - after the path setup above
+from bench.harness import (  # noqa: E402 - after the path setup above
+    DUET_CLI,
+    HERMETIC_UNSET,
+    ServerProcess,
+    code_state,
+    duet_serve,
+    machine_summary,
+)
+from bench.results import write_section  # noqa: E402
+from tests.helpers import PAIRS as TINY_PAIRS  # noqa: E402
 
 SECTION = "jobs-faults"
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -102,18 +109,15 @@ def log(message: str) -> None:
     print(f"[faults +{time.monotonic() - _T0:6.1f}s] {message}", flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Deadline:
     """One overall hang guard: every wait in the script gives up when it is reached."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return max(0.0, self.end - time.monotonic())
 
     def check(self, what: str) -> None:
         if time.monotonic() > self.end:
@@ -158,15 +162,12 @@ class Cluster:
         self.logs = root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.redis = RedisServer(root / "redis")
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server: subprocess.Popen[bytes] | None = None
-        self.workers: dict[str, subprocess.Popen[bytes]] = {}
-        self._log_files: list[Any] = []
+        self.server: ServerProcess | None = None
+        self.url = ""
+        self.workers: dict[str, ServerProcess] = {}
 
     def env(self) -> dict[str, str]:
         return {
-            **os.environ,
             "REDIS_URL": self.redis.url,
             "DUET_DATA_DIR": str(self.data_dir),
             "DUET_PRELOAD_MODELS": "[]",
@@ -179,54 +180,16 @@ class Cluster:
             "OMP_NUM_THREADS": "1",
         }
 
-    def _spawn(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
-        sink = (self.logs / f"{name}.log").open("ab")
-        self._log_files.append(sink)
-        # A session of its own: Ctrl-C reaches only this script, whose cleanup then ends the
-        # process group (the worker's training process included) by its id.
-        return subprocess.Popen(
-            command, cwd=REPO, env=self.env(), stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
     def start_server(self, deadline: Deadline) -> None:
-        command = [
-            sys.executable,
-            "-m",
-            "duet.cli",
-            "serve",
-            "--data-dir",
-            str(self.data_dir),
-            "--port",
-            str(self.port),
-        ]
-        self.server = self._spawn("server", command)
-        while True:
-            if self.server.poll() is not None:
-                raise RuntimeError(f"duet serve exited with {self.server.returncode}; see {self.logs / 'server.log'}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return
-            deadline.check("waiting for the server to be ready")
-            time.sleep(0.3)
+        self.server = duet_serve(self.data_dir, self.logs / "server.log", self.env()).start()
+        self.url = self.server.base
+        self.server.wait_ready(deadline.left(), poll=0.3)
 
-    def start_worker(self, name: str) -> subprocess.Popen[bytes]:
-        process = self._spawn(f"worker-{name}", [sys.executable, "-m", "duet.cli", "worker", "--name", name])
-        self.workers[name] = process
+    def start_worker(self, name: str) -> ServerProcess:
+        command = [*DUET_CLI, "worker", "--name", name]
+        process = ServerProcess(f"worker {name}", command, self.logs / f"worker-{name}.log", self.env(), HERMETIC_UNSET)
+        self.workers[name] = process.start()
         return process
-
-    @staticmethod
-    def _end(process: subprocess.Popen[bytes] | None, grace: float) -> None:
-        if process is None:
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=grace)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)  # the group: a training process left behind goes too
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=10)
 
     def print_log_tails(self, lines: int = 25) -> None:
         """The end of every process's log, for a failed run (the temp dir goes unless --keep)."""
@@ -236,13 +199,12 @@ class Cluster:
                 print(f"\n--- {path.name} (last {len(tail)} lines) ---\n" + "\n".join(tail), file=sys.stderr)
 
     def close(self) -> None:
-        for process in self.workers.values():
-            self._end(process, grace=15)
-        self._end(self.server, grace=15)
+        """SIGTERM, then SIGKILL to each process group: a training process left behind goes too."""
+        for process in [*self.workers.values(), self.server]:
+            if process is not None:
+                process.stop(grace=15)
         with contextlib.suppress(Exception):
             self.redis.kill()
-        for sink in self._log_files:
-            sink.close()
 
 
 # -- setup: model, datasets, jobs ------------------------------------------------------------------
@@ -385,7 +347,8 @@ def kill_worker_mid_job(cluster: Cluster, api: Api, run: Run, name: str, steps: 
     process = cluster.workers[name]
     run.killed_children = child_pids(process.pid)
     os.kill(process.pid, signal.SIGKILL)
-    process.wait(timeout=30)
+    assert process.proc is not None
+    process.proc.wait(timeout=30)
     run.killed_worker, run.killed_job, run.killed_at_step = name, job["id"], job["progress"]["step"]
     run.note(
         f"SIGKILLed worker {name} (pid {process.pid}) while it ran {job['id']} ({job['config']['output']['name']}) "
@@ -671,42 +634,14 @@ def check_all(run: Run, views: dict[str, JobView], jobs: list[dict[str, Any]], d
 # -- report ----------------------------------------------------------------------------------------
 
 
-def machine_summary() -> str:
+def faults_machine() -> str:
     import torch
 
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     redis_version = "?"
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         out = subprocess.run(["redis-server", "--version"], capture_output=True, text=True, timeout=10).stdout
         redis_version = next((w.split("=")[1] for w in out.split() if w.startswith("v=")), "?")
-    return (
-        f"nproc {len(os.sched_getaffinity(0))}, {cpu}, torch {torch.__version__}, redis-server {redis_version}, "
-        f"Python {platform.python_version()}"
-    )
-
-
-def code_state() -> str:
-    """The commit the processes ran from, and uncommitted edits to the code they run (other
-    work may be in progress in the same checkout: the figures belong to that exact state)."""
-
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=30)
-        return done.stdout.strip()
-
-    dirs = ("jobs", "service", "trainer", "registry", "duet")
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        head = git("log", "-1", "--format=%h %cI")
-        changed = [line[3:] for line in git("status", "--porcelain", "--", *dirs).splitlines()]
-        if not changed:
-            return f"commit {head}, {'/, '.join(dirs)}/ clean"
-        shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
-        return f"commit {head} plus uncommitted changes to {shown}"
-    return "unknown (no git)"
+    return machine_summary([f"torch {torch.__version__}", f"redis-server {redis_version}"])
 
 
 def render(
@@ -722,7 +657,7 @@ def render(
         "",
         f"- Command: `{shlex.join(['python', 'bench/jobs_faults.py', *argv])}`",
         f"- Date: {now}, wall time {run.wall_seconds / 60:.1f} min; {passed}/{len(checks)} checks passed",
-        f"- Machine: {machine_summary()}",
+        f"- Machine: {faults_machine()}",
         f"- Code: {code}",
         f"- Setup: own redis-server (appendonly, appendfsync always), `duet serve` + `duet worker` processes "
         f"({workers}), heartbeat {HEARTBEAT_SECONDS:g} s, reaper timeout {HEARTBEAT_TIMEOUT_SECONDS:g} s, "
@@ -788,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
     cluster: Cluster | None = None
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup below
     run = Run(expected=args.jobs)
-    code = code_state()  # now: the files may change while this runs
+    code = code_state(("jobs", "service", "trainer", "registry", "duet"))  # now: the files may change while this runs
     deadline = Deadline(args.deadline)
     try:
         os.environ["HF_HUB_OFFLINE"] = "1"
@@ -832,8 +767,6 @@ def main(argv: list[str] | None = None) -> int:
         report = render(run, views, checks, args, argv, code)
         print("\n" + report, flush=True)
         if not args.no_write:
-            from bench.results import write_section
-
             write_section(SECTION, report)
             print("\nwritten to bench/RESULTS.md", flush=True)
         failed = [c.name for c in checks if not c.ok]
