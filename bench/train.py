@@ -64,7 +64,6 @@ import csv
 import datetime
 import json
 import os
-import platform
 import shlex
 import shutil
 import signal
@@ -81,6 +80,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from bench.harness import LoadSampler, ServerProcess, machine_summary  # noqa: E402
+from bench.results import write_section  # noqa: E402
 
 STS_DIR = REPO.parent / "shared" / "data" / "stsbenchmark"
 SECTION = "train"
@@ -421,21 +423,18 @@ class Runner:
 
     def _execute(self, folder: Path, timeout_s: float) -> int | None:
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", str(folder / "spec.json")]
-        env = {**os.environ, **WORKER_ENV}
+        env = dict(WORKER_ENV)
         if self.threads:
             env.update(OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
-        with (folder / "log.txt").open("wb") as output:
-            process = subprocess.Popen(
-                command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
-            )
-            try:
-                return process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                return None
-            finally:
-                if process.poll() is None:  # timed out or interrupted: stop our own worker's process group
-                    os.killpg(process.pid, signal.SIGKILL)
-                    process.wait()
+        worker = ServerProcess(f"worker {folder.name}", command, folder / "log.txt", env).start()
+        assert worker.proc is not None
+        try:
+            return worker.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+        finally:
+            if worker.running():  # timed out or interrupted: stop our own worker's process group
+                worker.kill()
 
     @staticmethod
     def _read(folder: Path, code: int | None, timeout_s: float) -> dict[str, Any]:
@@ -461,28 +460,6 @@ def summarise(result: dict[str, Any]) -> str:
 
 
 # -- machine load ------------------------------------------------------------------------------
-
-
-class LoadSampler:
-    """The 1-minute load average every few seconds, on a daemon thread (others may share the cores)."""
-
-    def __init__(self, every_s: float = 5.0) -> None:
-        self.samples: list[float] = [os.getloadavg()[0]]
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(every_s,), daemon=True)
-        self._thread.start()
-
-    def _run(self, every_s: float) -> None:
-        while not self._stop.wait(every_s):
-            self.samples.append(os.getloadavg()[0])
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def summary(self) -> str:
-        values = self.samples
-        return f"min {min(values):.2f}, median {statistics.median(values):.2f}, max {max(values):.2f}"
 
 
 def wait_for_quiet(threshold: float, hold_s: float, max_wait_s: float) -> tuple[str, bool]:
@@ -667,15 +644,7 @@ def run_gpu(runner: Runner, data: Data, s: Settings, outcome: Outcome) -> None:
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    memory = proc_meminfo_gib()
+    """Versions from a subprocess: this process never imports torch (the workers do)."""
     code = (
         "import torch, sentence_transformers as st, transformers as tf; "
         "print(torch.__version__, st.__version__, tf.__version__, "
@@ -683,18 +652,8 @@ def machine() -> str:
     )
     versions = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300).stdout.split()
     torch_v, st_v, tf_v, gpu = (versions + ["?", "?", "?", "?"])[:4]
-    gpu_text = "" if gpu in ("none", "?") else f", GPU {gpu.replace('_', ' ')}"
-    return (
-        f"nproc {os.cpu_count()}, {cpu}, {memory:.0f} GiB RAM{gpu_text}; torch {torch_v}, "
-        f"sentence-transformers {st_v}, transformers {tf_v}, Python {platform.python_version()}"
-    )
-
-
-def proc_meminfo_gib() -> float:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemTotal:"):
-            return int(line.split()[1]) / 2**20
-    return 0.0
+    software = [f"torch {torch_v}", f"sentence-transformers {st_v}", f"transformers {tf_v}"]
+    return machine_summary(software, memory=True, gpu=None if gpu in ("none", "?") else gpu.replace("_", " "))
 
 
 def git_head() -> str:
@@ -1089,7 +1048,7 @@ def main(argv: list[str] | None = None) -> int:
         # processes: a MiniLM training step measured ~7x slower with 2 threads than with 1 at load ~5.
         settings.threads = 1
         log("machine busy: 1 torch thread per worker")
-    load = LoadSampler()
+    load = LoadSampler(digits=2)
     work = Path(tempfile.mkdtemp(prefix="duet-bench-train-", dir=args.workdir))
     outcome = Outcome()
     runner = Runner(work, args.model or model_path(), settings.seed, settings.learning_rate, settings.threads)
@@ -1116,8 +1075,6 @@ def main(argv: list[str] | None = None) -> int:
     report = (render_gpu if args.gpu_only else render)(outcome, info)
     print("\n" + report + "\n")
     if not args.no_write and interrupted is None:
-        from bench.results import write_section
-
         section = GPU_SECTION if args.gpu_only else SECTION
         write_section(section, report)
         log(f"wrote bench/RESULTS.md ({section} section)")
