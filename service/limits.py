@@ -29,10 +29,14 @@ import math
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
+
+from service.metrics import Metrics
+from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +185,14 @@ return 1
 class RedisLimiter:
     """Limits shared by every replica through Redis; fails open while Redis is unreachable."""
 
-    def __init__(self, url: str, prefix: str, lease_seconds: float = 30.0, timeout_s: float = 0.5, metrics=None):
+    def __init__(
+        self,
+        url: str,
+        prefix: str,
+        lease_seconds: float = 30.0,
+        timeout_s: float = 0.5,
+        metrics: Callable[[], Metrics | None] | None = None,
+    ) -> None:
         self.url = url
         self.prefix = f"{prefix}:limit"
         self.lease_seconds = lease_seconds
@@ -279,7 +290,7 @@ class RedisLimiter:
 Limiter = LocalLimiter | RedisLimiter
 
 
-def build_limiter(settings, metrics_getter=None) -> Limiter:
+def build_limiter(settings: Settings, metrics_getter: Callable[[], Metrics | None] | None = None) -> Limiter:
     if settings.redis_url:
         return RedisLimiter(
             settings.redis_url, settings.redis_prefix, settings.limit_lease_seconds, metrics=metrics_getter

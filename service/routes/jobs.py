@@ -14,12 +14,14 @@ import time
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 from pathlib import PurePosixPath
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import anyio
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, GetJsonSchemaHandler
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 from common.logs import current_request_id
 from jobs.datasets import (
@@ -42,6 +44,9 @@ from jobs.store import JobStore
 from service.deps import StateDep, require_json
 from service.errors import ApiError
 from service.schemas import RequestBody
+from service.settings import Settings
+from service.state import ServiceState
+from trainer.config import ConfigError, TrainConfig, parse_config
 
 router = APIRouter(tags=["jobs"])
 JSON = [Depends(require_json)]
@@ -51,8 +56,25 @@ KEEPALIVE_SECONDS = 15.0
 MAX_EVENT_ID = 2**63 - 1  # event ids are SQLite INTEGERs: a larger position cannot be bound
 
 
+class _AsTrainConfig:
+    """Documents a job's `config` as `trainer.config.TrainConfig`, every field of it with its
+    bounds and help text (in /openapi.json and /docs), while the body takes it as the JSON object
+    it is. `validate` parses it with the trainer's own `parse_config`, which lists every problem at
+    once and is joined by what only the API checks (its datasets, registry models, DUET_JOB_MAX_*)
+    in one 422 `invalid_training_config`; the job record keeps the config as it was sent. Parsed
+    as the body's model instead, a config's shape errors would come alone and first, as a 400
+    `invalid_request_body` that names none of the other problems."""
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        return handler(TrainConfig.__pydantic_core_schema__)
+
+
+TrainConfigBody = Annotated[dict[str, Any], _AsTrainConfig]
+
+
 class JobCreate(RequestBody):
-    config: dict[str, Any] = Field(description="A training config: the schema `duet train` reads from a file.")
+    config: TrainConfigBody = Field(description="A training config: the schema `duet train` reads from a file.")
     idempotency_key: str | None = Field(
         default=None, min_length=1, max_length=200, description="A retried POST with the same key returns that job."
     )
@@ -69,7 +91,7 @@ async def call(store: JobStore, fn: Callable[..., T], *args: Any, **kwargs: Any)
     return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
 
 
-def _store(state) -> JobStore:
+def _store(state: ServiceState) -> JobStore:
     if state.jobs is None:
         raise ApiError(503, "the job system is still starting; retry shortly", code="jobs_starting")
     return state.jobs.store
@@ -78,7 +100,7 @@ def _store(state) -> JobStore:
 # -- validation ----------------------------------------------------------------------------------
 
 
-def reference_problems(config: dict[str, Any], state, allow_local: bool) -> list[str]:
+def reference_problems(config: dict[str, Any], state: ServiceState, allow_local: bool) -> list[str]:
     """What a config may point at from the API, beyond its datasets (which `parse_config`
     confines to the datasets folder): for the base model, a registry reference that resolves,
     or a hub id. Server-side paths only with DUET_JOBS_ALLOW_LOCAL_PATHS."""
@@ -88,7 +110,7 @@ def reference_problems(config: dict[str, Any], state, allow_local: bool) -> list
     return []
 
 
-def _base_model_problems(base: str, state, allow_local: bool) -> list[str]:
+def _base_model_problems(base: str, state: ServiceState, allow_local: bool) -> list[str]:
     from registry.names import parse_model_ref
 
     # By its shape only: whether a folder of that name exists here is not the caller's to learn.
@@ -108,7 +130,7 @@ def _base_model_problems(base: str, state, allow_local: bool) -> list[str]:
     return []
 
 
-def limit_problems(config, settings) -> list[str]:
+def limit_problems(config: TrainConfig, settings: Settings) -> list[str]:
     """What this service lets one job ask for (DUET_JOB_MAX_*), beyond the trainer's own bounds."""
     limits = [
         ("batch_size", config.batch_size, settings.job_max_batch_size, "DUET_JOB_MAX_BATCH_SIZE"),
@@ -129,11 +151,9 @@ def limit_problems(config, settings) -> list[str]:
     ]
 
 
-def validate(body: JobCreate, state, owner: str = ANONYMOUS) -> None:
+def validate(body: JobCreate, state: ServiceState, owner: str = ANONYMOUS) -> None:
     """`owner`: the caller's key; its config may name only datasets that key uploaded (another
     key's dataset reads as missing, in the same words, so ids cannot be probed)."""
-    from trainer.config import ConfigError, parse_config
-
     settings = state.settings
     size = len(json.dumps(body.config, separators=(",", ":")))
     if size > settings.job_max_config_bytes:  # the record keeps it, and GET /v1/jobs returns up to 500 of them
@@ -340,7 +360,7 @@ async def upload_dataset(
     return JSONResponse(info.to_dict(), status_code=201)
 
 
-def dataset_store(settings) -> DatasetStore:
+def dataset_store(settings: Settings) -> DatasetStore:
     limits = DatasetLimits(
         max_bytes=settings.max_dataset_bytes,
         max_files=settings.max_dataset_files,
