@@ -18,6 +18,7 @@ So the export is torch's own ONNX exporter, then
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -136,22 +137,42 @@ def _has_vnni() -> bool:
     return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
+# The feed-forward down-projections (`layer.N.output.dense`) stay fp32 in both int8 recipes: their
+# inputs are GELU outputs with large outliers, which one scale per tensor clips or flattens. Measured
+# on all-MiniLM-L6-v2 (STS-B dev captions): quantising them too left the lowest cosine to fp32 at
+# 0.988 (ONNX Runtime) and 0.990 (NNCF), under the gate; without them, 0.9935 with ONNX Runtime.
+FFN_DOWN = re.compile(r"/layer\.\d+/output/dense/")
+
+
+def _fp32_nodes(path: Path) -> list[str]:
+    import onnx
+
+    return [node.name for node in onnx.load(str(path)).graph.node if FFN_DOWN.search(node.name)]
+
+
 def _quantize_onnx(source: Path, target: Path) -> dict[str, Any]:
     """Dynamic int8. Without VNNI, x86's u8s8 multiply can saturate: reduce_range (7-bit weights) avoids it."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     reduce_range = not _has_vnni()
+    kept = _fp32_nodes(source)
     quantize_dynamic(
         str(source),
         str(target),
         weight_type=QuantType.QInt8,
         per_channel=True,
         reduce_range=reduce_range,
+        nodes_to_exclude=kept,
         # the fused graph has contrib ops shape inference does not know; their outputs are float
         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
     )
-    return {"method": "onnxruntime dynamic", "weights": "int8 per channel", "reduce_range": reduce_range}
+    return {
+        "method": "onnxruntime dynamic",
+        "weights": "int8 per channel",
+        "reduce_range": reduce_range,
+        "kept_fp32": len(kept),
+    }
 
 
 def _calibration_items(model: SentenceTransformer, names: Sequence[str], texts: Sequence[str]) -> list[dict[str, Any]]:
@@ -178,13 +199,19 @@ def _openvino(
         import nncf
 
         items = _calibration_items(model, names, texts)
+        kept = _fp32_nodes(onnx_path)
         converted = nncf.quantize(
             converted,
             nncf.Dataset(items),
             model_type=nncf.ModelType.TRANSFORMER,
             subset_size=len(items),
+            ignored_scope=nncf.IgnoredScope(names=kept, validate=False),
         )
-        details = {"method": "nncf static (transformer preset)", "calibration_texts": len(texts)}
+        details = {
+            "method": "nncf static (transformer preset)",
+            "calibration_texts": len(texts),
+            "kept_fp32": len(kept),
+        }
     ov.save_model(converted, str(out / OPENVINO_FILE), compress_to_fp16=False)
     return details
 

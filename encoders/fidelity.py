@@ -98,7 +98,8 @@ def measure(
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """The fidelity report of `candidate` against `reference` (the same version in torch fp32)."""
-    texts = sorted({t for p in pairs for t in (p.first, p.second)})
+    # by length, so each batch pads little (a third of the time of alphabetical order on STS-B)
+    texts = sorted({t for p in pairs for t in (p.first, p.second)}, key=lambda t: (len(t), t))
     index = {t: i for i, t in enumerate(texts)}
 
     def step(label: str) -> Callable[[int], None] | None:
