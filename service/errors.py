@@ -51,6 +51,7 @@ from service.auth.route_policy import app_routes
 from service.batching import QueueFullError, WorkerStoppedError
 from service.limits import ImageMemoryFullError, ImagesTooLargeError
 from service.model_pool.errors import ModelMemoryBudgetError, ModelMemoryBusyError
+from trainer.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +113,11 @@ def _queue_full_message(exc: Exception) -> str:
     return f"{full.model} is at capacity ({full}); retry after {full.retry_after}s"
 
 
+def _config_message(exc: Exception) -> str:
+    """Every problem on one line (ConfigError's own text is the CLI's, one problem a line)."""
+    return "invalid training config: " + "; ".join(cast(ConfigError, exc).problems)
+
+
 def _dataset_code(exc: Exception) -> str:
     return cast(DatasetTooLargeError, exc).code  # which limit: size, file count or storage
 
@@ -163,6 +169,7 @@ _DOMAIN_ERRORS: list[DomainMapping] = [
     DomainMapping(EmptyDatasetError, 400, "empty_dataset"),
     DomainMapping(DatasetTooLargeError, 413, _dataset_code),
     DomainMapping(DatasetError, 400, "invalid_dataset"),
+    DomainMapping(ConfigError, 422, "invalid_training_config", message=_config_message, param="config"),
 ]
 
 

@@ -173,9 +173,7 @@ def validate(body: JobCreate, state: ServiceState, owner: str = ANONYMOUS) -> No
     except ConfigError as exc:
         problems = exc.problems + problems
     if problems:
-        raise ApiError(
-            422, "invalid training config: " + "; ".join(problems), code="invalid_training_config", param="config"
-        )
+        raise ConfigError(problems)  # with the API's own problems: 422 invalid_training_config (service/errors.py)
 
 
 # -- routes --------------------------------------------------------------------------------------
