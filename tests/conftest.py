@@ -17,6 +17,44 @@ from tests.helpers import RunningServer, make_settings
 # The collection contract suite's `backend` fixtures (faiss and milvus), for every test module.
 pytest_plugins = ["tests.integration.backends"]
 
+# The fast suite (`pytest --fast`, well under the full run) leaves out the tests marked `heavy`: every
+# integration test (real servers, Redis, Milvus, browsers, training jobs) and the unit tests below, which
+# load the full MiniLM, train, export models or start processes. One list here rather than a marker in
+# each file, so what the fast suite skips is read in one place; the default run (`pytest`, CI) runs them.
+HEAVY_UNIT_TESTS: dict[str, tuple[str, ...]] = {  # module -> test-name prefixes ("" = the whole module)
+    "test_losses_distributed.py": ("",),  # torchrun
+    "test_packing.py": ("",),  # MiniLM traced and packed
+    "test_variants.py": ("",),  # ONNX / OpenVINO exports
+    "test_calibration_store.py": ("",),
+    "test_evaluation.py": ("test_minilm_",),
+    "test_losses.py": ("test_each_loss_trains_inside", "test_cached_equals", "test_matryoshka_with_cached"),
+    "test_losses_momentum.py": ("test_cached_equals", "test_trains_inside"),
+    "test_logs.py": ("test_the_worker_and_the_training_process", "test_a_job_keeps", "test_the_response_header"),
+    "test_cli.py": ("test_register_and_alias", "test_models_list"),
+    "test_encoder.py": ("test_dual_encoder_round_trips", "test_token_counts"),
+    "test_worker_heartbeat.py": ("",),
+    "test_registry.py": ("test_default_models_are_registered_once",),
+}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--fast", action="store_true", help="the fast suite: leave out tests marked heavy (see tests/conftest.py)"
+    )
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects: the marks must be on the items by then
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        path = Path(str(item.fspath))
+        prefixes = HEAVY_UNIT_TESTS.get(path.name, ()) if path.parent.name == "unit" else ("",)  # else all
+        if any(item.name.startswith(prefix) for prefix in prefixes):
+            item.add_marker(pytest.mark.heavy)
+    if config.getoption("--fast"):
+        kept = [item for item in items if item.get_closest_marker("heavy") is None]
+        config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+        items[:] = kept
+
 
 @pytest.fixture(scope="session")
 def minilm_path() -> Path:

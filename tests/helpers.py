@@ -69,12 +69,47 @@ class RunningServer:
         return self.app.state.duet
 
 
+_MIGRATED_DB: list[Path] = []  # this process's empty, migrated MLflow database (made once)
+_MIGRATED_DB_LOCK = threading.Lock()
+
+
+def seed_registry_database(root: Path) -> None:
+    """Give a fresh embedded registry root an empty database MLflow has already migrated: the
+    migrations take seconds on every new database, and the tests make many. What the registry then
+    writes (its experiment, versions, artifacts) happens after the copy, under `root`."""
+    import shutil
+    import tempfile
+
+    from registry.store import ModelRegistry
+
+    with _MIGRATED_DB_LOCK:
+        if not _MIGRATED_DB:
+            template = Path(tempfile.mkdtemp(prefix="duet-registry-template-"))
+            ModelRegistry.embedded(template)
+            _MIGRATED_DB.append(template / "mlflow.db")
+    root = Path(root)
+    if not (root / "mlflow.db").exists():
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_MIGRATED_DB[0], root / "mlflow.db")
+
+
+def embedded_registry(root: Path):
+    """`ModelRegistry.embedded(root)`, seeded as above."""
+    from registry.store import ModelRegistry
+
+    seed_registry_database(root)
+    return ModelRegistry.embedded(root)
+
+
 def make_settings(data_dir: Path, **overrides):
     from service.settings import Settings
 
     values = {"data_dir": data_dir, "preload_models": ["minilm"], "alias_refresh_seconds": 0.0}
     values.update(overrides)
-    return Settings(**values)
+    settings = Settings(**values)
+    if not settings.registry_uri:
+        seed_registry_database(settings.registry_dir)
+    return settings
 
 
 def png_data_uri(width: int = 32, height: int = 32, color=(255, 0, 0), mode: str = "RGB") -> str:

@@ -6,11 +6,12 @@ from encoders.encoder import describe, load_sentence_transformer
 from registry.errors import IntegrityError, InvalidNameError, ModelNotFoundError, VersionNotFoundError
 from registry.manifest import Lineage, Manifest
 from registry.store import ModelRegistry
+from tests.helpers import embedded_registry
 
 
 @pytest.fixture()
 def registry(tmp_path) -> ModelRegistry:
-    return ModelRegistry.embedded(tmp_path / "registry")
+    return embedded_registry(tmp_path / "registry")
 
 
 @pytest.fixture(scope="module")
