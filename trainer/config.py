@@ -118,6 +118,13 @@ class LossSpec(_Strict):
         description="cwcl on pairs: the column whose intra-modal similarity gives the soft targets (the frozen "
         "tower's, with freeze). Graded data uses its scores instead.",
     )
+    cwcl_target_temperature: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="cwcl on pairs: targets softmax(cosine / this) of the reference view instead of the paper's "
+        "(1 + cosine) / 2, which weighs unrelated pairs half as much as the own one (fine-tuning a good model: 0.05).",
+    )
     queue_size: int = Field(default=4096, gt=0, le=MAX_QUEUE, description="moco: past keys kept as negatives.")
     momentum: float = Field(default=0.995, ge=0, lt=1, description="moco: EMA factor of the key encoder.")
     false_negative_threshold: float | None = Field(

@@ -65,7 +65,9 @@ def _contrastive_loss(spec: LossSpec, model: Any) -> _ContrastiveLoss:
     if spec.name == "hn_nce":
         return HardNegativeNCELoss(model, beta=spec.beta, **common)
     if spec.name == "cwcl":
-        return ContinuouslyWeightedLoss(model, reference=spec.cwcl_reference, **common)
+        return ContinuouslyWeightedLoss(
+            model, reference=spec.cwcl_reference, target_temperature=spec.cwcl_target_temperature, **common
+        )
     if spec.name == "multi_positive":
         return MultiPositiveInfoNCELoss(model, **common)
     if spec.name == "moco":

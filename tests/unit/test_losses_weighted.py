@@ -141,6 +141,11 @@ def test_similarity_targets_hand_computed():
     # rows normalised: [[2/3, 1/3], [1/3, 2/3]].
     reference = f64([[2.0, 0.0], [0.0, 1.0]])
     torch.testing.assert_close(similarity_targets(reference, reference), f64([[2 / 3, 1 / 3], [1 / 3, 2 / 3]]))
+    # With a target temperature of 0.5: softmax([1, 0] / 0.5) = [e^2, 1] / (e^2 + 1).
+    sharp = math.exp(2) / (math.exp(2) + 1)
+    torch.testing.assert_close(
+        similarity_targets(reference, reference, temperature=0.5), f64([[sharp, 1 - sharp], [1 - sharp, sharp]])
+    )
 
 
 def test_graded_targets_hand_computed():

@@ -187,3 +187,5 @@ def test_each_loss_name_builds_its_loss(folder, tiny_model_dir):
     built = build_loss(_with_loss(folder, {"name": "moco", "queue_size": 128, "hardest_negatives": 7}).loss, model)
     assert built.queue_size == 128 and built.hardest == 7
     assert build_loss(_with_loss(folder, {"name": "hn_nce", "beta": 0.25}).loss, model).beta == 0.25
+    cwcl = build_loss(_with_loss(folder, {"name": "cwcl", "cwcl_target_temperature": 0.05}).loss, model)
+    assert cwcl.target_temperature == 0.05
