@@ -303,8 +303,9 @@ def verdicts(run: Run) -> list[str]:
     if tuned and tuned.tuning:
         t = tuned.tuning
         out.append(
-            f"- {tuned.variant}: efSearch {t['ef_search']} chosen, recall@{t['k']} measured on {t['sample_queries']} "
-            f"of its own vectors {t['recall']:.4f} (reached: {t['reached']}); held-out queries: {tuned.recall:.4f}"
+            f"- {tuned.variant}: efSearch {t['ef_search']} chosen, recall@{t['k']} measured by the collection with "
+            f"{t['sample_queries']} new points among its own vectors (index.recall) {t['recall']:.4f} (reached: "
+            f"{t['reached']}); the held-out queries: {tuned.recall:.4f}"
         )
     return out
 
