@@ -391,6 +391,29 @@ class _LearnableScale(nn.Module):
 
     log_logit_scale: Tensor
     max_logit_scale: float
+    init_temperature: float
+    learnable_temperature: bool
+    symmetric: bool
+    gather_across_devices: bool  # set by _ContrastiveLoss, which every user of this mixin also is
+
+    def _init_scale(
+        self, init_temperature: float, learnable_temperature: bool, max_logit_scale: float, symmetric: bool
+    ) -> None:
+        """The options every learnable-temperature loss shares, and its scale."""
+        self.init_temperature = float(init_temperature)
+        self.learnable_temperature = learnable_temperature
+        self.symmetric = symmetric
+        self._register_log_scale(init_temperature, learnable_temperature, max_logit_scale)
+
+    def _scale_config(self) -> dict[str, Any]:
+        """The shared part of `get_config_dict` (the model card and saved config)."""
+        return {
+            "init_temperature": self.init_temperature,
+            "learnable_temperature": self.learnable_temperature,
+            "max_logit_scale": self.max_logit_scale,
+            "symmetric": self.symmetric,
+            "gather_across_devices": self.gather_across_devices,
+        }
 
     def _register_log_scale(self, init_temperature: float, learnable: bool, max_logit_scale: float) -> None:
         if init_temperature <= 0:
@@ -460,10 +483,7 @@ class SymmetricInfoNCELoss(_LearnableScale, _ContrastiveLoss):
         gather_across_devices: bool = False,
     ) -> None:
         _ContrastiveLoss.__init__(self, model, gather_across_devices)
-        self.init_temperature = float(init_temperature)
-        self.learnable_temperature = learnable_temperature
-        self.symmetric = symmetric
-        self._register_log_scale(init_temperature, learnable_temperature, max_logit_scale)
+        self._init_scale(init_temperature, learnable_temperature, max_logit_scale, symmetric)
 
     def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Tensor | None = None) -> Tensor:
         anchors, positives, negatives = _split_columns(embeddings)
@@ -480,13 +500,7 @@ class SymmetricInfoNCELoss(_LearnableScale, _ContrastiveLoss):
         )
 
     def get_config_dict(self) -> dict[str, Any]:
-        return {
-            "init_temperature": self.init_temperature,
-            "learnable_temperature": self.learnable_temperature,
-            "max_logit_scale": self.max_logit_scale,
-            "symmetric": self.symmetric,
-            "gather_across_devices": self.gather_across_devices,
-        }
+        return self._scale_config()
 
     @property
     def citation(self) -> str:

@@ -107,10 +107,7 @@ class HardNegativeNCELoss(_LearnableScale, _ContrastiveLoss):
         if beta < 0 or not math.isfinite(beta):
             raise ValueError(f"beta must be a finite number >= 0, got {beta}")
         self.beta = float(beta)
-        self.init_temperature = float(init_temperature)
-        self.learnable_temperature = learnable_temperature
-        self.symmetric = symmetric
-        self._register_log_scale(init_temperature, learnable_temperature, max_logit_scale)
+        self._init_scale(init_temperature, learnable_temperature, max_logit_scale, symmetric)
 
     def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Tensor | None = None) -> Tensor:
         anchors, positives, negatives = _split_columns(embeddings)
@@ -130,11 +127,7 @@ class HardNegativeNCELoss(_LearnableScale, _ContrastiveLoss):
     def get_config_dict(self) -> dict[str, Any]:
         return {
             "beta": self.beta,
-            "init_temperature": self.init_temperature,
-            "learnable_temperature": self.learnable_temperature,
-            "max_logit_scale": self.max_logit_scale,
-            "symmetric": self.symmetric,
-            "gather_across_devices": self.gather_across_devices,
+            **self._scale_config(),
         }
 
     @property

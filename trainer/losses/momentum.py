@@ -232,10 +232,7 @@ class MomentumQueueLoss(_LearnableScale, _ContrastiveLoss):
         self.queue_size = queue_size
         self.false_negative_threshold = false_negative_threshold
         self.hardest = hardest
-        self.init_temperature = float(init_temperature)
-        self.learnable_temperature = learnable_temperature
-        self.symmetric = symmetric
-        self._register_log_scale(init_temperature, learnable_temperature, max_logit_scale)
+        self._init_scale(init_temperature, learnable_temperature, max_logit_scale, symmetric)
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
         features = list(sentence_features)
@@ -311,11 +308,7 @@ class MomentumQueueLoss(_LearnableScale, _ContrastiveLoss):
             "momentum": self.encoder.momentum,
             "false_negative_threshold": self.false_negative_threshold,
             "hardest": self.hardest,
-            "init_temperature": self.init_temperature,
-            "learnable_temperature": self.learnable_temperature,
-            "max_logit_scale": self.max_logit_scale,
-            "symmetric": self.symmetric,
-            "gather_across_devices": self.gather_across_devices,
+            **self._scale_config(),
         }
 
     @property

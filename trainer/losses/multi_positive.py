@@ -124,10 +124,7 @@ class MultiPositiveInfoNCELoss(_LearnableScale, _ContrastiveLoss):
         gather_across_devices: bool = False,
     ) -> None:
         _ContrastiveLoss.__init__(self, model, gather_across_devices)
-        self.init_temperature = float(init_temperature)
-        self.learnable_temperature = learnable_temperature
-        self.symmetric = symmetric
-        self._register_log_scale(init_temperature, learnable_temperature, max_logit_scale)
+        self._init_scale(init_temperature, learnable_temperature, max_logit_scale, symmetric)
 
     def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Tensor | None = None) -> Tensor:
         if len(embeddings) < 2:
@@ -145,13 +142,7 @@ class MultiPositiveInfoNCELoss(_LearnableScale, _ContrastiveLoss):
         )
 
     def get_config_dict(self) -> dict[str, Any]:
-        return {
-            "init_temperature": self.init_temperature,
-            "learnable_temperature": self.learnable_temperature,
-            "max_logit_scale": self.max_logit_scale,
-            "symmetric": self.symmetric,
-            "gather_across_devices": self.gather_across_devices,
-        }
+        return self._scale_config()
 
     @property
     def citation(self) -> str:

@@ -165,10 +165,7 @@ class ContinuouslyWeightedLoss(_LearnableScale, _ContrastiveLoss):
             raise ValueError(f"target_temperature must be > 0, got {target_temperature}")
         self.reference = reference
         self.target_temperature = target_temperature
-        self.init_temperature = float(init_temperature)
-        self.learnable_temperature = learnable_temperature
-        self.symmetric = symmetric
-        self._register_log_scale(init_temperature, learnable_temperature, max_logit_scale)
+        self._init_scale(init_temperature, learnable_temperature, max_logit_scale, symmetric)
 
     def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Tensor | None = None) -> Tensor:
         anchors, positives, negatives = _split_columns(embeddings)
@@ -195,11 +192,7 @@ class ContinuouslyWeightedLoss(_LearnableScale, _ContrastiveLoss):
         return {
             "reference": self.reference,
             "target_temperature": self.target_temperature,
-            "init_temperature": self.init_temperature,
-            "learnable_temperature": self.learnable_temperature,
-            "max_logit_scale": self.max_logit_scale,
-            "symmetric": self.symmetric,
-            "gather_across_devices": self.gather_across_devices,
+            **self._scale_config(),
         }
 
     @property
