@@ -40,8 +40,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 STS_DEV = REPO.parent / "shared" / "data" / "stsbenchmark" / "sts-dev.csv"
-CLI = (sys.executable, "-c", "from duet.cli import app; app()")
-HOST = "127.0.0.1"
+from bench.harness import DUET_CLI, HOST, ServerProcess, duet_serve  # noqa: E402
+
 SECTION = "serve-backends"
 VARIANTS = ("onnx-fp32", "onnx-int8", "openvino-fp32", "openvino-int8")
 CONCURRENCY = 32
@@ -85,7 +85,7 @@ def prepare(data_dir: Path, eval_file: Path | None) -> dict[str, dict]:
     register_default_models(registry, data_dir)
     for name in VARIANTS:
         backend, _, precision = name.partition("-")
-        command = [*CLI, "models", "optimize", "minilm/1", "--backend", backend, "--data-dir", str(data_dir)]
+        command = [*DUET_CLI, "models", "optimize", "minilm/1", "--backend", backend, "--data-dir", str(data_dir)]
         command += ["--int8"] if precision == "int8" else []
         command += ["--eval", str(eval_file)] if eval_file else []
         started = time.perf_counter()
@@ -189,31 +189,18 @@ def serve_throughput(port: int, model: str, texts: list[str], scenario: Scenario
     return rate, sum(failures.values())
 
 
-def start_server(data_dir: Path, port: int, log: Path) -> subprocess.Popen:
-    # Admission control at 60 s, not 2 s: 32 clients x 64 inputs is ~30 s of queue for torch on this
-    # loaded 2-core machine, and 429s would measure the refusals, not the backends.
-    env = os.environ | {
-        "DUET_DATA_DIR": str(data_dir),
-        "DUET_LOG_LEVEL": "warning",
-        "DUET_PORT": str(port),
-        "DUET_MAX_QUEUE_WAIT_MS": "60000",
-    }
-    env.pop("REDIS_URL", None)
-    env.pop("DUET_REDIS_URL", None)
-    process = subprocess.Popen([*CLI, "serve"], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    import urllib.request
-
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"duet serve exited: {log.read_text()[-2000:]}")
-        try:
-            if urllib.request.urlopen(f"http://{HOST}:{port}/ready", timeout=2).status == 200:
-                return process
-        except OSError:
-            time.sleep(0.5)
-    process.kill()
-    raise SystemExit("duet serve not ready in 300 s")
+def start_server(data_dir: Path, log: Path) -> ServerProcess:
+    """`duet serve` through bench/harness.py, ready. Admission control at 60 s, not 2 s: 32 clients x 64
+    inputs is ~30 s of queue for torch on this loaded 2-core machine, and 429s would measure the
+    refusals, not the backends."""
+    env = {"DUET_LOG_LEVEL": "warning", "DUET_MAX_QUEUE_WAIT_MS": "60000"}
+    server = duet_serve(data_dir, log, env=env).start()
+    try:
+        server.wait_ready(300)
+    except BaseException:
+        server.stop()
+        raise
+    return server
 
 
 # -- report ---------------------------------------------------------------------------------------------
@@ -284,8 +271,9 @@ def main() -> None:
         info = registry.resolve("minilm/1")
         passed = {n: registry.get_variant(info, n).path for n, r in records.items() if r["fidelity"]["passed"]}
         raw = raw_throughputs(model_path, passed, workload(texts, scenarios[0].inputs))
-        port = _free_port()
-        server = start_server(data_dir, port, Path(tmp) / "serve.log")
+        server = start_server(data_dir, Path(tmp) / "serve.log")
+        port = server.port
+        assert port is not None
         try:
             served, failed = {}, {}
             for ref in ["minilm/1", *(f"minilm/1:{n}" for n in passed)]:
@@ -295,8 +283,7 @@ def main() -> None:
                         port, ref, workload(texts, s.inputs), s
                     )
         finally:
-            server.terminate()
-            server.wait(30)
+            server.stop()
     body = render(records, raw, served, scenarios, args)
     failures = [f"{ref} {label}: {n} requests failed" for (ref, label), n in failed.items() if n]
     if failures:
@@ -306,14 +293,6 @@ def main() -> None:
         from bench.results import write_section
 
         write_section(SECTION, body)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 if __name__ == "__main__":
