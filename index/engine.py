@@ -37,6 +37,7 @@ from typing import Any, Literal
 import faiss
 import numpy as np
 
+from common.durable import fsync_dir
 from index.errors import InvalidCollectionError, InvalidVectorError
 from index.quantization import (
     MAX_OVERSAMPLE,
@@ -383,11 +384,7 @@ class FaissIndex:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_dir(path.parent)
 
     @classmethod
     def read_snapshot(cls, path: Path, spec: IndexSpec) -> FaissIndex:

@@ -10,6 +10,7 @@ import re
 import shutil
 from pathlib import Path
 
+from common.durable import fsync_dir
 from index.config import CollectionConfig
 
 logger = logging.getLogger(__name__)
@@ -56,12 +57,3 @@ def write_config(folder: Path, config: CollectionConfig) -> None:
         os.fsync(handle.fileno())
     os.replace(tmp, folder / CONFIG_FILE)
     fsync_dir(folder)
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a rename or a new entry in `folder` durable (the folder's own entry list)."""
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Final
 
+from common.durable import fsync_dir
 from index.backend import EmbedFn
 from index.collection import Collection
 from index.config import CollectionConfig, validate_collection_name
@@ -26,7 +27,7 @@ from index.errors import (
     InvalidCollectionError,
     ReembedRefusedError,
 )
-from index.layout import CONFIG_FILE, fsync_dir, remove_generation, remove_stale_generations, write_config
+from index.layout import CONFIG_FILE, remove_generation, remove_stale_generations, write_config
 from index.reembed import ReembedJob, busy_message
 
 logger = logging.getLogger(__name__)

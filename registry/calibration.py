@@ -30,6 +30,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from common.durable import fsync_dir
 from registry.store import ModelVersionInfo
 
 logger = logging.getLogger(__name__)
@@ -124,16 +125,7 @@ def publish_calibration(info: ModelVersionInfo, calibration: Calibration) -> Cal
             if existing is not None:
                 return existing
             os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)  # so a crash cannot lose a calibration already served
         return read_calibration(info) or calibration  # another process may have replaced it since
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the new directory entry durable, so a crash cannot lose a calibration already served."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
