@@ -96,6 +96,21 @@ def http(server) -> Iterator[httpx.Client]:
         yield client
 
 
+@pytest.fixture(scope="module")
+def pages_client() -> Iterator[object]:
+    """An app holding only the pages router (the jobs page, the playground, their shared API client):
+    the page checks run in milliseconds without a model or a registry."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from service.routes import pages
+
+    app = FastAPI()
+    app.include_router(pages.router)
+    with TestClient(app) as client:
+        yield client
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, minilm_path) -> Path:
     """A 2-layer, 32-wide BERT sentence-transformer built from a config (no download), with

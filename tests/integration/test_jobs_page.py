@@ -12,25 +12,13 @@ import re
 from html.parser import HTMLParser
 
 import pytest
-from fastapi import FastAPI
-from fastapi.testclient import TestClient
-
-from service.routes import pages
 
 VOID_ELEMENTS = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 
 
 @pytest.fixture(scope="module")
-def client():
-    app = FastAPI()
-    app.include_router(pages.router)
-    with TestClient(app) as test_client:
-        yield test_client
-
-
-@pytest.fixture(scope="module")
-def page(client) -> str:
-    response = client.get("/jobs")
+def page(pages_client) -> str:
+    response = pages_client.get("/jobs")
     assert response.status_code == 200
     return response.text
 
@@ -82,15 +70,15 @@ def outline(page) -> Outline:
     return parser
 
 
-def test_page_is_served_as_html(client):
-    response = client.get("/jobs")
+def test_page_is_served_as_html(pages_client):
+    response = pages_client.get("/jobs")
     assert response.status_code == 200
     assert response.headers["content-type"] == "text/html; charset=utf-8"
     assert "connect-src 'self'" in response.headers["content-security-policy"]
 
 
-def test_page_is_not_in_the_openapi_schema(client):
-    assert "/jobs" not in client.app.openapi()["paths"]
+def test_page_is_not_in_the_openapi_schema(pages_client):
+    assert "/jobs" not in pages_client.app.openapi()["paths"]
 
 
 def test_page_uses_the_jobs_api(page):

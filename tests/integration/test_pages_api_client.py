@@ -11,10 +11,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from fastapi import FastAPI
-from fastapi.testclient import TestClient
 
-from service.routes import pages
 from tests.integration.test_jobs_page import Outline
 
 PAGES = ("/jobs", "/playground")
@@ -22,29 +19,21 @@ SCRIPT_TAG = '<script src="/static/api.js"></script>'
 
 
 @pytest.fixture(scope="module")
-def client():
-    app = FastAPI()
-    app.include_router(pages.router)
-    with TestClient(app) as test_client:
-        yield test_client
-
-
-@pytest.fixture(scope="module")
-def script(client) -> str:
-    response = client.get("/static/api.js")
+def script(pages_client) -> str:
+    response = pages_client.get("/static/api.js")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/javascript")
     assert response.headers["x-content-type-options"] == "nosniff"
     return response.text
 
 
-def test_the_client_is_not_in_the_openapi_schema(client):
-    assert "/static/api.js" not in client.app.openapi()["paths"]
+def test_the_client_is_not_in_the_openapi_schema(pages_client):
+    assert "/static/api.js" not in pages_client.app.openapi()["paths"]
 
 
 @pytest.mark.parametrize("path", PAGES)
-def test_each_page_loads_the_client_before_its_own_script_and_may_run_it(client, path):
-    response = client.get(path)
+def test_each_page_loads_the_client_before_its_own_script_and_may_run_it(pages_client, path):
+    response = pages_client.get(path)
     page = response.text
     assert page.count(SCRIPT_TAG) == 1
     assert page.index(SCRIPT_TAG) < page.index("<script>\n"), "the page's own script uses Duet: load it first"
@@ -53,8 +42,8 @@ def test_each_page_loads_the_client_before_its_own_script_and_may_run_it(client,
 
 
 @pytest.mark.parametrize("path", PAGES)
-def test_no_page_keeps_its_own_copy_of_the_client(client, path):
-    page = client.get(path).text
+def test_no_page_keeps_its_own_copy_of_the_client(pages_client, path):
+    page = pages_client.get(path).text
     for copy in ("function el(", "class ApiError", "fetch(", "function showError(", 'getElementById("banner'):
         assert copy not in page, f"{path} defines {copy!r} again; it belongs in service/static/api.js"
 
@@ -69,9 +58,9 @@ def test_the_client_reaches_no_other_host_and_inserts_no_markup(script):
 
 
 @pytest.mark.parametrize("path", PAGES)
-def test_every_element_the_client_looks_up_exists_on_each_page(client, script, path):
+def test_every_element_the_client_looks_up_exists_on_each_page(pages_client, script, path):
     outline = Outline()
-    outline.feed(client.get(path).text)
+    outline.feed(pages_client.get(path).text)
     outline.close()
     wanted = set(re.findall(r'getElementById\("([\w-]+)"\)', script))
     assert wanted == {"banner", "banner-text", "banner-close"}

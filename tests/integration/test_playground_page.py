@@ -9,24 +9,13 @@ from __future__ import annotations
 import re
 
 import pytest
-from fastapi import FastAPI
-from fastapi.testclient import TestClient
 
-from service.routes import pages
 from tests.integration.test_jobs_page import Outline
 
 
 @pytest.fixture(scope="module")
-def client():
-    app = FastAPI()
-    app.include_router(pages.router)
-    with TestClient(app) as test_client:
-        yield test_client
-
-
-@pytest.fixture(scope="module")
-def page(client) -> str:
-    response = client.get("/playground")
+def page(pages_client) -> str:
+    response = pages_client.get("/playground")
     assert response.status_code == 200
     assert response.headers["content-type"] == "text/html; charset=utf-8"
     assert "img-src data:" in response.headers["content-security-policy"]
@@ -41,8 +30,8 @@ def outline(page) -> Outline:
     return parser
 
 
-def test_page_is_not_in_the_openapi_schema(client):
-    assert "/playground" not in client.app.openapi()["paths"]
+def test_page_is_not_in_the_openapi_schema(pages_client):
+    assert "/playground" not in pages_client.app.openapi()["paths"]
 
 
 def test_page_uses_the_collections_api_and_the_key(page):
