@@ -10,13 +10,33 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from encoders.contract import VectorContract
 
 MANIFEST_FILE = "duet_manifest.json"
+VARIANT_FILE = "duet_variant.json"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class _FolderRecord(BaseModel):
+    """A record kept as one JSON file (`FILE`) inside the folder it describes."""
+
+    FILE: ClassVar[str]
+
+    def write(self, folder: Path) -> Path:
+        path = folder / self.FILE
+        path.write_text(json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def read(cls, folder: Path) -> Self:
+        return cls.model_validate_json((folder / cls.FILE).read_text())
 
 
 class Lineage(BaseModel):
@@ -33,7 +53,7 @@ class Lineage(BaseModel):
     architecture: dict[str, Any] = Field(default_factory=dict, description="Config to rebuild new parts.")
 
 
-class Manifest(BaseModel):
+class Manifest(_FolderRecord):
     """Everything Duet knows about one model version besides its weights."""
 
     model_config = ConfigDict(extra="forbid")
@@ -43,19 +63,9 @@ class Manifest(BaseModel):
     description: str = ""
     lineage: Lineage = Field(default_factory=Lineage)
     metrics: dict[str, float] = Field(default_factory=dict)
-    created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    created_at: str = Field(default_factory=_now)
 
-    def write(self, folder: Path) -> Path:
-        path = folder / MANIFEST_FILE
-        path.write_text(json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n")
-        return path
-
-    @classmethod
-    def read(cls, folder: Path) -> Manifest:
-        return cls.model_validate_json((folder / MANIFEST_FILE).read_text())
-
-
-VARIANT_FILE = "duet_variant.json"
+    FILE: ClassVar[str] = MANIFEST_FILE
 
 
 class FidelityReport(BaseModel):
@@ -77,7 +87,7 @@ class FidelityReport(BaseModel):
     source: str = Field(description="The evaluation pairs the gate used.")
 
 
-class VariantRecord(BaseModel):
+class VariantRecord(_FolderRecord):
     """An optimised variant of a version (backend + precision), kept beside it, never a version itself.
 
     Written into the variant's folder (`duet_variant.json`): what it was derived from (the version
@@ -95,13 +105,6 @@ class VariantRecord(BaseModel):
     export: dict[str, Any] = Field(default_factory=dict, description="How it was exported and quantised.")
     fidelity: FidelityReport
     library_versions: dict[str, str] = Field(default_factory=dict)
-    created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    created_at: str = Field(default_factory=_now)
 
-    def write(self, folder: Path) -> Path:
-        path = folder / VARIANT_FILE
-        path.write_text(json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n")
-        return path
-
-    @classmethod
-    def read(cls, folder: Path) -> VariantRecord:
-        return cls.model_validate_json((folder / VARIANT_FILE).read_text())
+    FILE: ClassVar[str] = VARIANT_FILE
