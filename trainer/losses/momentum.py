@@ -236,17 +236,23 @@ class MomentumQueueLoss(_LearnableScale, _ContrastiveLoss):
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
         features = list(sentence_features)
-        _split_columns(features)
-        self._clamp_log_scale_()
-        training = torch.is_grad_enabled()
-        if training:
-            self.encoder.update()
+        training = self._begin_step(features)
         keys = self._keys_of(self.encoder.embed(self._key_columns(features)))
         queries = embed_columns(self.model, self._query_columns(features))
         loss = self.loss_from_queries_and_keys(queries, keys, logit_scale=self.logit_scale)
         if training:
             self.enqueue(keys)
         return loss
+
+    def _begin_step(self, features: list[dict[str, Tensor]]) -> bool:
+        """Check the columns, clamp the temperature and, when training (gradients on), move the momentum
+        copy one EMA step; returns whether this is a training step (its keys then join the queue)."""
+        _split_columns(features)
+        self._clamp_log_scale_()
+        training = torch.is_grad_enabled()
+        if training:
+            self.encoder.update()
+        return training
 
     def _query_columns(self, features: list[T]) -> list[T]:
         return features[:2] if self.symmetric else features[:1]
@@ -356,11 +362,7 @@ class CachedMomentumQueueLoss(CachedLossMixin, MomentumQueueLoss):
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
         features = list(sentence_features)
-        _split_columns(features)
-        self._clamp_log_scale_()
-        training = torch.is_grad_enabled()
-        if training:
-            self.encoder.update()
+        training = self._begin_step(features)
         keys = self._keys = self._embed_keys(self._key_columns(features))
         self._pending_scale_grad = None
         try:
