@@ -15,6 +15,7 @@ from service.collections_service import CollectionsService
 from service.errors import ApiError
 from service.metrics import Metrics
 from service.model_pool.pool import ModelPool
+from service.quantized_output import CalibrationCache
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -42,6 +43,10 @@ async def get_metrics(state: StateDep) -> Metrics:
     return state.metrics
 
 
+async def get_calibrations(state: StateDep) -> CalibrationCache:
+    return state.calibrations
+
+
 async def get_collections(state: StateDep) -> CollectionsService:
     """The collections API's work (backend + pool + registry + settings); cheap, made per request."""
     return CollectionsService(state.collections, state.pool, state.registry, state.settings, state.metrics)
@@ -52,6 +57,7 @@ RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 CollectionsDep = Annotated[CollectionsService, Depends(get_collections)]
+CalibrationsDep = Annotated[CalibrationCache, Depends(get_calibrations)]
 
 
 async def require_json(request: Request) -> None:

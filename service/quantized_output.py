@@ -187,15 +187,5 @@ class CalibrationCache:
         return decode_sample(stored)
 
 
-def calibration_cache(app_state: Any, settings: Settings, pool: ModelPool) -> CalibrationCache:
-    """The app's cache, made on first use (a quantised request is rare next to float ones, so the
-    float path never pays for it). Check-and-set never awaits, so it is atomic on the event loop."""
-    cache = getattr(app_state, "duet_calibrations", None)
-    if cache is None:
-        cache = CalibrationCache(embedder(settings, pool))
-        app_state.duet_calibrations = cache
-    return cache
-
-
 def needs_ranges(dtype: str | None) -> bool:
     return dtype is not None and needs_calibration(dtype)

@@ -19,6 +19,7 @@ from service.jobs_runtime import JobsRuntime
 from service.metrics import Metrics
 from service.model_pool.hot_swap import ALIAS_POLL_FLOOR_SECONDS
 from service.model_pool.pool import ModelPool
+from service.quantized_output import CalibrationCache, embedder
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class ServiceState:
     metrics: Metrics
     pool: ModelPool
     collections: CollectionBackend
+    calibrations: CalibrationCache  # int8/uint8 output ranges per version; empty until such a request
     ready: bool = False
     startup_error: str | None = None
     jobs: JobsRuntime | None = None
@@ -106,12 +108,14 @@ class ServiceState:
         except BackendUnavailableError as exc:
             # Milvus down: serve anyway (embeddings work; collection calls answer 503 until it is back).
             logger.warning("collections backend unavailable at start-up (%s); collection calls answer 503", exc)
+        pool = ModelPool(registry, settings, metrics)
         state = cls(
             settings=settings,
             registry=registry,
             metrics=metrics,
-            pool=ModelPool(registry, settings, metrics),
+            pool=pool,
             collections=collections,
+            calibrations=CalibrationCache(embedder(settings, pool)),
         )
         adopt_library_loggers()  # MLflow and transformers are imported by now: their lines go through ours
         state.pool.set_torch_threads()

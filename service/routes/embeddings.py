@@ -6,15 +6,14 @@ import base64
 
 import numpy as np
 import orjson
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 
-from service.deps import PoolDep, SettingsDep, require_json
+from service.deps import CalibrationsDep, PoolDep, SettingsDep, require_json
 from service.embedding import admitted, embed_prepared
 from service.errors import ApiError
 from service.inputs import PreparedInputs, check_modalities, prepare, split_inputs
 from service.quantized_output import (
-    calibration_cache,
     needs_ranges,
     quantize_rows,
     render_rows,
@@ -32,7 +31,9 @@ router = APIRouter(tags=["embeddings"])
     dependencies=[Depends(require_json)],
     summary="Create embeddings (OpenAI-compatible)",
 )
-async def create_embeddings(body: EmbeddingRequest, pool: PoolDep, settings: SettingsDep, request: Request) -> Response:
+async def create_embeddings(
+    body: EmbeddingRequest, pool: PoolDep, settings: SettingsDep, calibrations: CalibrationsDep
+) -> Response:
     dtype = requested_dtype(body.output_dtype, body.embedding_types)
     items = split_inputs(body.input, body.modality, settings)
     model = await pool.get(body.model)
@@ -47,8 +48,7 @@ async def create_embeddings(body: EmbeddingRequest, pool: PoolDep, settings: Set
         )
     ranges = None
     if needs_ranges(dtype):  # before admission: a first request may embed the calibration sample
-        cache = calibration_cache(request.app.state, settings, pool)
-        ranges = await cache.ranges(model, body.dimensions or contract.dimension)
+        ranges = await calibrations.ranges(model, body.dimensions or contract.dimension)
     with admitted(model, len(items)) as admission:  # 429 here, before tokens are counted or images decoded
         prepared = await prepare(items, model.encoder, settings)
         vectors = await embed_prepared(model, prepared, admission)
