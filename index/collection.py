@@ -250,8 +250,9 @@ class Collection:
 
     def _float_vectors(self, vids: np.ndarray) -> dict[int, np.ndarray]:
         """The stored float vectors of these rows, as the index holds them (modality gap removed);
-        rows deleted meanwhile are absent."""
-        items = self.store.by_vids([int(v) for v in vids])
+        rows deleted meanwhile are absent. Only the vector and modality are read (no payload is decoded):
+        rescoring runs this on every search of a quantised collection."""
+        items = self.store.hit_rows(vids, {"vector"})
         if not items:
             return {}
         keys = list(items)
@@ -473,11 +474,11 @@ class Collection:
         return rescore(queries, vids, self._float_vectors, fetch)
 
     def _exact(self, queries: np.ndarray, allowed: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        items = self.store.by_vids([int(v) for v in allowed])
-        vids = np.array(list(items), dtype=np.int64)
-        vectors = self._for_index(
-            np.stack([items[int(v)].vector for v in vids]), [items[int(v)].modality for v in vids]
-        )
+        found = self._float_vectors(allowed)
+        vids = np.array(list(found), dtype=np.int64)
+        if not len(vids):  # every allowed row deleted since the filter ran
+            return np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
+        vectors = np.stack([found[int(v)] for v in vids])
         scores = queries @ vectors.T
         k = min(k, len(vids))
         top = np.argsort(-scores, axis=1)[:, :k]

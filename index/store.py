@@ -312,10 +312,6 @@ class CollectionStore:
             for row in rows
         }
 
-    def vectors(self, vids: np.ndarray) -> np.ndarray:
-        items = self.by_vids([int(v) for v in vids])
-        return np.stack([items[int(v)].vector for v in vids]) if len(vids) else np.empty((0, self.dim), np.float32)
-
     def iter_vectors(
         self, batch: int = 10_000, after_seq: int = 0
     ) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
