@@ -53,6 +53,29 @@ class Lineage(BaseModel):
     architecture: dict[str, Any] = Field(default_factory=dict, description="Config to rebuild new parts.")
 
 
+class Compatibility(BaseModel):
+    """This version was trained so that its queries search vectors another version embedded
+    (backward-compatible training, BCT): a collection pinned to `ref` may be queried with it, no
+    re-embed needed. Kept in the manifest because the claim is about these weights and only holds
+    against exactly that version's weights (`weights_sha256`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ref: str = Field(description="The exact version whose vectors it can search, e.g. 'shapes/1'.")
+    weights_sha256: str | None = Field(default=None, description="That version's weights hash at training time.")
+    map_file: str | None = Field(
+        default=None,
+        description="A learned linear map new -> old (float32 .npy of shape [new dim, old dim], relative to the "
+        "artifact folder) applied to this version's query vectors before they meet the old gallery; None: they are "
+        "used as they are.",
+    )
+    metrics: dict[str, float] = Field(
+        default_factory=dict,
+        description="Cross-model retrieval measured by the run: '<set>/new-old/<metric>' beside '<set>/old-old/...' "
+        "and '<set>/new-new/...'.",
+    )
+
+
 class Manifest(_FolderRecord):
     """Everything Duet knows about one model version besides its weights."""
 
@@ -63,9 +86,16 @@ class Manifest(_FolderRecord):
     description: str = ""
     lineage: Lineage = Field(default_factory=Lineage)
     metrics: dict[str, float] = Field(default_factory=dict)
+    compatible_with: list[Compatibility] = Field(
+        default_factory=list, description="Versions whose collections this version's queries may search."
+    )
     created_at: str = Field(default_factory=_now)
 
     FILE: ClassVar[str] = MANIFEST_FILE
+
+    def compatibility(self, ref: str) -> Compatibility | None:
+        """The record saying this version can query `ref`'s vectors, if there is one."""
+        return next((c for c in self.compatible_with if c.ref == ref), None)
 
 
 class FidelityReport(BaseModel):
