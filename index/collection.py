@@ -36,6 +36,7 @@ from index.errors import (
     ItemNotFoundError,
 )
 from index.filters import compile_filter
+from index.hit_names import HitNames
 from index.items import HIT_DEFAULT, Hit, StoredItem
 from index.layout import SNAPSHOT_FILE, STORE_FILE, data_folder
 from index.payloads import PayloadLimits, check_payload
@@ -78,6 +79,7 @@ class Collection:
         self._frozen: str | None = None  # why writes are refused (a re-embed is building its successor)
         self._centroids: dict[str, np.ndarray] = {}
         self._snapshotted_seq: int | None = None
+        self._names: HitNames | None = None  # vid -> id, modality; read in at the first search that needs it
         try:
             self._set_index(self._open_index())
         except BaseException:
@@ -355,6 +357,9 @@ class Collection:
             self.check_writable()
             seq, replaced = self.store.upsert(unique, limits.max_collection_fields if limits else None)
             self.index.remove(replaced)
+            if self._names is not None:  # names in before vectors, out after (index/hit_names.py)
+                self._names.remove(replaced)
+                self._names.add((i.vid for i in unique), (i.id for i in unique), (i.modality for i in unique))
             vectors = np.stack([item.vector for item in unique])
             self.index.add(
                 np.array([item.vid for item in unique], dtype=np.int64),
@@ -392,6 +397,8 @@ class Collection:
             self.check_writable()
             seq, vids, deleted = self.store.delete(" AND ".join(clauses), params)
             self.index.remove(vids)
+            if self._names is not None:
+                self._names.remove(vids)
             self.index.applied_seq = seq
             self._maybe_grow()
         return seq, deleted
@@ -484,9 +491,22 @@ class Collection:
         top = np.argsort(-scores, axis=1)[:, :k]
         return np.take_along_axis(scores, top, axis=1), vids[top]
 
+    def _hit_names(self) -> HitNames:
+        """The in-memory vid -> (id, modality) map, read from the store under the write lock the first time
+        (so no write slips between the read and the map's first update)."""
+        names = self._names
+        if names is None:
+            with self._writer:
+                names = self._names
+                if names is None:
+                    names = self._names = HitNames.from_rows(self.store.names())
+        return names
+
     def _hits(
         self, scores: np.ndarray, vids: np.ndarray, k: int, exclude: list[str | None], include: AbstractSet[str]
     ) -> list[list[Hit]]:
+        if not include:
+            return self._named_hits(scores, vids, k, exclude)
         # Rows for the first k (+1 for a self-exclusion) candidates of each query first, all queries in one
         # lookup; the spare candidates are looked up only if some of those rows vanished in the meantime.
         first = vids[:, : k + (1 if any(exclude) else 0)]
@@ -515,6 +535,23 @@ class Collection:
                     break
             results.append(hits)
         return results
+
+    def _named_hits(self, scores: np.ndarray, vids: np.ndarray, k: int, exclude: list[str | None]) -> list[list[Hit]]:
+        """Hits that carry only id, score and modality, named from memory rather than the store: at ANN speeds
+        the row lookup cost more than the search (index/hit_names.py)."""
+        ids, modalities, found = self._hit_names().lookup(vids)  # not found: padding, or deleted meanwhile
+        for row, skip in enumerate(exclude):
+            if skip is not None:
+                found[row] &= ids[row] != skip
+        keep = found & (np.cumsum(found, axis=1) <= k)  # each query's first k named candidates, in rank order
+        flat = [
+            Hit(item_id, score, {}, modality, None)
+            for item_id, score, modality in zip(
+                ids[keep].tolist(), scores[keep].tolist(), modalities[keep].tolist(), strict=True
+            )
+        ]
+        ends = np.cumsum(keep.sum(axis=1)).tolist()
+        return [flat[start:end] for start, end in zip([0, *ends[:-1]], ends, strict=True)]
 
     @_in_use
     def stats(self) -> dict[str, Any]:

@@ -329,6 +329,20 @@ class CollectionStore:
             yield vids, vectors, [r[2] for r in rows]
             last = int(vids[-1])
 
+    def names(self, batch: int = 50_000) -> Iterator[tuple[int, str, str]]:
+        """(vid, id, modality) of every live row, in vid order: what `HitNames` holds in memory."""
+        last = 0
+        while True:
+            cursor = self._reader.cursor()
+            cursor.row_factory = None
+            rows = cursor.execute(
+                "SELECT vid, id, modality FROM items WHERE vid > ? ORDER BY vid LIMIT ?", (last, batch)
+            ).fetchall()
+            if not rows:
+                return
+            yield from rows
+            last = int(rows[-1][0])
+
     def tombstones_after(self, seq: int) -> np.ndarray:
         rows = self._reader.execute("SELECT vid FROM tombstones WHERE seq > ?", (seq,)).fetchall()
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
