@@ -1,0 +1,58 @@
+"""Whether one version's queries may search a collection pinned to another (issue 14).
+
+Kept apart from the service so the rule (manifest claim + the pinned weights still being the ones
+the claim was made against) is one pure function both backends and the alias checks can share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from registry.manifest import Compatibility, Manifest
+
+
+@dataclass(frozen=True)
+class QueryCompat:
+    """The answer: allowed or not, the record that allowed it, and a reason a 409 can quote."""
+
+    allowed: bool
+    record: Compatibility | None
+    reason: str
+
+
+def query_compat(query_ref: str, query_manifest: Manifest, pinned_ref: str, pinned_sha256: str | None) -> QueryCompat:
+    """May `query_ref` embed queries for a collection pinned to `pinned_ref`?
+
+    Same version: yes. Otherwise only when the query version's manifest names `pinned_ref` and, if it
+    recorded the pinned weights' hash, those weights are unchanged (a re-registered version breaks the claim)."""
+    if query_ref == pinned_ref:
+        return QueryCompat(True, None, "same version")
+    record = query_manifest.compatibility(pinned_ref)
+    if record is None:
+        return QueryCompat(False, None, f"{query_ref} is not registered compatible with {pinned_ref}")
+    if record.weights_sha256 is not None and pinned_sha256 is not None and record.weights_sha256 != pinned_sha256:
+        return QueryCompat(
+            False,
+            record,
+            f"{query_ref} was trained compatible with {pinned_ref} weights {record.weights_sha256[:12]}, "
+            f"but {pinned_ref} now has weights {pinned_sha256[:12]}",
+        )
+    return QueryCompat(True, record, f"{query_ref} is compatible with {pinned_ref}")
+
+
+def load_map(artifact_dir: Path, record: Compatibility) -> np.ndarray | None:
+    """The new -> old float32 map of `record`, or None when the vectors are used as they are."""
+    if record.map_file is None:
+        return None
+    mapping: np.ndarray = np.load(artifact_dir / record.map_file).astype(np.float32, copy=False)
+    return mapping
+
+
+def map_queries(vectors: np.ndarray, mapping: np.ndarray | None) -> np.ndarray:
+    """q_old = normalize(q_new @ M); unchanged (but normalised) without a map."""
+    out = vectors if mapping is None else vectors @ mapping
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    normalised: np.ndarray = (out / np.maximum(norms, 1e-12)).astype(np.float32)
+    return normalised
