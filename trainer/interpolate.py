@@ -44,3 +44,26 @@ def blend_state_dicts(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tens
             else (b.to(t.dtype).clone() if alpha == 0.0 else t.clone())
         )
     return Blend(state=out, kept_from_finetuned=kept)
+
+
+@dataclass
+class AlphaTrial:
+    """One alpha's scores: the target metric and each retain set's main metric."""
+
+    alpha: float
+    target: float
+    retain: dict[str, float]
+
+
+def choose_alpha(
+    trials: list[AlphaTrial], base_retain: dict[str, float], max_retention_drop: float
+) -> tuple[float, bool]:
+    """Best target among alphas whose every retain metric drops <= max_retention_drop vs base.
+
+    Returns (alpha, qualified). When no alpha qualifies, alpha 0 (the base weights) is
+    returned with qualified False, so the caller can say the fine-tune was given up.
+    """
+    ok = [t for t in trials if all(base_retain[k] - v <= max_retention_drop for k, v in t.retain.items())]
+    if not ok:
+        return 0.0, False
+    return max(ok, key=lambda t: (t.target, -t.alpha)).alpha, True

@@ -25,3 +25,13 @@ def test_alpha_ends_are_exact() -> None:
 def test_alpha_out_of_range() -> None:
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         blend_state_dicts({}, {}, 1.5)
+
+
+def test_choose_alpha_on_faked_scores() -> None:
+    from trainer.interpolate import AlphaTrial, choose_alpha
+
+    alphas = [i / 10 for i in range(11)]
+    trials = [AlphaTrial(a, target=80 + 10 * a, retain={"r": 85 - 4 * a}) for a in alphas]
+    assert choose_alpha(trials, {"r": 85.0}, 1.0) == (0.2, True)
+    bad = [AlphaTrial(a, 80 + a, {"r": 70.0}) for a in alphas[1:]]
+    assert choose_alpha(bad, {"r": 85.0}, 1.0) == (0.0, False)
