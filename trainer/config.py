@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import ErrorDetails
 
 from trainer.tables import clip
@@ -173,6 +173,30 @@ class OutputSpec(_Strict):
     description: str = ""
 
 
+class CompatSpec(_Strict):
+    """Backward-compatible training (BCT, Shen et al. 2020): the new model's queries must search
+    vectors the old model embedded. `compatible_with: minilm@production` is shorthand for
+    `{model: minilm@production}`; the reference is pinned to an exact version when the run starts."""
+
+    model: str = Field(
+        description="The old model: registry reference (name, name@alias, name/version), hub id, or path."
+    )
+    weight: float = Field(
+        default=1.0,
+        ge=0,
+        le=1000,
+        description="Weight of the cross-model InfoNCE term added to the loss (0: map only).",
+    )
+    map: bool = Field(
+        default=False,
+        description="Also learn a linear map new -> old (saved as compat_map.npy) applied to queries before they "
+        "meet the old gallery; needed when the two dimensions differ.",
+    )
+    temperature: float | None = Field(
+        default=None, gt=0, le=1, description="Temperature of the cross-model term; default: loss.temperature."
+    )
+
+
 class TrainConfig(_Strict):
     base_model: str = Field(description="Registry reference (name, name@alias, name/version), hub id, or path.")
     train: list[DatasetSpec] = Field(min_length=1)
@@ -204,6 +228,15 @@ class TrainConfig(_Strict):
     checkpoint_every_steps: int = Field(default=500, gt=0, le=MAX_STEPS)
     log_every_steps: int = Field(default=10, gt=0, le=MAX_STEPS)
     max_seq_length: int | None = Field(default=None, gt=0, le=MAX_SEQ_LENGTH)
+    compatible_with: CompatSpec | None = Field(
+        default=None, description="Train the new model so its queries search the old model's collections."
+    )
+
+    @field_validator("compatible_with", mode="before")
+    @classmethod
+    def _compat_shorthand(cls, value: Any) -> Any:
+        """A bare reference is shorthand for `{model: <ref>}`."""
+        return {"model": value} if isinstance(value, str) else value
 
     def fingerprint(self) -> str:
         """Stable hash of the config: names the run folder, so re-running resumes it."""
@@ -227,6 +260,7 @@ def _combination_problems(config: TrainConfig) -> list[str]:
     if config.loss.cached and config.loss.mini_batch_size > config.batch_size:
         problems.append("loss.mini_batch_size must not exceed batch_size")
     problems += _loss_option_problems(config)
+    problems += _compat_problems(config)
     if config.output.promote and config.output.promote.alias in config.output.aliases:
         problems.append("output.promote.alias is also in output.aliases: it would move unconditionally")
     promote = config.output.promote
@@ -259,6 +293,30 @@ def _loss_option_problems(config: TrainConfig) -> list[str]:
     for i, spec in enumerate(config.eval):
         if spec.kind == "multi_positive":
             problems.append(f"eval[{i}]: multi_positive data is for training; evaluate on pairs (one row per positive)")
+    return problems
+
+
+def _compat_problems(config: TrainConfig) -> list[str]:
+    """`compatible_with` needs the batch's own embeddings beside the main loss's, which the cached
+    (GradCache), momentum and Matryoshka losses do not hand out; and it must train something."""
+    spec = config.compatible_with
+    if spec is None:
+        return []
+    problems = []
+    if not spec.model.strip():
+        problems.append("compatible_with.model is empty: name the old model (e.g. shapes/1 or shapes@production)")
+    if spec.weight == 0 and not spec.map:
+        problems.append("compatible_with.weight 0 without map: true trains nothing for compatibility; raise the weight")
+    if config.loss.cached or config.loss.name == "moco" or config.loss.matryoshka_dims:
+        problems.append(
+            "compatible_with works with the plain losses only: turn off loss.cached and loss.matryoshka_dims, and use "
+            "infonce instead of moco"
+        )
+    for i, data in enumerate(config.train):
+        if data.kind == "multi_positive":
+            problems.append(
+                f"train[{i}]: compatible_with needs pairs, triplets, texts or graded data, not multi_positive"
+            )
     return problems
 
 

@@ -29,9 +29,11 @@ __all__ = [
     "Encode",
     "EvalSet",
     "compare",
+    "embed_sides",
     "evaluate",
     "format_table",
     "load_sts",
+    "score_embeddings",
 ]
 
 # --------------------------------------------------------------------------------------------------
@@ -132,10 +134,24 @@ def evaluate(
     * graded: ``<name>/spearman`` and ``<name>/pearson`` (x100, cosine), ``<name>/alignment`` over the positive
       pairs (omitted if there are none), ``<name>/uniformity`` over both sides.
     """
+    a, b = embed_sides(encode, eval_set, batch_size)
+    return score_embeddings(eval_set, a, b, ks=ks)
+
+
+def embed_sides(encode: Encode, eval_set: EvalSet, batch_size: int | None = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Both sides of ``eval_set`` embedded with ``encode``, as :func:`evaluate` embeds them."""
+    assert eval_set.a_modality is not None and eval_set.b_modality is not None  # __post_init__ fills them in
+    a = _embed(encode, eval_set.a_inputs, eval_set.a_modality, batch_size)
+    return a, _embed(encode, eval_set.b_inputs, eval_set.b_modality, batch_size)
+
+
+def score_embeddings(
+    eval_set: EvalSet, a: np.ndarray, b: np.ndarray, *, ks: Iterable[int] = (1, 5, 10)
+) -> dict[str, float]:
+    """:func:`evaluate`'s metrics of already embedded sides; apart so that the two sides may come
+    from different models (backward-compatible training scores new queries against an old gallery)."""
     s = eval_set
-    assert s.a_modality is not None and s.b_modality is not None  # __post_init__ fills them in
-    a = _embed(encode, s.a_inputs, s.a_modality, batch_size)
-    b = _embed(encode, s.b_inputs, s.b_modality, batch_size)
+    assert s.a_modality is not None and s.b_modality is not None
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"{s.name}: a and b embeddings differ in dimension ({a.shape[1]} vs {b.shape[1]})")
     cross_modal = s.a_modality != s.b_modality

@@ -26,8 +26,10 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from registry.manifest import Manifest
+from registry.manifest import Compatibility, Manifest
 from registry.store import ModelRegistry, ModelVersionInfo
+from trainer.compat import CompatRun, pin_old_model
+from trainer.compat import prepare as prepare_compat
 from trainer.config import ConfigError, TrainConfig, load_config
 from trainer.data import LoadedData, load_data
 from trainer.evaluation import EvalSet, compare, evaluate, format_table
@@ -311,6 +313,7 @@ class RunContext:
     base_manifest: Manifest | None
     train_sets: list[LoadedData]
     eval_sets: list[EvalSet]
+    compat: CompatRun | None = None  # set by prepare_compatibility when the config asks for it
 
 
 def run_training(
@@ -333,6 +336,7 @@ def run_training(
     run = open_run(config, base_dir, run_dir, registry, on_progress=on_progress, confined=confined)
     before = evaluate_base(run)
     mining = mine_hard_negatives(run)
+    before.update(prepare_compatibility(run, confined=confined))
     tracker = start_tracking(run)
     step = train_model(run, tracker, resume=resume, should_stop=should_stop)
     result = TrainResult(run_dir=run_dir, before=before, after={}, report="", mining=mining)
@@ -407,6 +411,34 @@ def mine_hard_negatives(run: RunContext) -> dict[str, Any]:
     return reports
 
 
+def prepare_compatibility(run: RunContext, *, confined: bool) -> dict[str, float]:
+    """`compatible_with`: pin the old model, embed the training rows (and evaluation sets) with it
+    once, then let it go. Returns the base model's cross-model metrics (the "without" row)."""
+    spec = run.config.compatible_with
+    if spec is None:
+        return {}
+    from sentence_transformers import SentenceTransformer
+
+    run.progress.stage("embedding the training data with the old model")
+    old = pin_old_model(spec, run.run_dir, lambda ref: resolve_base(ref, run.registry, allow_paths=not confined))
+    old_model = SentenceTransformer(old.source, device="cuda" if torch.cuda.is_available() else "cpu").eval()
+    old_model.requires_grad_(False)
+    run.compat = prepare_compat(
+        spec,
+        old,
+        old_encode=encoder_fn(old_model),
+        old_dim=old_model.get_embedding_dimension(),
+        new_encode=encoder_fn(run.model),
+        new_dim=run.model.get_embedding_dimension(),
+        train_sets=run.train_sets,
+        eval_sets=run.eval_sets if run.main else [],
+        cache_dir=run.run_dir / "compat",
+        temperature=run.config.loss.temperature,
+    )
+    del old_model
+    return run.compat.metrics(encoder_fn(run.model), run.eval_sets) if run.main else {}
+
+
 def start_tracking(run: RunContext) -> Tracker:
     """The run's MLflow run (rank 0 with a registry; a no-op tracker otherwise)."""
     registry = run.registry
@@ -425,6 +457,8 @@ def train_model(run: RunContext, tracker: Tracker, *, resume: bool, should_stop:
     loss = build_loss(run.config.loss, run.model)
     train_sets = run.train_sets
     datasets = {d.name: d.to_hf() for d in train_sets}
+    if run.compat is not None:
+        loss, datasets = run.compat.wrap(loss, train_sets)
     trainer = duet_trainer_class()(
         model=run.model,
         args=training_arguments(
@@ -465,6 +499,8 @@ def evaluate_trained(
     report of the model card."""
     run.progress.stage("evaluating trained model")
     after = evaluate_all(run.model, run.eval_sets) if run.eval_sets else {}
+    if run.compat is not None:
+        after.update(run.compat.metrics(encoder_fn(run.model), run.eval_sets))
     run.progress.evaluation("after", after)
     tracker.log({f"eval/{k}": v for k, v in after.items()}, step)
     report = format_table(compare(before, after)) if run.eval_sets else "(no evaluation sets)"
@@ -479,6 +515,7 @@ def save_and_register(
     config = run.config
     model_dir = run.run_dir / "model"
     run.model.save(str(model_dir))
+    map_file = run.compat.save_map(model_dir) if run.compat is not None else None
     write_card(model_dir, config, result.report, run.base_label)
     current = current_holder_metrics(config, run.registry, run.eval_sets, run.progress)
     if run.registry is None:
@@ -495,7 +532,15 @@ def save_and_register(
         after=result.after,
         run_id=tracker.run_id,
         current=current,
+        compatible_with=compatibility_claims(run, result.after, map_file),
     )
+
+
+def compatibility_claims(run: RunContext, after: dict[str, float], map_file: str | None) -> list[Compatibility]:
+    """The manifest's `compatible_with`: the pinned old version with this run's cross-model numbers
+    (none when the old model is not a registry version: it is measured, not claimed)."""
+    record = run.compat.record(after, map_file) if run.compat is not None else None
+    return [record] if record is not None else []
 
 
 def prune_run(run_dir: Path, keep_model: bool) -> None:
