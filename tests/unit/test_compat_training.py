@@ -15,7 +15,10 @@ from tests.helpers import embedded_registry
 from trainer.config import ConfigError, parse_config
 from trainer.run import run_training
 
-WORDS = "red green blue small large round square bright dark heavy light quick slow".split()
+WORDS = [
+    *("red", "green", "blue", "small", "large", "round", "square"),
+    *("bright", "dark", "heavy", "light", "quick", "slow"),
+]
 
 
 @pytest.fixture()
