@@ -103,20 +103,26 @@ def _store(state: ServiceState) -> JobStore:
 def reference_problems(config: dict[str, Any], state: ServiceState, allow_local: bool) -> list[str]:
     """What a config may point at from the API, beyond its datasets (which `parse_config`
     confines to the datasets folder): for the base model, a registry reference that resolves,
-    or a hub id. Server-side paths only with DUET_JOBS_ALLOW_LOCAL_PATHS."""
+    or a hub id. Server-side paths only with DUET_JOBS_ALLOW_LOCAL_PATHS. The same for the old
+    model of `compatible_with`."""
+    problems = []
     base = config.get("base_model")
     if isinstance(base, str) and base:
-        return _base_model_problems(base, state, allow_local)
-    return []
+        problems += _base_model_problems(base, state, allow_local)
+    compat = config.get("compatible_with")
+    old = compat.get("model") if isinstance(compat, dict) else compat
+    if isinstance(old, str) and old:
+        problems += _base_model_problems(old, state, allow_local, field="compatible_with.model")
+    return problems
 
 
-def _base_model_problems(base: str, state: ServiceState, allow_local: bool) -> list[str]:
+def _base_model_problems(base: str, state: ServiceState, allow_local: bool, field: str = "base_model") -> list[str]:
     from registry.names import parse_model_ref
 
     # By its shape only: whether a folder of that name exists here is not the caller's to learn.
     looks_local = base.startswith(("/", ".", "~")) or ".." in PurePosixPath(base).parts or "\\" in base
     if looks_local and not allow_local:
-        return [f"base_model: {base[:200]!r} is a server path; name a registry model (e.g. 'minilm@production')"]
+        return [f"{field}: {base[:200]!r} is a server path; name a registry model (e.g. 'minilm@production')"]
     try:
         parsed = parse_model_ref(base)
     except ValueError:
@@ -126,7 +132,7 @@ def _base_model_problems(base: str, state: ServiceState, allow_local: bool) -> l
     try:
         state.registry.resolve(parsed)
     except LookupError as exc:
-        return [f"base_model: {exc}"]
+        return [f"{field}: {exc}"]
     return []
 
 

@@ -98,3 +98,21 @@ def test_the_job_keeps_the_config_as_it_was_sent(client):
     assert created.json()["config"] == config  # no defaults filled in
     assert type(created.json()["config"]["epochs"]) is int  # as sent, not the model's 1.0
     assert client.get(f"/v1/jobs/{created.json()['id']}").json()["config"] == config
+
+
+@pytest.mark.parametrize("compat", ["/srv/models/old", {"model": "../old", "map": True}])
+def test_a_compat_model_from_the_api_is_a_registry_model_not_a_server_path(client, compat):
+    dataset = client.post("/v1/datasets", params={"filename": "pairs.csv"}, content=b"anchor,positive\na,b\n")
+    config = {
+        "base_model": "org/model",
+        "train": [{"path": dataset.json()["path"]}],
+        "output": {"name": "tuned"},
+        "compatible_with": compat,
+    }
+    response = client.post("/v1/jobs", json={"config": config})
+    assert response.status_code == 422, response.text
+    old = compat if isinstance(compat, str) else compat["model"]
+    assert response.json()["error"]["message"] == (
+        f"invalid training config: compatible_with.model: {old!r} is a server path; name a registry model "
+        "(e.g. 'minilm@production')"
+    )
