@@ -10,10 +10,13 @@ must pick its old counterpart out of the batch's old embeddings.
   computed once before training (:func:`build_old_cache`), kept in memory and on disk in the run
   folder (a resumed run reads them back), keyed by the row: the compat datasets carry each row's
   id as their label column, and :class:`CompatLoss` looks the row's old embeddings up by it.
-* The term (:func:`cross_model_info_nce`) is InfoNCE of new rows against old columns. For pairs
-  the new anchor is contrasted with the old positives and the new positive with the old anchors
-  (both directions, averaged); graded pairs (STS) are not matches, so there each side meets the
-  old model's embedding of itself. It is added, times ``weight``, to the configured main loss.
+* The term pairs each side of a row, embedded by the new model, with the other side embedded by
+  the old one, both directions averaged: for pairs (matches) InfoNCE of new anchors against the
+  old positives of the batch and of new positives against old anchors
+  (:func:`cross_model_info_nce`); graded pairs (STS) are not matches, so there the term is the
+  configured graded loss itself on (new s1, old s2) and (new s2, old s1): cos(new(s1), old(s2))
+  regressed onto the score, which is what ranks a new query against an old gallery. It is added,
+  times ``weight``, to the configured main loss.
 * With ``map: true`` a linear map new -> old (identity when the dimensions agree, else a least
   squares fit) projects the new embeddings first; it is trained on the same term and saved as
   ``compat_map.npy`` beside the weights. ``weight: 0`` trains the map alone (on detached
@@ -101,12 +104,6 @@ class OldCache:
     def dimension(self) -> int:
         return int(self.anchors.shape[1])
 
-    def targets(self) -> tuple[np.ndarray, np.ndarray]:
-        """(what each row's new anchor must find, what its new positive must find): the other
-        side's old embedding for a match; for a graded pair, each side's own."""
-        graded = self.graded[:, None]
-        return np.where(graded, self.anchors, self.positives), np.where(graded, self.positives, self.anchors)
-
 
 def _cache_key(data: LoadedData, old: OldModel) -> str:
     digest = hashlib.sha256(f"{old.cache_id}\0{data.sha256}\0{len(data)}".encode())
@@ -130,7 +127,7 @@ def _dataset_cache(data: LoadedData, old: OldModel, encode: Encode, folder: Path
     anchors = _embed_column(encode, data, "anchor")
     positives = anchors if data.kind == "texts" else _embed_column(encode, data, "positive")
     folder.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial.npz")
+    partial = path.with_suffix(f".{os.getpid()}.partial.npz")  # each rank of a DDP run writes its own
     np.savez(partial, anchor=anchors, positive=positives)
     os.replace(partial, path)
     return anchors, positives
@@ -186,8 +183,9 @@ class CompatLoss(_ContrastiveLoss):
     """
 
     _no_weight_decay = ("map_weight",)  # decay would pull the map towards zero, not towards the old space
-    old_for_anchor: Tensor
-    old_for_positive: Tensor
+    old_anchors: Tensor
+    old_positives: Tensor
+    row_graded: Tensor
     row_labels: Tensor
     map_weight: nn.Parameter | None
     main: Any  # a loss module with compute_loss_from_embeddings (ours or sentence-transformers')
@@ -208,21 +206,24 @@ class CompatLoss(_ContrastiveLoss):
         self.main = main
         self.weight = float(weight)
         self.logit_scale = 1.0 / temperature
-        for_anchor, for_positive = cache.targets()
-        self.register_buffer("old_for_anchor", torch.from_numpy(np.ascontiguousarray(for_anchor)), persistent=False)
-        self.register_buffer("old_for_positive", torch.from_numpy(np.ascontiguousarray(for_positive)), persistent=False)
+        self.register_buffer("old_anchors", torch.from_numpy(cache.anchors), persistent=False)
+        self.register_buffer("old_positives", torch.from_numpy(cache.positives), persistent=False)
+        self.register_buffer("row_graded", torch.from_numpy(cache.graded), persistent=False)
         self.register_buffer("row_labels", torch.from_numpy(cache.labels), persistent=False)
         self.map_weight = None if map_init is None else nn.Parameter(torch.from_numpy(map_init.astype(np.float32)))
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
         if labels is None:
             raise ValueError("CompatLoss needs the row ids that with_row_ids datasets carry as their label column")
-        rows = labels.long().to(self.old_for_anchor.device)
+        rows = labels.long().to(self.old_anchors.device)
         embeddings = embed_columns(self.model, sentence_features)
-        own = self.row_labels[rows]
-        main_labels = None if torch.isnan(own).all() else own.to(embeddings[0].device)
-        main: Tensor = self.main.compute_loss_from_embeddings(embeddings, main_labels)
+        main: Tensor = self.main.compute_loss_from_embeddings(embeddings, self.own_labels(rows, embeddings[0].device))
         return main + self.compat_term(embeddings[0], embeddings[1], rows)
+
+    def own_labels(self, rows: Tensor, device: torch.device) -> Tensor | None:
+        """The rows' own labels (graded scores) for the main loss; None for rows that have none."""
+        own = self.row_labels[rows]
+        return None if torch.isnan(own).all() else own.to(device)
 
     def project(self, new: Tensor) -> Tensor:
         """New embeddings in the old space: through the map when there is one."""
@@ -231,10 +232,24 @@ class CompatLoss(_ContrastiveLoss):
     def compat_term(self, anchors: Tensor, positives: Tensor, rows: Tensor) -> Tensor:
         if self.weight == 0:  # map only: the model gets no gradient from compatibility
             anchors, positives = anchors.detach(), positives.detach()
-        old_a = self.old_for_anchor[rows].to(anchors.dtype)
-        old_p = self.old_for_positive[rows].to(anchors.dtype)
-        term = cross_model_info_nce(self.project(anchors), old_a, self.logit_scale)
-        term = (term + cross_model_info_nce(self.project(positives), old_p, self.logit_scale)) / 2
+        old_a = self.old_anchors[rows].to(anchors.dtype)
+        old_p = self.old_positives[rows].to(anchors.dtype)
+        new_a, new_p = self.project(anchors), self.project(positives)
+        graded = self.row_graded[rows]
+        term: Tensor
+        if bool(graded.all()):  # (new s1, old s2) and (new s2, old s1) scored like the data's own pairs
+            scores = self.own_labels(rows, anchors.device)
+            term = (
+                self.main.compute_loss_from_embeddings([new_a, old_p], scores)
+                + self.main.compute_loss_from_embeddings([new_p, old_a], scores)
+            ) / 2
+        elif not bool(graded.any()):
+            term = (
+                cross_model_info_nce(new_a, old_p, self.logit_scale)
+                + cross_model_info_nce(new_p, old_a, self.logit_scale)
+            ) / 2
+        else:
+            raise ValueError("a batch mixes graded and paired rows; each batch must come from one dataset")
         return (self.weight or 1.0) * term
 
     def mapping(self) -> np.ndarray | None:

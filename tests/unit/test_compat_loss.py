@@ -40,7 +40,8 @@ def test_cross_model_info_nce_hand_computed():
 
 
 class _Main(nn.Module):
-    """A stand-in main loss: records the labels it was given and returns a fixed value."""
+    """A stand-in main loss: records what it was given and returns the mean of its first column
+    times the labels' sum (so a test can compute what it returned)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -49,7 +50,7 @@ class _Main(nn.Module):
 
     def compute_loss_from_embeddings(self, embeddings, labels=None):
         self.seen.append(labels)
-        return torch.tensor(0.5)
+        return embeddings[0].mean() * (1.0 if labels is None else labels.sum()) + embeddings[1].sum()
 
 
 def _cache(graded: bool) -> OldCache:
@@ -59,21 +60,33 @@ def _cache(graded: bool) -> OldCache:
     return OldCache(anchors, positives, np.full(3, graded), labels, {"d": 0})
 
 
-@pytest.mark.parametrize("graded", [False, True])
-def test_the_term_looks_rows_up_by_id_and_hands_the_main_loss_their_own_labels(graded):
-    cache = _cache(graded)
+NEW_A = torch.tensor([[1.0, 0.2], [0.3, 1.0]])
+NEW_P = torch.tensor([[0.1, 1.0], [1.0, 0.0]])
+ROWS = torch.tensor([2, 0])
+
+
+def test_pairs_contrast_each_new_side_with_the_old_other_side_by_row_id():
+    loss = CompatLoss(_Main(), _cache(graded=False), weight=2.0, temperature=0.5)
+    old_a, old_p = torch.from_numpy(_cache(False).anchors[[2, 0]]), torch.from_numpy(_cache(False).positives[[2, 0]])
+    expected = 2.0 * (cross_model_info_nce(NEW_A, old_p, 2.0) + cross_model_info_nce(NEW_P, old_a, 2.0)) / 2
+    assert loss.compat_term(NEW_A, NEW_P, ROWS).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_graded_pairs_score_new_against_old_with_the_main_loss_and_the_rows_scores():
     main = _Main()
-    loss = CompatLoss(main, cache, weight=2.0, temperature=0.5)
-    new_a = torch.tensor([[1.0, 0.2], [0.3, 1.0]])
-    new_p = torch.tensor([[0.1, 1.0], [1.0, 0.0]])
-    rows = torch.tensor([2, 0])
-    total = main.compute_loss_from_embeddings([new_a, new_p]) + loss.compat_term(new_a, new_p, rows)
-    old_a, old_p = torch.from_numpy(cache.anchors[[2, 0]]), torch.from_numpy(cache.positives[[2, 0]])
-    # pairs: the new anchor must find the old positive and the new positive the old anchor;
-    # graded pairs are no matches, so each side must find its own old embedding
-    target_a, target_p = (old_a, old_p) if graded else (old_p, old_a)
-    expected = 0.5 + 2.0 * (cross_model_info_nce(new_a, target_a, 2.0) + cross_model_info_nce(new_p, target_p, 2.0)) / 2
-    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
+    loss = CompatLoss(main, _cache(graded=True), weight=2.0, temperature=0.5)
+    old_a, old_p = torch.from_numpy(_cache(True).anchors[[2, 0]]), torch.from_numpy(_cache(True).positives[[2, 0]])
+    scores = 0.4 + 0.2
+    expected = 2.0 * ((NEW_A.mean() * scores + old_p.sum()) + (NEW_P.mean() * scores + old_a.sum())) / 2
+    assert loss.compat_term(NEW_A, NEW_P, ROWS).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert all(torch.allclose(seen, torch.tensor([0.4, 0.2])) for seen in main.seen)
+
+
+def test_a_batch_mixing_graded_and_paired_rows_is_refused():
+    cache = _cache(graded=True)
+    cache.graded[0] = False
+    with pytest.raises(ValueError, match="mixes graded and paired rows"):
+        CompatLoss(_Main(), cache, weight=1.0, temperature=0.5).compat_term(NEW_A, NEW_P, ROWS)
 
 
 def test_forward_passes_graded_scores_not_row_ids_to_the_main_loss(monkeypatch):

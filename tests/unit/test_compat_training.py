@@ -93,3 +93,16 @@ def test_a_dimension_mismatch_without_map_says_to_set_it(setup, tmp_path, minilm
     registry, _, folder = setup
     with pytest.raises(ConfigError, match="set compatible_with.map: true"):
         run_training(config(folder, model=str(minilm_path)), base_dir=folder, run_dir=folder / "run", registry=registry)
+
+
+def test_graded_data_trains_compatible_with_its_own_loss(setup):
+    registry, _, folder = setup
+    rows = [json.loads(line) for line in (folder / "pairs.jsonl").read_text().splitlines()]
+    graded = [{**row, "score": (i % 6) / 5} for i, row in enumerate(rows)]
+    (folder / "graded.jsonl").write_text("\n".join(json.dumps(r) for r in graded))
+    body = config(folder).model_dump(mode="json", exclude_defaults=True)
+    data = {"path": "graded.jsonl", "kind": "graded", "name": "graded"}
+    body.update(train=[data], eval=[{**data, "name": "dev"}], loss={"name": "cosine"})
+    result = run_training(parse_config(body, folder), base_dir=folder, run_dir=folder / "run", registry=registry)
+    assert result.version is not None and result.version.manifest.compatible_with[0].ref == "tiny/1"
+    assert {"dev/new-old/spearman", "dev/old-old/spearman", "dev/new-new/spearman"} <= set(result.after)
