@@ -205,11 +205,26 @@ class TrainConfig(_Strict):
     mining: MiningSpec = Field(default_factory=MiningSpec)
     output: OutputSpec
     batch_size: int = Field(default=64, gt=0, le=MAX_BATCH_SIZE)
-    epochs: float = Field(default=1.0, gt=0, le=MAX_EPOCHS)
+    epochs: Annotated[float, Field(gt=0, le=MAX_EPOCHS)] | Literal["auto"] = Field(
+        default=1.0, description="Passes over the training data; 'auto': chosen from its size (trainer/auto_recipe.py)."
+    )
     max_steps: int | None = Field(
         default=None, gt=0, le=MAX_STEPS, description="Stop after this many steps (overrides epochs)."
     )
-    learning_rate: float = Field(default=2e-5, gt=0, lt=1)
+    learning_rate: Annotated[float, Field(gt=0, lt=1)] | Literal["auto"] = Field(
+        default=2e-5, description="'auto': from the loss, batch size and model size (trainer/auto_recipe.py)."
+    )
+    eval_every: Literal["auto", "epoch", "none"] | Annotated[int, Field(gt=0, le=MAX_STEPS)] = Field(
+        default="auto",
+        description="Evaluate on the eval sets during training: each epoch, every N optimizer steps, or never; "
+        "the best evaluation's weights are the result. 'auto': each epoch when there are eval sets.",
+    )
+    best_metric: str | None = Field(
+        default=None,
+        max_length=200,
+        description="Metric key that picks the best evaluation (higher is better; alignment and uniformity lower). "
+        "Default: output.promote.metric, else the first eval set's main metric (spearman or a_to_b/mrr@10).",
+    )
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     weight_decay: float = Field(default=0.01, ge=0, le=10)
@@ -243,6 +258,27 @@ class TrainConfig(_Strict):
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
 
 
+# Fields that take a number or a word: one message each instead of one per union branch.
+_NUMBER_OR_WORD = {
+    "epochs": f"a number of passes above 0 and at most {MAX_EPOCHS}, or 'auto'",
+    "learning_rate": "a number above 0 and below 1, or 'auto'",
+    "eval_every": "'auto', 'epoch', 'none' or a number of steps from 1",
+}
+
+
+def _format_errors(errors: list[ErrorDetails]) -> list[str]:
+    problems: list[str] = []
+    for err in errors:
+        loc = err.get("loc", ())
+        if len(loc) == 2 and loc[0] in _NUMBER_OR_WORD:
+            problem = f"{loc[0]}: must be {_NUMBER_OR_WORD[str(loc[0])]}, not {clip(err.get('input'))}"
+            if problem not in problems:
+                problems.append(problem)
+            continue
+        problems.append(_format_error(err))
+    return problems
+
+
 def _format_error(err: ErrorDetails) -> str:
     location = ".".join(str(p) for p in err.get("loc", ()))
     return f"{location}: {err.get('msg', 'invalid')}"
@@ -261,6 +297,7 @@ def _combination_problems(config: TrainConfig) -> list[str]:
         problems.append("loss.mini_batch_size must not exceed batch_size")
     problems += _loss_option_problems(config)
     problems += _compat_problems(config)
+    problems += _eval_every_problems(config)
     if config.output.promote and config.output.promote.alias in config.output.aliases:
         problems.append("output.promote.alias is also in output.aliases: it would move unconditionally")
     promote = config.output.promote
@@ -293,6 +330,25 @@ def _loss_option_problems(config: TrainConfig) -> list[str]:
     for i, spec in enumerate(config.eval):
         if spec.kind == "multi_positive":
             problems.append(f"eval[{i}]: multi_positive data is for training; evaluate on pairs (one row per positive)")
+    return problems
+
+
+def _eval_every_problems(config: TrainConfig) -> list[str]:
+    """Evaluation during training needs something to evaluate on; best_metric must name one of its sets."""
+    problems = []
+    if config.eval_every not in ("auto", "none") and not config.eval:
+        problems.append(f"eval_every {config.eval_every} needs an evaluation set (eval), or set eval_every: none")
+    if config.best_metric is not None:
+        names = [spec.name or PurePosixPath(spec.path).stem for spec in config.eval]
+        if not config.eval:
+            problems.append("best_metric needs an evaluation set (eval) to measure it on")
+        elif config.eval_every == "none":
+            problems.append("best_metric picks among evaluations during training: remove it or set eval_every")
+        elif not any(config.best_metric.startswith(f"{name}/") for name in names):
+            sets = ", ".join(repr(n) for n in names)
+            problems.append(
+                f"best_metric {clip(config.best_metric)} must start with an eval set's name and '/' ({sets})"
+            )
     return problems
 
 
@@ -371,7 +427,7 @@ def parse_config(
     try:
         config = TrainConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError([_format_error(err) for err in exc.errors()]) from None
+        raise ConfigError(_format_errors(exc.errors())) from None
     problems = _combination_problems(config) + _name_problems(config)
     problems += _file_problems(config, base_dir, confined, visible)
     if problems:

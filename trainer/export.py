@@ -67,14 +67,19 @@ def decide_promotion(
     return Promotion(spec.alias, spec.metric, reference, new, promoted, "; ".join(reasons))
 
 
-def write_card(model_dir: Path, config: TrainConfig, table: str, base_model: str) -> None:
-    """Append Duet's training summary to the model card sentence-transformers wrote."""
+def write_card(
+    model_dir: Path, config: TrainConfig, table: str, base_model: str, *, learning_rate: float | None = None
+) -> None:
+    """Append Duet's training summary to the model card sentence-transformers wrote. `learning_rate`:
+    the one trained with, when the config says "auto"."""
     card = model_dir / "README.md"
     existing = card.read_text() if card.exists() else f"# {config.output.name}\n"
+    rate = learning_rate if learning_rate is not None else config.learning_rate
     card.write_text(
         existing.rstrip()
         + f"\n\n## Duet fine-tuning\n\nBase model: `{base_model}`. Loss: `{config.loss.name}`, batch size "
-        f"{config.batch_size}, learning rate {config.learning_rate}, seed {config.seed}.\n\n"
+        f"{config.batch_size}, learning rate {rate:g}"
+        f"{' (auto)' if config.learning_rate == 'auto' else ''}, seed {config.seed}.\n\n"
         f"### Evaluation before and after\n\n{table}\n"
     )
 
@@ -93,6 +98,7 @@ def register(
     run_id: str | None,
     current: dict[str, float] | None = None,
     compatible_with: list[Compatibility] | None = None,
+    resolved: dict[str, Any] | None = None,
 ) -> tuple[ModelVersionInfo, Promotion | None]:
     architecture = base_manifest.lineage.architecture if base_manifest else {}
     manifest = Manifest(
@@ -102,7 +108,7 @@ def register(
         lineage=Lineage(
             base_model=base_model,
             dataset_hashes=dataset_hashes,
-            hyperparameters=config.model_dump(mode="json"),
+            hyperparameters={**config.model_dump(mode="json"), **({"resolved": resolved} if resolved else {})},
             code_version=code_version(),
             library_versions=library_versions(),
             architecture=architecture,

@@ -28,6 +28,8 @@ from transformers import TrainerCallback
 
 from registry.manifest import Compatibility, Manifest
 from registry.store import ModelRegistry, ModelVersionInfo
+from trainer.auto_recipe import Recipe, resolve_recipe
+from trainer.best import BestTracker, EvaluationCallback, format_curve, headline_metric
 from trainer.compat import CompatRun, pin_old_model
 from trainer.compat import prepare as prepare_compat
 from trainer.config import ConfigError, TrainConfig, load_config
@@ -56,6 +58,9 @@ class TrainResult:
     version: ModelVersionInfo | None = None
     promotion: Promotion | None = None
     mining: dict[str, Any] = field(default_factory=dict)
+    recipe: dict[str, Any] = field(default_factory=dict)  # epochs, learning_rate, eval_every trained with
+    curve: list[dict[str, Any]] = field(default_factory=list)  # evaluations during training: step, epoch, metrics, best
+    best_metric: str | None = None  # the metric that picked the best point of `curve`
 
 
 class TrainingCancelledError(Exception):
@@ -174,7 +179,7 @@ def router_mapping(model: Any, train_sets: list[LoadedData]) -> dict[str, Any]:
 
 
 def training_arguments(
-    config: TrainConfig, run_dir: Path, has_graded: bool, routes: dict[str, Any]
+    config: TrainConfig, run_dir: Path, has_graded: bool, routes: dict[str, Any], recipe: Recipe
 ) -> SentenceTransformerTrainingArguments:
     from sentence_transformers import SentenceTransformerTrainingArguments
     from sentence_transformers.base.sampler import BatchSamplers
@@ -189,9 +194,9 @@ def training_arguments(
     return SentenceTransformerTrainingArguments(
         output_dir=str(run_dir / "checkpoints"),
         per_device_train_batch_size=config.batch_size,
-        num_train_epochs=config.epochs,
+        num_train_epochs=recipe.epochs,
         max_steps=config.max_steps or -1,
-        learning_rate=config.learning_rate,
+        learning_rate=recipe.learning_rate,
         warmup_steps=config.warmup_ratio,  # a float below 1 is a fraction of all steps (Transformers v5)
         lr_scheduler_type=config.scheduler,
         weight_decay=config.weight_decay,
@@ -314,6 +319,9 @@ class RunContext:
     train_sets: list[LoadedData]
     eval_sets: list[EvalSet]
     compat: CompatRun | None = None  # set by prepare_compatibility when the config asks for it
+    recipe: Recipe | None = None  # set by choose_recipe: the config's values with "auto" resolved
+    best_metric: str | None = None  # set by choose_recipe when rank 0 evaluates during training
+    best: BestTracker | None = None  # set by train_model when it evaluates during training
 
 
 def run_training(
@@ -336,12 +344,16 @@ def run_training(
     run = open_run(config, base_dir, run_dir, registry, on_progress=on_progress, confined=confined)
     before = evaluate_base(run)
     mining = mine_hard_negatives(run)
+    choose_recipe(run, measured=before)
     before.update(prepare_compatibility(run, confined=confined))
     tracker = start_tracking(run)
     step = train_model(run, tracker, resume=resume, should_stop=should_stop)
     result = TrainResult(run_dir=run_dir, before=before, after={}, report="", mining=mining)
     if not run.main:
         return result
+    result.recipe = run.recipe.as_dict() if run.recipe else {}
+    if run.best is not None:
+        result.curve, result.best_metric = run.best.curve, run.best.metric
     result.after, result.report = evaluate_trained(run, tracker, before, step)
     result.version, result.promotion = save_and_register(run, tracker, result)
     tracker.finish()
@@ -411,6 +423,54 @@ def mine_hard_negatives(run: RunContext) -> dict[str, Any]:
     return reports
 
 
+def choose_recipe(run: RunContext, measured: dict[str, float]) -> Recipe:
+    """Resolve `epochs`, `learning_rate` and `eval_every` ("auto": trainer/auto_recipe.py) from the
+    training rows, loss, batch size and model size, and announce what was chosen. With evaluation
+    during training, the best metric must be one the base evaluation `measured` (rank 0)."""
+    config = run.config
+    recipe = resolve_recipe(
+        epochs=config.epochs,
+        learning_rate=config.learning_rate,
+        eval_every=config.eval_every,
+        rows=sum(len(d) for d in run.train_sets),
+        loss=config.loss.name,
+        batch_size=config.batch_size,
+        parameters=sum(p.numel() for p in run.model.parameters()),
+        has_eval=bool(run.eval_sets),
+    )
+    if recipe.eval_every is not None and run.main and run.eval_sets:
+        run.best_metric = best_metric(config, run.eval_sets, measured)
+    for reason in recipe.reasons:
+        logger.info("auto: %s", reason)
+    run.progress.emit({"event": "recipe", **recipe.as_dict()})
+    run.recipe = recipe
+    return recipe
+
+
+def best_metric(config: TrainConfig, eval_sets: list[EvalSet], measured: dict[str, float]) -> str:
+    """`best_metric`, else the promotion metric when the evaluation sets measure it, else the
+    first set's main metric. A `best_metric` they do not measure is a ConfigError naming those they do."""
+    first = eval_sets[0]
+    fallback = headline_metric(first.name, first.kind, first.a_modality, first.b_modality)
+    if config.best_metric is not None:
+        if config.best_metric not in measured:
+            known = ", ".join(sorted(measured)) or "none"
+            raise ConfigError([f"best_metric {clip(config.best_metric)} is not measured; use one of: {known}"])
+        return config.best_metric
+    promote = config.output.promote.metric if config.output.promote else None
+    return promote if promote in measured else fallback
+
+
+def evaluate_in_eval_mode(run: RunContext) -> dict[str, float]:
+    """`evaluate_all` in the middle of training: dropout off while encoding, back on after."""
+    training = run.model.training
+    run.model.eval()
+    try:
+        return evaluate_all(run.model, run.eval_sets)
+    finally:
+        run.model.train(training)
+
+
 def prepare_compatibility(run: RunContext, *, confined: bool) -> dict[str, float]:
     """`compatible_with`: pin the old model, embed the training rows (and evaluation sets) with it
     once, then let it go. Returns the base model's cross-model metrics (the "without" row)."""
@@ -442,10 +502,11 @@ def prepare_compatibility(run: RunContext, *, confined: bool) -> dict[str, float
 def start_tracking(run: RunContext) -> Tracker:
     """The run's MLflow run (rank 0 with a registry; a no-op tracker otherwise)."""
     registry = run.registry
+    resolved = {k: v for k, v in run.recipe.as_dict().items() if k != "reasons"} if run.recipe else {}
     return Tracker(
         registry.tracking_uri if (registry and run.main) else None,
         f"train-{run.config.output.name}",
-        run.config.model_dump(mode="json"),
+        {**run.config.model_dump(mode="json"), "resolved": resolved},
         artifact_location=registry.artifact_location if registry else None,
     )
 
@@ -459,6 +520,17 @@ def train_model(run: RunContext, tracker: Tracker, *, resume: bool, should_stop:
     datasets = {d.name: d.to_hf() for d in train_sets}
     if run.compat is not None:
         loss, datasets = run.compat.wrap(loss, train_sets)
+    assert run.recipe is not None  # choose_recipe ran
+    evaluation = []
+    if run.best_metric is not None:
+        run.best = BestTracker(
+            run.best_metric,
+            lambda: evaluate_in_eval_mode(run),
+            lambda: best_snapshot(run.model, loss),
+            progress=run.progress,
+            tracker=tracker,
+        )
+        evaluation.append(EvaluationCallback(run.best, run.recipe.eval_every, run.main))
     trainer = duet_trainer_class()(
         model=run.model,
         args=training_arguments(
@@ -466,11 +538,13 @@ def train_model(run: RunContext, tracker: Tracker, *, resume: bool, should_stop:
             run.run_dir,
             any(d.kind == "graded" for d in train_sets),
             router_mapping(run.model, train_sets),
+            run.recipe,
         ),
         train_dataset=next(iter(datasets.values())) if len(datasets) == 1 else datasets,
         loss=loss,
         callbacks=[
             TrackingCallback(tracker, run.progress),
+            *evaluation,  # before LossStateCallback: it marks a checkpoint complete, last
             LossStateCallback(loss),
             *([CancelCallback(should_stop)] if should_stop else []),
         ],
@@ -478,6 +552,8 @@ def train_model(run: RunContext, tracker: Tracker, *, resume: bool, should_stop:
     checkpoint = last_checkpoint(run.run_dir) if resume else None
     if checkpoint:
         restore_loss_state(loss, checkpoint)
+        if run.best is not None:
+            run.best.load(Path(checkpoint))
         run.progress.stage(f"resuming from {Path(checkpoint).name}")
     run.progress.stage("training")
     try:
@@ -489,7 +565,25 @@ def train_model(run: RunContext, tracker: Tracker, *, resume: bool, should_stop:
     if should_stop is not None and should_stop():
         tracker.finish("KILLED")
         raise TrainingCancelledError(step)
+    restore_best(run, loss)
     return step
+
+
+def best_snapshot(model: Any, loss: Any) -> dict[str, dict[str, torch.Tensor]]:
+    """A CPU copy of the weights that make the trained model: the model's and the loss's own."""
+    return {
+        "model": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
+        "loss": {k: v.to("cpu") for k, v in loss_state(loss).items()},
+    }
+
+
+def restore_best(run: RunContext, loss: Any) -> None:
+    """Load the best evaluation's weights back, so they are what is evaluated, saved and registered."""
+    if run.best is None:
+        return
+    best = run.best.restore(run.model, loss)
+    if best is not None:
+        run.progress.stage(f"keeping the best evaluation: step {best['step']} ({run.best.metric})")
 
 
 def evaluate_trained(
@@ -504,7 +598,20 @@ def evaluate_trained(
     run.progress.evaluation("after", after)
     tracker.log({f"eval/{k}": v for k, v in after.items()}, step)
     report = format_table(compare(before, after)) if run.eval_sets else "(no evaluation sets)"
-    return after, report
+    return after, report + recipe_report(run)
+
+
+def recipe_report(run: RunContext) -> str:
+    """What "auto" chose and the evaluations during training (best marked), for the card and the job."""
+    text = ""
+    if run.recipe is not None and run.recipe.reasons:
+        text += "\n\nChosen automatically:\n\n" + "\n".join(f"- {r}" for r in run.recipe.reasons)
+    if run.best is not None and run.best.curve:
+        best = run.best.best
+        kept = f"step {best['step']}" if best else "the last step"
+        text += f"\n\nEvaluation during training (kept: {kept}, best on {run.best.metric}):\n\n"
+        text += format_curve(run.best.curve, run.best.metric)
+    return text
 
 
 def save_and_register(
@@ -516,7 +623,7 @@ def save_and_register(
     model_dir = run.run_dir / "model"
     run.model.save(str(model_dir))
     map_file = run.compat.save_map(model_dir) if run.compat is not None else None
-    write_card(model_dir, config, result.report, run.base_label)
+    write_card(model_dir, config, result.report, run.base_label, learning_rate=result.recipe.get("learning_rate"))
     current = current_holder_metrics(config, run.registry, run.eval_sets, run.progress)
     if run.registry is None:
         return None, None
@@ -533,7 +640,22 @@ def save_and_register(
         run_id=tracker.run_id,
         current=current,
         compatible_with=compatibility_claims(run, result.after, map_file),
+        resolved=resolved_record(result),
     )
+
+
+def resolved_record(result: TrainResult) -> dict[str, Any]:
+    """The manifest's record of what the run trained with beyond its config: the recipe ("auto"
+    resolved) and, with evaluation during training, the point kept and the curve's metric values."""
+    record = dict(result.recipe)
+    if result.best_metric is not None:
+        metric = result.best_metric
+        record["best_metric"] = metric
+        record["curve"] = [
+            {"step": p["step"], "epoch": p["epoch"], metric: p["metrics"].get(metric), "best": p["best"]}
+            for p in result.curve
+        ]
+    return record
 
 
 def compatibility_claims(run: RunContext, after: dict[str, float], map_file: str | None) -> list[Compatibility]:

@@ -153,7 +153,7 @@ def limit_problems(config: TrainConfig, settings: Settings) -> list[str]:
     return [
         f"{name}: {value:g} is more than this service allows ({limit:g}, {setting})"
         for name, value, limit, setting in limits
-        if value is not None and value > limit
+        if isinstance(value, (int, float)) and value > limit  # "auto" epochs stay within MAX_EPOCHS of auto_recipe
     ]
 
 
