@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import ErrorDetails
 
+from trainer.auto_recipe import MAX_EPOCHS as AUTO_MAX_EPOCHS
 from trainer.tables import clip
 
 DatasetKind = Literal["pairs", "triplets", "graded", "texts", "multi_positive"]
@@ -206,7 +207,9 @@ class TrainConfig(_Strict):
     output: OutputSpec
     batch_size: int = Field(default=64, gt=0, le=MAX_BATCH_SIZE)
     epochs: Annotated[float, Field(gt=0, le=MAX_EPOCHS)] | Literal["auto"] = Field(
-        default=1.0, description="Passes over the training data; 'auto': chosen from its size (trainer/auto_recipe.py)."
+        default=1.0,
+        description=f"Passes over the training data; 'auto': 1 to {AUTO_MAX_EPOCHS}, chosen from its size "
+        "(trainer/auto_recipe.py).",
     )
     max_steps: int | None = Field(
         default=None, gt=0, le=MAX_STEPS, description="Stop after this many steps (overrides epochs)."

@@ -46,7 +46,7 @@ from service.errors import ApiError
 from service.schemas import RequestBody
 from service.settings import Settings
 from service.state import ServiceState
-from trainer.config import ConfigError, TrainConfig, parse_config
+from trainer.config import AUTO_MAX_EPOCHS, ConfigError, TrainConfig, parse_config
 
 router = APIRouter(tags=["jobs"])
 JSON = [Depends(require_json)]
@@ -136,11 +136,21 @@ def _base_model_problems(base: str, state: ServiceState, allow_local: bool, fiel
     return []
 
 
+def _epochs_at_most(config: TrainConfig) -> float:
+    """The most epochs a config can train: "auto" chooses at most auto_recipe.MAX_EPOCHS."""
+    return float(AUTO_MAX_EPOCHS) if config.epochs == "auto" else float(config.epochs)
+
+
 def limit_problems(config: TrainConfig, settings: Settings) -> list[str]:
     """What this service lets one job ask for (DUET_JOB_MAX_*), beyond the trainer's own bounds."""
     limits = [
         ("batch_size", config.batch_size, settings.job_max_batch_size, "DUET_JOB_MAX_BATCH_SIZE"),
-        ("epochs", config.epochs, settings.job_max_epochs, "DUET_JOB_MAX_EPOCHS"),
+        (
+            "epochs (auto chooses up to)" if config.epochs == "auto" else "epochs",
+            _epochs_at_most(config),
+            settings.job_max_epochs,
+            "DUET_JOB_MAX_EPOCHS",
+        ),
         ("max_steps", config.max_steps, settings.job_max_steps, "DUET_JOB_MAX_STEPS"),
         (
             "dataloader_workers",
@@ -153,7 +163,7 @@ def limit_problems(config: TrainConfig, settings: Settings) -> list[str]:
     return [
         f"{name}: {value:g} is more than this service allows ({limit:g}, {setting})"
         for name, value, limit, setting in limits
-        if isinstance(value, (int, float)) and value > limit  # "auto" epochs stay within MAX_EPOCHS of auto_recipe
+        if value is not None and value > limit
     ]
 
 

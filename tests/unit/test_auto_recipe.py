@@ -198,3 +198,15 @@ def test_the_curve_and_best_weights_survive_a_checkpoint_round_trip(tmp_path):
     other_metric = _tracker([1.0], metric="dev/pearson")
     other_metric.load(tmp_path)  # a curve on another metric is not continued
     assert other_metric.curve == [] and other_metric.best_state is None
+
+
+def test_a_service_allowing_fewer_epochs_than_auto_may_choose_refuses_auto(folder):
+    from service.routes.jobs import limit_problems
+    from service.settings import Settings
+
+    config = parse_config({**GOOD, "epochs": "auto"}, folder)
+    assert limit_problems(config, Settings(data_dir=folder, job_max_epochs=MAX_EPOCHS)) == []
+    problems = limit_problems(config, Settings(data_dir=folder, job_max_epochs=2))
+    assert problems == [
+        f"epochs (auto chooses up to): {MAX_EPOCHS} is more than this service allows (2, DUET_JOB_MAX_EPOCHS)"
+    ]
