@@ -85,6 +85,16 @@ class ReembedStatus(BaseModel):
     finished_at: str | None = None
 
 
+class CompatibleModel(BaseModel):
+    """A version whose queries may search the collection's vectors, with the numbers its training measured."""
+
+    model: str = Field(description="The version, e.g. 'shapes/2'.")
+    mapped: bool = Field(description="Whether its query vectors go through a learned new -> old map.")
+    metrics: dict[str, float] = Field(
+        default_factory=dict, description="'<set>/new-old/<metric>' beside '<set>/old-old/...' and '<set>/new-new/...'."
+    )
+
+
 class CollectionInfo(BaseModel):
     name: str
     model: str | None
@@ -98,6 +108,11 @@ class CollectionInfo(BaseModel):
     stats: dict[str, Any]
     reembed: ReembedStatus | None = Field(
         default=None, description="The last re-embed since the service started (running, done or failed)."
+    )
+    compatible_models: list[CompatibleModel] = Field(
+        default_factory=list,
+        description="Versions registered compatible with `model` (trained with compatible_with): a search may name "
+        "one as its `model` (its queries search these vectors, no re-embed). Filled by GET /v1/collections/{name}.",
     )
 
 
@@ -194,7 +209,11 @@ class SearchRequest(RequestBody):
         description="Quantised collections: rank the candidates again with the stored float vectors (true) or "
         "answer with the index's own estimates (false). Default: the collection's `index.rescore`.",
     )
-    model: str | None = Field(default=None, description="If given, must resolve to the collection's pinned version.")
+    model: str | None = Field(
+        default=None,
+        description="If given, the collection's pinned version, or a version registered compatible with it "
+        "(GET /v1/collections/{name} lists them): texts and images are then embedded by that version.",
+    )
     include: list[HitField] | None = Field(
         default=None,
         description="What each hit carries besides id, score and modality: any of payload, content and vector "
@@ -217,7 +236,17 @@ class SearchHit(BaseModel):
     vector: list[float] | None = Field(default=None, description='Only with "vector" in `include`.')
 
 
+class SearchModels(BaseModel):
+    query: str = Field(description="The version that embedded the texts and images of the search.")
+    gallery: str = Field(description="The collection's pinned version, whose vectors were searched.")
+
+
 class SearchResponse(BaseModel):
     results: list[SearchHit] | list[list[SearchHit]]
     model: str | None
     collection: str
+    models: SearchModels | None = Field(
+        default=None,
+        description="Which pair answered: differs from `model` when `model` named a version registered compatible "
+        "with the pinned one. None for a vector-only collection.",
+    )

@@ -23,6 +23,7 @@ import logging
 import time
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import anyio
@@ -35,7 +36,9 @@ from index.engine import IndexSpec
 from index.errors import BackendUnavailableError, CollectionBusyError, CollectionNotFoundError, InvalidVectorError
 from index.items import HIT_DEFAULT, Hit, StoredItem
 from index.payloads import PayloadLimits, check_payload
+from registry.compat import QueryCompat, load_map, map_queries, query_compat
 from registry.errors import VersionNotFoundError
+from registry.manifest import Compatibility
 from registry.names import DEFAULT_ALIAS, LATEST
 from registry.store import ModelRegistry, ModelVersionInfo
 from service.batching import QueueFullError
@@ -58,6 +61,7 @@ class CollectionView:
     config: CollectionConfig
     stats: dict[str, Any]
     reembed: dict[str, Any] | None = None
+    compatible: list[CompatibleVersion] = dataclasses.field(default_factory=list)  # only `info` fills it
 
 
 @dataclass
@@ -92,6 +96,25 @@ class SearchResult:
     collection: str
     warning: str | None  # `X-Duet-Warning`: the pinned version is untrained
     include: AbstractSet[str] = HIT_DEFAULT  # what the hits carry besides id, score and modality
+    query_model: str | None = None  # the version that embedded the texts and images (pinned, or compatible)
+
+
+@dataclass(frozen=True)
+class QuerySide:
+    """Who embeds a search's texts and images: the pinned version, or a version registered compatible with
+    it (then `mapping` is its new -> old map, if it has one)."""
+
+    ref: str | None  # None: a vector-only collection
+    compatible: bool = False
+    mapping: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class CompatibleVersion:
+    """A version whose queries may search a collection pinned to another (its manifest's claim, still valid)."""
+
+    ref: str
+    record: Compatibility
 
 
 class CollectionsService:
@@ -110,6 +133,7 @@ class CollectionsService:
         self.registry = registry
         self.settings = settings
         self.metrics = metrics
+        self._maps: dict[tuple[str, str], np.ndarray | None] = {}  # (version, map file) -> map; versions are immutable
 
     async def _get(self, name: str) -> CollectionHandle:
         return await anyio.to_thread.run_sync(self.backend.get, name)
@@ -145,10 +169,36 @@ class CollectionsService:
         return await anyio.to_thread.run_sync(_created_view, collection, self.backend.kind)
 
     async def info(self, name: str) -> CollectionView:
+        """A collection's view, with the versions registered compatible with its pinned one."""
         collection = await self._get(name)
-        return await anyio.to_thread.run_sync(
+        view = await anyio.to_thread.run_sync(
             lambda: _view(collection, self.backend.kind, self.backend.reembed_status(name))
         )
+        if collection.config.model is not None:
+            view.compatible = await self.compatible_versions(collection.config.model)
+        return view
+
+    async def compatible_versions(self, pinned: str) -> list[CompatibleVersion]:
+        """Every registered version whose manifest claims compatibility with `pinned`, where the claim still
+        holds (`query_compat`). A scan of the registry's versions; their manifests come from the pool's cache
+        (versions are immutable), so after the first scan it costs the registry's version listing alone."""
+        pinned_info = await self.pool.resolve(pinned)
+        pinned_sha = pinned_info.manifest.lineage.weights_sha256
+        summaries = await anyio.to_thread.run_sync(self.registry.list_models)
+        found = []
+        for summary in summaries:
+            for version in range(1, (summary.latest_version or 0) + 1):
+                ref = f"{summary.name}/{version}"
+                if ref == pinned:
+                    continue
+                try:
+                    info = await self.pool.resolve(ref)
+                except VersionNotFoundError:
+                    continue
+                answer = query_compat(ref, info.manifest, pinned, pinned_sha)
+                if answer.allowed and answer.record is not None:
+                    found.append(CompatibleVersion(ref, answer.record))
+        return found
 
     async def listing(self) -> Listing:
         """Every collection; ones that cannot be opened are listed apart, with the reason."""
@@ -252,7 +302,7 @@ class CollectionsService:
             check_payload(item.payload, limits, f"items[{i}].payload")
         collection = await self._get(name)
         collection.check_writable()  # early, to spare the embedding; upsert checks again under its lock
-        await self._check_model(collection, body.model)
+        await self._check_pinned(collection, body.model)
         vectors: list[np.ndarray | None] = [None] * len(body.items)
         contents: list[tuple[Modality, str]] = []
         labels, positions = [], []
@@ -343,8 +393,8 @@ class CollectionsService:
             )
         _check_not_empty(queries, single=body.query is not None)
         collection = await self._get(name)
-        await self._check_model(collection, body.model)
-        vectors, modalities, exclude = await self._query_vectors(queries, collection)
+        side = await self._query_side(collection, body.model)
+        vectors, modalities, exclude = await self._query_vectors(queries, collection, side)
         include = HIT_DEFAULT if body.include is None else frozenset(body.include)
         started = time.perf_counter()
         hits = await anyio.to_thread.run_sync(
@@ -362,12 +412,15 @@ class CollectionsService:
         )
         self.metrics.index_search_latency.observe(time.perf_counter() - started)
         warning = await self._untrained(collection)
-        return SearchResult(hits, collection.config.model, collection.name, warning, include)
+        return SearchResult(hits, collection.config.model, collection.name, warning, include, side.ref)
 
     async def _query_vectors(
-        self, queries: list[Query], collection: CollectionHandle
+        self, queries: list[Query], collection: CollectionHandle, side: QuerySide
     ) -> tuple[np.ndarray, list[str], list[str | None]]:
-        """(vectors, modality of each query, id each query excludes)."""
+        """(vectors, modality of each query, id each query excludes). Texts and images are embedded by
+        `side`'s version (mapped into the pinned version's space when it is a compatible one)."""
+        if side.compatible:
+            _refuse_given_vectors(queries, side, collection)
         rows: list[np.ndarray | None] = [None] * len(queries)
         modalities: list[str] = ["vector"] * len(queries)
         exclude: list[str | None] = [None] * len(queries)
@@ -388,7 +441,9 @@ class CollectionsService:
                 positions.append(i)
                 modalities[i] = kind
         if contents:
-            embedded, _ = await self._embed_contents(collection, contents, labels)
+            embedded, _ = await self._embed_contents(collection, contents, labels, side.ref)
+            if side.compatible:
+                embedded = map_queries(embedded, side.mapping)
             for row, position in zip(collection.prepare_vectors(embedded), positions):
                 rows[position] = row
         return np.stack(cast(list[np.ndarray], rows)), modalities, exclude
@@ -402,8 +457,9 @@ class CollectionsService:
 
     # -- embedding ---------------------------------------------------------------------
 
-    async def _check_model(self, collection: CollectionHandle, ref: str | None) -> None:
-        """A request that names a model must name the collection's pinned version."""
+    async def _check_pinned(self, collection: CollectionHandle, ref: str | None) -> None:
+        """A write that names a model must name the collection's pinned version: the gallery holds one
+        version's vectors (a compatible version may search it, not write to it)."""
         if ref is None:
             return
         info = await self.pool.resolve(ref)
@@ -411,16 +467,70 @@ class CollectionsService:
             raise ApiError(
                 409,
                 f"collection '{collection.name}' holds vectors of {collection.config.model or 'a vector-only space'}; "
-                f"{info.ref}'s vectors live in a different space. Use {collection.config.model} or re-embed the "
-                "collection into a new one",
+                f"{info.ref}'s vectors live in a different space. Write with {collection.config.model or 'vectors'} "
+                f"(or omit model){_move_hint(collection, info.ref)}",
                 code="model_version_mismatch",
                 param="model",
             )
 
+    async def _query_side(self, collection: CollectionHandle, ref: str | None) -> QuerySide:
+        """Which version embeds a search's queries: the pinned one, or the named one when its manifest claims
+        compatibility with the pinned version (`registry.compat.query_compat`); else 409 with the reason."""
+        pinned = collection.config.model
+        if ref is None:
+            return QuerySide(pinned)
+        info = await self.pool.resolve(ref)
+        if info.ref == pinned:
+            return QuerySide(pinned)
+        if pinned is None:
+            await self._check_pinned(collection, ref)  # a vector-only collection: its 409
+        pinned_info = await self.pool.resolve(cast(str, pinned))
+        answer = query_compat(info.ref, info.manifest, pinned_info.ref, pinned_info.manifest.lineage.weights_sha256)
+        if not answer.allowed:
+            raise await self._incompatible(collection, info.ref, answer)
+        record = cast(Compatibility, answer.record)
+        mapping = await self._map(info.ref, info.path, record)
+        dimension = info.manifest.contract.dimension
+        mapped = dimension if mapping is None else mapping.shape[1]
+        if (mapping is not None and mapping.shape[0] != dimension) or mapped != collection.config.dim:
+            raise ApiError(
+                409,
+                f"{info.ref} claims compatibility with {pinned}, but its {dimension}-dimension vectors"
+                f"{'' if mapping is None else f' through its {mapping.shape[0]}x{mapping.shape[1]} map'} do not fit "
+                f"the collection's {collection.config.dim} dimensions: search with {pinned}",
+                code="model_version_mismatch",
+                param="model",
+            )
+        return QuerySide(info.ref, compatible=True, mapping=mapping)
+
+    async def _incompatible(self, collection: CollectionHandle, ref: str, answer: QueryCompat) -> ApiError:
+        pinned = cast(str, collection.config.model)
+        others = [version.ref for version in await self.compatible_versions(pinned)]
+        allowed = pinned if not others else f"{pinned} or a version registered compatible with it ({', '.join(others)})"
+        return ApiError(
+            409,
+            f"collection '{collection.name}' holds vectors of {pinned}, and {answer.reason}. Search it with "
+            f"{allowed}{_move_hint(collection, ref)}",
+            code="model_version_mismatch",
+            param="model",
+        )
+
+    async def _map(self, ref: str, path: Path, record: Compatibility) -> np.ndarray | None:
+        """A compatible version's new -> old map, read once per version."""
+        key = (ref, record.map_file or "")
+        if key not in self._maps:
+            self._maps[key] = await anyio.to_thread.run_sync(load_map, path, record)
+        return self._maps[key]
+
     async def _embed_contents(
-        self, collection: CollectionHandle, contents: list[tuple[Modality, str]], labels: list[str]
+        self,
+        collection: CollectionHandle,
+        contents: list[tuple[Modality, str]],
+        labels: list[str],
+        ref: str | None = None,
     ) -> tuple[np.ndarray, list[bool]]:
-        """Embed texts/images with the collection's pinned version; (vectors, truncated flags)."""
+        """Embed texts/images with the collection's pinned version (or `ref`, a version registered compatible
+        with it); (vectors, truncated flags)."""
         if collection.config.model is None:
             raise ApiError(
                 400,
@@ -431,7 +541,7 @@ class CollectionsService:
         for (modality, value), label in zip(contents, labels):
             if modality == "text":
                 check_text(value, label, self.settings)
-        model = await self.pool.get(collection.config.model)
+        model = await self.pool.get(ref or collection.config.model)
         check_modalities(contents, model.info.manifest.contract, model.ref, labels)
         prepared = await prepare(contents, model.encoder, self.settings, labels)
         return await embed_prepared(model, prepared), prepared.truncated
@@ -544,4 +654,29 @@ def _check_not_empty(queries: list[Query], single: bool) -> None:
                 f"{where} is empty; type some text, or search by an image, a vector or an item id",
                 code="invalid_input",
                 param="query" if single else f"queries[{i}]",
+            )
+
+
+def _move_hint(collection: CollectionHandle, ref: str) -> str:
+    """How to move a collection's gallery to another version: a re-embed."""
+    if collection.config.model is None:
+        return ""
+    return (
+        f"; to move the collection to {ref}, re-embed it (POST /v1/collections/{collection.name}/reembed "
+        f'with {{"model": "{ref}"}})'
+    )
+
+
+def _refuse_given_vectors(queries: list[Query], side: QuerySide, collection: CollectionHandle) -> None:
+    """With `model` naming a compatible version, texts and images are embedded by it; a given vector would be
+    ambiguous (its vectors, or the collection's own?), so it is refused rather than guessed."""
+    for i, query in enumerate(queries):
+        if query.vector is not None:
+            raise ApiError(
+                400,
+                f"queries[{i}].vector: with model {side.ref} (a version compatible with the pinned "
+                f"{collection.config.model}) send texts or images; vectors must be in the collection's own space, "
+                "sent without model",
+                code="invalid_queries",
+                param=f"queries[{i}].vector",
             )

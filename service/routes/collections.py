@@ -22,6 +22,7 @@ from service.collection_schemas import (
     CollectionCreate,
     CollectionInfo,
     CollectionList,
+    CompatibleModel,
     DeleteRequest,
     DeleteResponse,
     ItemOut,
@@ -55,6 +56,10 @@ def _info(view: CollectionView) -> CollectionInfo:
         count=stats["count"],
         stats=stats,
         reembed=ReembedStatus(**view.reembed) if view.reembed else None,
+        compatible_models=[
+            CompatibleModel(model=c.ref, mapped=c.record.map_file is not None, metrics=c.record.metrics)
+            for c in view.compatible
+        ],
     )
 
 
@@ -203,6 +208,7 @@ async def search(name: str, request: Request, collections: CollectionsDep) -> Re
                 "results": results[0] if body.query is not None else results,
                 "model": found.model,
                 "collection": found.collection,
+                "models": {"query": found.query_model, "gallery": found.model} if found.model else None,
             },
             option=orjson.OPT_SERIALIZE_NUMPY,  # included vectors: float32 arrays, written as JSON numbers
         ),

@@ -52,3 +52,9 @@ def test_page_is_well_formed_and_its_elements_exist(outline):
     script = "".join(outline.scripts)
     wanted = set(re.findall(r"\$\(\"([\w-]+)\"\)", script))
     assert wanted and sorted(wanted - set(outline.ids)) == []
+
+
+def test_page_shows_compatible_query_models_and_the_answering_pair(page):
+    """The collection info lists GET /v1/collections/{name}'s compatible versions; results name the pair."""
+    assert "compatible_models" in page and "collectionUrl(name)" in page
+    assert "body.models.query" in page and "body.models.gallery" in page
