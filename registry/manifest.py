@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -76,6 +76,38 @@ class Compatibility(BaseModel):
     )
 
 
+class AlphaScore(BaseModel):
+    """One alpha's scores in a WiSE-FT sweep: the target metric and each retain set's main metric."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    alpha: float
+    target: float | None = Field(default=None, description="The target metric (None: no eval set measured it).")
+    retain: dict[str, float] = Field(default_factory=dict, description="Retain metric key -> value.")
+
+
+class Interpolation(BaseModel):
+    """The saved weights are (1 - alpha) * base + alpha * fine-tuned (WiSE-FT), and why that alpha:
+    every alpha tried with its scores, beside the base model's (alpha 0)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    alpha: float = Field(description="Weight of the fine-tuned model in the saved weights.")
+    mode: Literal["fixed", "auto"]
+    metric: str | None = Field(default=None, description="The target metric key.")
+    max_retention_drop: float | None = Field(
+        default=None, description="alpha auto: the allowed drop per retain metric."
+    )
+    qualified: bool = Field(
+        default=True, description="False: no alpha kept the retain metrics within the margin, so alpha 0 (the base)."
+    )
+    base: AlphaScore | None = Field(default=None, description="The base model's scores (None: nothing to measure).")
+    trials: list[AlphaScore] = Field(default_factory=list)
+    kept_from_finetuned: list[str] = Field(
+        default_factory=list, description="Tensors not blended (no float match in the base), as fine-tuned."
+    )
+
+
 class Manifest(_FolderRecord):
     """Everything Duet knows about one model version besides its weights."""
 
@@ -88,6 +120,9 @@ class Manifest(_FolderRecord):
     metrics: dict[str, float] = Field(default_factory=dict)
     compatible_with: list[Compatibility] = Field(
         default_factory=list, description="Versions whose collections this version's queries may search."
+    )
+    interpolation: Interpolation | None = Field(
+        default=None, description="WiSE-FT: the blend of base and fine-tuned weights that was saved (None: none)."
     )
     created_at: str = Field(default_factory=_now)
 

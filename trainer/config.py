@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
@@ -198,6 +199,47 @@ class CompatSpec(_Strict):
     )
 
 
+DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+MAX_ALPHAS = 101
+
+
+class InterpolateSpec(_Strict):
+    """WiSE-FT weight interpolation (Wortsman et al. 2022) after training: the saved weights are
+    (1 - alpha) * base + alpha * fine-tuned. A fixed `alpha`, or `auto`: every alpha in `alphas` is
+    blended and measured, and the one with the best target `metric` whose every `retain` set's
+    main metric dropped by at most `max_retention_drop` against the base model wins."""
+
+    alpha: float | Literal["auto"] = Field(
+        description="Weight of the fine-tuned model in [0, 1] (0: the base, 1: the fine-tuned model as trained), "
+        "or 'auto' to choose one of `alphas` on the evaluation sets."
+    )
+    alphas: list[float] = Field(
+        default_factory=lambda: list(DEFAULT_ALPHAS),
+        min_length=1,
+        max_length=MAX_ALPHAS,
+        description="alpha auto: the alphas tried, each in [0, 1] (each costs one evaluation of the target and "
+        "retain sets).",
+    )
+    retain: list[DatasetSpec | str] = Field(
+        default_factory=list,
+        max_length=MAX_COLUMNS,
+        description="Sets whose skill must be kept: the name of an eval set, or a dataset like an eval entry. Each "
+        "is scored by its main metric (graded: spearman; pairs: a_to_b/mrr@10 or text_to_image/mrr@10).",
+    )
+    metric: str | None = Field(
+        default=None,
+        description="Target metric key (higher is better), e.g. 'sts-dev/spearman'. Default: output.promote.metric "
+        "when it is one, else the first eval set's main metric.",
+    )
+    max_retention_drop: float = Field(
+        default=0.5,
+        ge=0,
+        le=100,
+        description="How far each retain metric may fall below the base model's, in that metric's own units: "
+        "Spearman/Pearson are x100 (0.5 = half a point), recall/MRR/nDCG are fractions 0..1.",
+    )
+
+
 class TrainConfig(_Strict):
     base_model: str = Field(description="Registry reference (name, name@alias, name/version), hub id, or path.")
     train: list[DatasetSpec] = Field(min_length=1)
@@ -248,6 +290,10 @@ class TrainConfig(_Strict):
     max_seq_length: int | None = Field(default=None, gt=0, le=MAX_SEQ_LENGTH)
     compatible_with: CompatSpec | None = Field(
         default=None, description="Train the new model so its queries search the old model's collections."
+    )
+    interpolate: InterpolateSpec | None = Field(
+        default=None,
+        description="WiSE-FT: save a blend of the base and fine-tuned weights, with a fixed or chosen alpha.",
     )
 
     @field_validator("compatible_with", mode="before")
@@ -300,6 +346,7 @@ def _combination_problems(config: TrainConfig) -> list[str]:
         problems.append("loss.mini_batch_size must not exceed batch_size")
     problems += _loss_option_problems(config)
     problems += _compat_problems(config)
+    problems += _interpolate_problems(config)
     problems += _eval_every_problems(config)
     if config.output.promote and config.output.promote.alias in config.output.aliases:
         problems.append("output.promote.alias is also in output.aliases: it would move unconditionally")
@@ -379,6 +426,90 @@ def _compat_problems(config: TrainConfig) -> list[str]:
     return problems
 
 
+HIGHER_IS_BETTER = re.compile(r"(spearman|pearson|recall@\d+|mrr@\d+|ndcg@\d+)$")
+
+
+def eval_set_name(spec: DatasetSpec) -> str:
+    """The name a dataset's metric keys start with, as `trainer.data.load_data` gives it."""
+    return spec.name or PurePosixPath(spec.path).stem
+
+
+def _interpolate_problems(config: TrainConfig) -> list[str]:
+    """`interpolate`: alphas in range, what `auto` needs (eval sets, a retain set, a target metric
+    that rises), retain sets that name eval sets or bring their own data under a new name."""
+    spec = config.interpolate
+    if spec is None:
+        return []
+    problems = []
+    if spec.alpha != "auto" and not 0.0 <= spec.alpha <= 1.0:
+        problems.append(
+            f"interpolate.alpha must be in [0, 1] (the fine-tuned model's weight) or 'auto', got {spec.alpha:g}"
+        )
+    bad = [a for a in spec.alphas if not 0.0 <= a <= 1.0]
+    if bad:
+        problems.append(f"interpolate.alphas must each be in [0, 1]; remove {', '.join(f'{a:g}' for a in bad)}")
+    if len(set(spec.alphas)) != len(spec.alphas):
+        problems.append("interpolate.alphas lists an alpha twice; list each once")
+    if spec.alpha != "auto" and "alphas" in spec.model_fields_set:
+        problems.append("interpolate.alphas is only used with alpha: auto; remove it or set alpha: auto")
+    eval_names = [eval_set_name(s) for s in config.eval]
+    if spec.alpha == "auto":
+        if not config.eval:
+            problems.append("interpolate.alpha auto needs an evaluation set (eval) to measure the target metric on")
+        if not spec.retain:
+            problems.append(
+                "interpolate.alpha auto needs interpolate.retain: a set whose skill must be kept (an eval set's name "
+                "or a dataset), else the fine-tuned model always wins"
+            )
+    target_set = None
+    if spec.metric is not None:
+        target_set = next((n for n in eval_names if spec.metric.startswith(n + "/")), None)
+        if target_set is None:
+            known = ", ".join(eval_names) or "none"
+            problems.append(
+                f"interpolate.metric {clip(spec.metric)} is not a metric of an eval set; it starts with the set's name "
+                f"(eval sets: {known}), e.g. '<set>/spearman'"
+            )
+        elif not HIGHER_IS_BETTER.search(spec.metric):
+            problems.append(
+                f"interpolate.metric {clip(spec.metric)} must be one where higher is better: spearman, pearson, "
+                "recall@k, mrr@10 or ndcg@10"
+            )
+    elif spec.alpha == "auto" and config.eval:
+        target_set = eval_names[0]
+        if config.output.promote and any(config.output.promote.metric.startswith(n + "/") for n in eval_names):
+            target_set = next(n for n in eval_names if config.output.promote.metric.startswith(n + "/"))
+    problems += _retain_problems(spec, eval_names, target_set)
+    return problems
+
+
+def _retain_problems(spec: InterpolateSpec, eval_names: list[str], target_set: str | None) -> list[str]:
+    problems = []
+    seen: set[str] = set()
+    for i, item in enumerate(spec.retain):
+        where = f"interpolate.retain[{i}]"
+        if isinstance(item, str):
+            name = item
+            if name not in eval_names:
+                known = ", ".join(eval_names) or "none"
+                problems.append(f"{where}: {clip(name)} is not the name of an eval set ({known}); or give a dataset")
+        else:
+            name = eval_set_name(item)
+            if name in eval_names:
+                problems.append(
+                    f"{where}: its name {clip(name)} is an eval set's; name it by that (retain: [{name}]) or set "
+                    "its name"
+                )
+            if item.kind == "multi_positive":
+                problems.append(f"{where}: multi_positive data is for training; retain sets are pairs or graded")
+        if name == target_set:
+            problems.append(f"{where}: {clip(name)} holds the target metric; a retain set must be another set")
+        if name in seen:
+            problems.append(f"{where}: {clip(name)} is listed twice")
+        seen.add(name)
+    return problems
+
+
 def _name_problems(config: TrainConfig) -> list[str]:
     from registry.names import validate_alias, validate_name
 
@@ -401,8 +532,13 @@ def _file_problems(
     """Missing or out-of-bounds data files, each named as the config names it (never by the
     server path it resolves to). A file the caller may not see is missing, in the same words."""
     problems = []
-    for section in ("train", "eval"):
-        for i, spec in enumerate(getattr(config, section)):
+    sections: list[tuple[str, list[DatasetSpec | str]]] = [("train", [*config.train]), ("eval", [*config.eval])]
+    if config.interpolate is not None:
+        sections.append(("interpolate.retain", config.interpolate.retain))
+    for section, specs in sections:
+        for i, spec in enumerate(specs):
+            if isinstance(spec, str):
+                continue  # the name of an eval set
             where = f"{section}[{i}].path"
             if confined:
                 try:

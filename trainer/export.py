@@ -11,7 +11,7 @@ from typing import Any
 
 from encoders.encoder import describe
 from encoders.provenance import code_version, library_versions
-from registry.manifest import Compatibility, Lineage, Manifest
+from registry.manifest import Compatibility, Interpolation, Lineage, Manifest
 from registry.store import ModelRegistry, ModelVersionInfo
 from trainer.config import TrainConfig
 
@@ -99,6 +99,7 @@ def register(
     current: dict[str, float] | None = None,
     compatible_with: list[Compatibility] | None = None,
     resolved: dict[str, Any] | None = None,
+    interpolation: Interpolation | None = None,
 ) -> tuple[ModelVersionInfo, Promotion | None]:
     architecture = base_manifest.lineage.architecture if base_manifest else {}
     manifest = Manifest(
@@ -115,6 +116,7 @@ def register(
         ),
         metrics={**after, **{f"baseline/{k}": v for k, v in before.items()}},
         compatible_with=compatible_with or [],
+        interpolation=interpolation,
     )
     info = registry.register(
         config.output.name, model_dir, manifest, aliases=tuple(config.output.aliases), run_id=run_id

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from registry.manifest import Compatibility, Manifest
+from registry.manifest import AlphaScore, Compatibility, Interpolation, Manifest
 from registry.store import ModelRegistry, ModelVersionInfo
 from trainer.auto_recipe import Recipe, resolve_recipe
 from trainer.best import BestTracker, EvaluationCallback, format_curve, headline_metric
@@ -36,6 +36,7 @@ from trainer.config import ConfigError, TrainConfig, load_config
 from trainer.data import LoadedData, load_data
 from trainer.evaluation import EvalSet, compare, evaluate, format_table
 from trainer.export import Promotion, register, write_card
+from trainer.interpolate import blend_state_dicts, format_sweep, main_metric, sweep, target_metric, verdict
 from trainer.losses import no_weight_decay_parameter_names
 from trainer.losses_factory import build_loss
 from trainer.mining import add_hard_negatives
@@ -58,6 +59,7 @@ class TrainResult:
     version: ModelVersionInfo | None = None
     promotion: Promotion | None = None
     mining: dict[str, Any] = field(default_factory=dict)
+    interpolation: Interpolation | None = None  # WiSE-FT: the alpha saved and every alpha tried
     recipe: dict[str, Any] = field(default_factory=dict)  # epochs, learning_rate, eval_every trained with
     curve: list[dict[str, Any]] = field(default_factory=list)  # evaluations during training: step, epoch, metrics, best
     best_metric: str | None = None  # the metric that picked the best point of `curve`
@@ -319,6 +321,9 @@ class RunContext:
     train_sets: list[LoadedData]
     eval_sets: list[EvalSet]
     compat: CompatRun | None = None  # set by prepare_compatibility when the config asks for it
+    base_source: str = ""  # what the base model was loaded from (a path or hub id): WiSE-FT reloads it
+    retain_sets: list[EvalSet] = field(default_factory=list)  # interpolate.retain's own datasets
+    target: str | None = None  # interpolate: the target metric key
     recipe: Recipe | None = None  # set by choose_recipe: the config's values with "auto" resolved
     best_metric: str | None = None  # set by choose_recipe when rank 0 evaluates during training
     best: BestTracker | None = None  # set by train_model when it evaluates during training
@@ -354,7 +359,10 @@ def run_training(
     result.recipe = run.recipe.as_dict() if run.recipe else {}
     if run.best is not None:
         result.curve, result.best_metric = run.best.curve, run.best.metric
+    result.interpolation = interpolate_weights(run, tracker, step)
     result.after, result.report = evaluate_trained(run, tracker, before, step)
+    if result.interpolation is not None:
+        result.report += "\n\n" + format_sweep(result.interpolation)
     result.version, result.promotion = save_and_register(run, tracker, result)
     tracker.finish()
     prune_run(run_dir, keep_model=result.version is None)
@@ -384,6 +392,7 @@ def open_run(
 
     train_sets = [load_data(spec, base_dir, confined=confined) for spec in config.train]
     eval_sets = [eval_set(load_data(spec, base_dir, confined=confined)) for spec in config.eval]
+    retain_sets, target = interpolation_sets(config, base_dir, eval_sets, confined=confined)
     main = is_main_process()
     return RunContext(
         config=config,
@@ -396,7 +405,26 @@ def open_run(
         base_manifest=base_manifest,
         train_sets=train_sets,
         eval_sets=eval_sets,
+        base_source=source,
+        retain_sets=retain_sets,
+        target=target,
     )
+
+
+def interpolation_sets(
+    config: TrainConfig, base_dir: Path | None, eval_sets: list[EvalSet], *, confined: bool
+) -> tuple[list[EvalSet], str | None]:
+    """`interpolate`: its retain datasets (those not named after an eval set) and the target metric,
+    checked against the loaded sets before training, so a wrong key fails now, not after it."""
+    spec = config.interpolate
+    if spec is None:
+        return [], None
+    retain = [eval_set(load_data(s, base_dir, confined=confined)) for s in spec.retain if not isinstance(s, str)]
+    promote = config.output.promote.metric if config.output.promote else None
+    try:
+        return retain, target_metric(spec, promote, eval_sets)
+    except ValueError as exc:
+        raise ConfigError([str(exc)]) from None
 
 
 def evaluate_base(run: RunContext) -> dict[str, float]:
@@ -586,6 +614,42 @@ def restore_best(run: RunContext, loss: Any) -> None:
         run.progress.stage(f"keeping the best evaluation: step {best['step']} ({run.best.metric})")
 
 
+def interpolate_weights(run: RunContext, tracker: Tracker, step: int) -> Interpolation | None:
+    """WiSE-FT (`interpolate`): blend the base weights (reloaded from where the run loaded them)
+    with the fine-tuned ones for each alpha to try, score the target and retain sets, and leave
+    the chosen blend in `run.model`, so it is what the final evaluation measures and what is saved."""
+    spec = run.config.interpolate
+    if spec is None:
+        return None
+    from sentence_transformers import SentenceTransformer
+
+    run.progress.stage("interpolating weights (WiSE-FT): loading the base weights")
+    base = SentenceTransformer(run.base_source, device="cpu").state_dict()
+    tuned = {k: v.detach().to("cpu", copy=True) for k, v in run.model.state_dict().items()}
+    named = [s for s in spec.retain if isinstance(s, str)]
+    retain_sets = [s for s in run.eval_sets if s.name in named] + run.retain_sets
+    target_sets = [s for s in run.eval_sets if run.target is not None and run.target.startswith(s.name + "/")]
+    sets = target_sets + retain_sets
+    retain_keys = [main_metric(s) for s in retain_sets]
+
+    def measure(alpha: float) -> AlphaScore:
+        run.progress.stage(f"interpolating weights (WiSE-FT): alpha {alpha:g}")
+        run.model.load_state_dict(blend_state_dicts(base, tuned, alpha).state)
+        metrics = evaluate_all(run.model, sets)
+        run.progress.evaluation(f"alpha {alpha:g}", metrics, alpha=alpha)
+        target = metrics.get(run.target) if run.target is not None else None
+        return AlphaScore(alpha=alpha, target=target, retain={k: metrics[k] for k in retain_keys})
+
+    record = sweep(spec, measure, metric=run.target, can_measure=bool(sets))
+    final = blend_state_dicts(base, tuned, record.alpha)
+    run.model.load_state_dict(final.state)
+    record.kept_from_finetuned = final.kept_from_finetuned
+    if not record.qualified or (record.mode == "auto" and record.alpha == 0.0):
+        logger.warning("WiSE-FT: %s", verdict(record))
+    tracker.log({"interpolate/alpha": record.alpha}, step)
+    return record
+
+
 def evaluate_trained(
     run: RunContext, tracker: Tracker, before: dict[str, float], step: int
 ) -> tuple[dict[str, float], str]:
@@ -640,6 +704,7 @@ def save_and_register(
         run_id=tracker.run_id,
         current=current,
         compatible_with=compatibility_claims(run, result.after, map_file),
+        interpolation=result.interpolation,
         resolved=resolved_record(result),
     )
 
