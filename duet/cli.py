@@ -396,10 +396,22 @@ def register(
 
 
 @models_app.command("alias")
-def set_alias(name: str, alias: str, version: int, data_dir: DataDir = None) -> None:
+def set_alias(
+    name: str,
+    alias: str,
+    version: int,
+    require_compatible: Annotated[
+        bool,
+        typer.Option(
+            help="Move only if VERSION holds ALIAS already or is registered compatible with its holder "
+            "(collections pinned to the holder stay searchable)."
+        ),
+    ] = False,
+    data_dir: DataDir = None,
+) -> None:
     """Point ALIAS of model NAME at VERSION."""
     with _user_errors():
-        _registry(data_dir).set_alias(name, alias, version)
+        _registry(data_dir).set_alias(name, alias, version, require_compatible=require_compatible)
     typer.echo(f"{name}@{alias} -> {name}/{version}")
 
 

@@ -7,10 +7,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from registry.errors import VersionNotFoundError
 from registry.manifest import Compatibility, Manifest
+from registry.names import ModelRef
+
+if TYPE_CHECKING:
+    from registry.store import ModelRegistry, ModelVersionInfo
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,17 @@ def query_compat(query_ref: str, query_manifest: Manifest, pinned_ref: str, pinn
             f"but {pinned_ref} now has weights {pinned_sha256[:12]}",
         )
     return QueryCompat(True, record, f"{query_ref} is compatible with {pinned_ref}")
+
+
+def alias_move(registry: ModelRegistry, new: ModelVersionInfo, alias: str) -> QueryCompat:
+    """May `alias` of `new`'s model move to `new` and keep every collection pinned to its holder searchable
+    through the alias? Yes when nothing holds it yet, when `new` holds it, or when `new`'s queries may search
+    the holder's vectors (`query_compat`)."""
+    try:
+        holder = registry.resolve(ModelRef(new.name, alias=alias))
+    except VersionNotFoundError:
+        return QueryCompat(True, None, f"no version holds {new.name}@{alias} yet")
+    return query_compat(new.ref, new.manifest, holder.ref, holder.manifest.lineage.weights_sha256)
 
 
 def load_map(artifact_dir: Path, record: Compatibility) -> np.ndarray | None:

@@ -21,3 +21,8 @@ class VersionNotFoundError(RegistryError, LookupError):
 
 class IntegrityError(RegistryError):
     """A version's files no longer hash to what was recorded when it was registered."""
+
+
+class IncompatibleVersionError(RegistryError):
+    """An alias move asked to keep collections searchable (`require_compatible`) names a version whose
+    queries cannot search the current holder's vectors."""

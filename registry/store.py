@@ -20,7 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from registry.errors import IntegrityError, InvalidNameError, ModelNotFoundError, RegistryError, VersionNotFoundError
+from registry.compat import alias_move
+from registry.errors import (
+    IncompatibleVersionError,
+    IntegrityError,
+    InvalidNameError,
+    ModelNotFoundError,
+    RegistryError,
+    VersionNotFoundError,
+)
 from registry.manifest import MANIFEST_FILE, VARIANT_FILE, Manifest, VariantRecord
 from registry.names import LATEST, ModelRef, parse_model_ref, validate_alias, validate_name, validate_version
 
@@ -215,11 +223,21 @@ class ModelRegistry:
             "duet.weights_sha256": manifest.lineage.weights_sha256 or "",
         }
 
-    def set_alias(self, name: str, alias: str, version: int | str) -> None:
+    def set_alias(self, name: str, alias: str, version: int | str, require_compatible: bool = False) -> None:
+        """Point `alias` at `version`. `require_compatible`: only if that version already holds it, or its
+        manifest claims compatibility with the holder (`registry.compat.alias_move`), so collections pinned
+        to the holder stay searchable with the alias; else `IncompatibleVersionError` saying why."""
         validate_name(name)
         validate_alias(alias)
         number = validate_version(version)
-        self.get_version(name, number)
+        info = self.get_version(name, number)
+        if require_compatible:
+            answer = alias_move(self, info, alias)
+            if not answer.allowed:
+                raise IncompatibleVersionError(
+                    f"{name}@{alias} was not moved to {info.ref}: {answer.reason}. Register a version trained "
+                    "with compatible_with, re-embed the collections, or move the alias without require_compatible"
+                )
         self._client.set_registered_model_alias(name, alias, str(number))
 
     def delete_alias(self, name: str, alias: str) -> None:

@@ -41,6 +41,7 @@ from index.errors import (
 from jobs.datasets import DatasetError, DatasetNameError, DatasetTooLargeError, EmptyDatasetError
 from jobs.records import InvalidTransitionError, JobNotFoundError, StoreUnavailableError
 from registry.errors import (
+    IncompatibleVersionError,
     IntegrityError,
     InvalidNameError,
     ModelNotFoundError,
@@ -128,6 +129,7 @@ _DOMAIN_ERRORS: list[DomainMapping] = [
     DomainMapping(ModelNotFoundError, 404, "model_not_found"),
     DomainMapping(VersionNotFoundError, 404, "model_version_not_found"),
     DomainMapping(IntegrityError, 500, "model_integrity_error"),
+    DomainMapping(IncompatibleVersionError, 409, "alias_move_refused"),
     DomainMapping(RegistryError, 500, "registry_error"),
     DomainMapping(UnsupportedModalityError, 400, "unsupported_modality"),
     DomainMapping(ImageDecodeError, 400, "invalid_image"),

@@ -139,3 +139,9 @@ class VersionList(BaseModel):
 
 class AliasUpdate(RequestBody):
     version: int = Field(gt=0)
+    require_compatible: bool = Field(
+        default=False,
+        description="Move only if the version already holds the alias or its manifest claims compatibility with "
+        "the holder (it was trained with compatible_with), so collections pinned to the holder stay searchable; "
+        "else 409 saying why.",
+    )

@@ -166,6 +166,12 @@ class PromoteSpec(_Strict):
         "in this run; with no holder only min_value counts); 'none': min_value alone decides.",
     )
     min_value: float | None = Field(default=None, description="The metric must also reach this value.")
+    require_compatible: bool = Field(
+        default=False,
+        description="Also require that the new version holds the alias already or is registered compatible with its "
+        "holder (trained with compatible_with: that version), so collections pinned to the holder stay searchable "
+        "through the alias without a re-embed.",
+    )
 
 
 class OutputSpec(_Strict):

@@ -4,6 +4,7 @@ manifest, and move aliases (promotion only when the named metric improved)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 from encoders.encoder import describe
 from encoders.provenance import code_version, library_versions
+from registry.errors import IncompatibleVersionError
 from registry.manifest import Compatibility, Interpolation, Lineage, Manifest
 from registry.store import ModelRegistry, ModelVersionInfo
 from trainer.config import TrainConfig
@@ -125,6 +127,22 @@ def register(
     if promotion is not None:
         logger.info("promotion of %s@%s: %s", info.name, promotion.alias, promotion.reason)
         if promotion.promoted:
-            registry.set_alias(info.name, promotion.alias, info.version)
+            spec = config.output.promote
+            promotion = move_alias(
+                registry, info, promotion, require_compatible=spec is not None and spec.require_compatible
+            )
             info = registry.get_version(info.name, info.version)
     return info, promotion
+
+
+def move_alias(
+    registry: ModelRegistry, info: ModelVersionInfo, promotion: Promotion, require_compatible: bool = False
+) -> Promotion:
+    """Move the alias the rule promoted `info` to. `require_compatible` (`promote.require_compatible`): a version
+    not registered compatible with the alias's holder is not promoted, and the promotion says why."""
+    try:
+        registry.set_alias(info.name, promotion.alias, info.version, require_compatible=require_compatible)
+    except IncompatibleVersionError as exc:
+        logger.info("promotion of %s@%s refused: %s", info.name, promotion.alias, exc)
+        return dataclasses.replace(promotion, promoted=False, reason=f"{promotion.reason}; refused: {exc}")
+    return promotion

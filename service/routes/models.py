@@ -110,6 +110,8 @@ async def list_aliases(name: str, registry: RegistryDep) -> dict[str, int]:
     summary="Point an alias at a version",
 )
 async def set_alias(name: str, alias: str, body: AliasUpdate, registry: RegistryDep, pool: PoolDep) -> VersionCard:
-    await anyio.to_thread.run_sync(registry.set_alias, name, alias, body.version)
+    await anyio.to_thread.run_sync(
+        lambda: registry.set_alias(name, alias, body.version, require_compatible=body.require_compatible)
+    )
     info = await anyio.to_thread.run_sync(registry.get_version, name, body.version)
     return _version_card(info, info.ref in pool.loaded)

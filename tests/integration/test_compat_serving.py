@@ -1,6 +1,6 @@
 """Serving a collection pinned to one version with queries from a version registered compatible with it
 (issue 14 part 2): searches embed with the named version (through its new -> old map), writes keep the
-pinned version, the collection lists its compatible versions.
+pinned version, the collection lists its compatible versions, and alias moves can require compatibility.
 On both collection backends (tests/integration/backends.py).
 
 "v2 compatible with v1" is built without training: the tiny model with other weights and a random
@@ -67,7 +67,7 @@ def claim(ref: str, sha: str | None, map_file: str | None = MAP_FILE):
 @pytest.fixture(scope="module")
 def running(request, backend, tmp_path_factory, tiny_model_dir, v2_dir) -> Iterator[RunningServer]:
     """cm/1 (the pinned one); cm/2 claims cm/1 with its real hash and a map; cm/3 claims nothing; cm/4 claims
-    cm/1 with a hash cm/1's weights do not have."""
+    cm/1 with a hash cm/1's weights do not have. al/1..3: the same, for alias moves."""
     from service.state import open_registry
 
     settings = backend_settings(
@@ -85,6 +85,9 @@ def running(request, backend, tmp_path_factory, tiny_model_dir, v2_dir) -> Itera
     register(registry, "cm", v2_dir, [claim("cm/1", sha)])
     register(registry, "cm", v2_dir)
     register(registry, "cm", v2_dir, [claim("cm/1", "0" * 64)])
+    register(registry, "al", tiny_model_dir, aliases=("production",))
+    register(registry, "al", v2_dir, [claim("al/1", sha)])
+    register(registry, "al", v2_dir)
     with serving(backend, settings) as server:
         yield server
 
@@ -175,3 +178,22 @@ def test_a_vector_query_with_a_compatible_model_is_refused(http, collection):
 def test_the_collection_lists_its_compatible_versions(http, collection):
     info = http.get(f"/v1/collections/{collection}").json()
     assert info["compatible_models"] == [{"model": "cm/2", "mapped": True, "metrics": METRICS}]
+
+
+def put_alias(http, name: str, alias: str, version: int, require: bool) -> httpx.Response:
+    body = {"version": version, "require_compatible": require}
+    return http.put(f"/v1/models/{name}/aliases/{alias}", json=body)
+
+
+def test_alias_move_requiring_compatibility(http):
+    refused = put_alias(http, "al", "production", 3, require=True)
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["error"]["code"] == "alias_move_refused"
+    assert "al/3 is not registered compatible with al/1" in refused.json()["error"]["message"]
+    assert http.get("/v1/models/al/aliases").json()["production"] == 1
+
+    assert put_alias(http, "al", "production", 2, require=True).status_code == 200
+    assert put_alias(http, "al", "production", 2, require=True).status_code == 200  # the holder itself
+    assert put_alias(http, "al", "staging", 3, require=True).status_code == 200  # nothing held it
+    assert put_alias(http, "al", "production", 3, require=False).status_code == 200  # default: as before
+    assert http.get("/v1/models/al/aliases").json() == {"production": 3, "staging": 3}
