@@ -37,7 +37,7 @@ from index.errors import BackendUnavailableError, CollectionBusyError, Collectio
 from index.items import HIT_DEFAULT, Hit, StoredItem
 from index.payloads import PayloadLimits, check_payload
 from registry.compat import QueryCompat, load_map, map_queries, query_compat
-from registry.errors import VersionNotFoundError
+from registry.errors import RegistryError, VersionNotFoundError
 from registry.manifest import Compatibility
 from registry.names import DEFAULT_ALIAS, LATEST
 from registry.store import ModelRegistry, ModelVersionInfo
@@ -194,6 +194,9 @@ class CollectionsService:
                 try:
                     info = await self.pool.resolve(ref)
                 except VersionNotFoundError:
+                    continue
+                except (RegistryError, OSError, ValueError) as exc:  # one unreadable version: not listed, not a 500
+                    logger.warning("%s is left out of %s's compatible versions: %s", ref, pinned, exc)
                     continue
                 answer = query_compat(ref, info.manifest, pinned, pinned_sha)
                 if answer.allowed and answer.record is not None:

@@ -67,7 +67,9 @@ def claim(ref: str, sha: str | None, map_file: str | None = MAP_FILE):
 @pytest.fixture(scope="module")
 def running(request, backend, tmp_path_factory, tiny_model_dir, v2_dir) -> Iterator[RunningServer]:
     """cm/1 (the pinned one); cm/2 claims cm/1 with its real hash and a map; cm/3 claims nothing; cm/4 claims
-    cm/1 with a hash cm/1's weights do not have. al/1..3: the same, for alias moves."""
+    cm/1 with a hash cm/1's weights do not have. al/1..3: the same, for alias moves. zz/1: a version whose
+    manifest cannot be read."""
+    from registry.manifest import MANIFEST_FILE
     from service.state import open_registry
 
     settings = backend_settings(
@@ -88,6 +90,8 @@ def running(request, backend, tmp_path_factory, tiny_model_dir, v2_dir) -> Itera
     register(registry, "al", tiny_model_dir, aliases=("production",))
     register(registry, "al", v2_dir, [claim("al/1", sha)])
     register(registry, "al", v2_dir)
+    unreadable = register(registry, "zz", tiny_model_dir)
+    (unreadable.path / MANIFEST_FILE).write_text("{")  # the registry scan leaves it out instead of failing
     with serving(backend, settings) as server:
         yield server
 
