@@ -47,7 +47,7 @@ _COLLECTION = "/v1/collections/{name}"
 ROUTE_ERRORS: dict[tuple[str, str], set[int]] = {
     ("POST", "/v1/embeddings"): {404, 422, 503, 507},
     ("GET", "/v1/models/{name}"): {404},
-    ("PUT", "/v1/models/{name}/aliases/{alias}"): {404},
+    ("PUT", "/v1/models/{name}/aliases/{alias}"): {404, 409},  # 409: require_compatible refused
     # Every collection route: 503 + Retry-After while the collection store is unreachable (milvus backend).
     ("POST", "/v1/collections"): {404, 409, 503, 507},
     ("GET", "/v1/collections"): {503},
@@ -59,7 +59,7 @@ ROUTE_ERRORS: dict[tuple[str, str], set[int]] = {
     ("GET", f"{_COLLECTION}/items"): {503},
     ("GET", f"{_COLLECTION}/items/{{item_id}}"): {503},
     ("POST", f"{_COLLECTION}/items/delete"): {409, 503},
-    ("POST", f"{_COLLECTION}/search"): {422, 503, 507},
+    ("POST", f"{_COLLECTION}/search"): {409, 422, 503, 507},  # 409: a model the collection cannot be searched with
     ("POST", "/v1/jobs"): {409, 422, 503},
     ("GET", "/v1/jobs"): {503},
     ("GET", "/v1/jobs/{job_id}"): {503},
