@@ -210,3 +210,20 @@ def test_a_service_allowing_fewer_epochs_than_auto_may_choose_refuses_auto(folde
     assert problems == [
         f"epochs (auto chooses up to): {MAX_EPOCHS} is more than this service allows (2, DUET_JOB_MAX_EPOCHS)"
     ]
+
+
+def test_the_best_metric_defaults_to_promotion_then_the_first_sets_main_metric(folder):
+    from trainer.evaluation import EvalSet
+    from trainer.run import best_metric
+
+    sets = [EvalSet("dev", "paired", ["a"], ["b"]), EvalSet("sts", "graded", ["a"], ["b"], scores=[1.0])]
+    measured = {"dev/a_to_b/mrr@10": 0.5, "dev/b_to_a/mrr@10": 0.4, "sts/spearman": 80.0}
+    assert best_metric(parse_config(GOOD, folder), sets, measured) == "dev/a_to_b/mrr@10"
+    promoted = {**GOOD, "output": {"name": "tuned", "promote": {"metric": "dev/b_to_a/mrr@10"}}}
+    assert best_metric(parse_config(promoted, folder), sets, measured) == "dev/b_to_a/mrr@10"
+    unmeasured_promotion = {**GOOD, "output": {"name": "tuned", "promote": {"metric": "dev/new-old/spearman"}}}
+    assert best_metric(parse_config(unmeasured_promotion, folder), sets, measured) == "dev/a_to_b/mrr@10"
+    chosen = parse_config({**GOOD, "best_metric": "dev/b_to_a/mrr@10"}, folder)
+    assert best_metric(chosen, sets, measured) == "dev/b_to_a/mrr@10"
+    with pytest.raises(ConfigError, match="best_metric 'dev/recall@3' is not measured; use one of: dev/a_to_b"):
+        best_metric(parse_config({**GOOD, "best_metric": "dev/recall@3"}, folder), sets, measured)
