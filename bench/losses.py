@@ -44,6 +44,7 @@ STS_RUNS: list[tuple[str, dict[str, Any], str]] = [
     ("infonce", {"name": "infonce"}, "pairs"),
     ("hn_nce beta=0.5", {"name": "hn_nce", "beta": 0.5}, "pairs"),
     ("cwcl (reference: positive)", {"name": "cwcl"}, "pairs"),
+    ("cwcl (reference: positive), target_temperature=0.05", {"name": "cwcl", "cwcl_target_temperature": 0.05}, "pairs"),
     ("cwcl (graded scores, all pairs)", {"name": "cwcl"}, "graded"),
     ("moco queue=512 m=0.99 filter=0.9", {"name": "moco", "queue_size": 512, "momentum": 0.99}, "pairs"),
 ]
