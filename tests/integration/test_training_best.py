@@ -8,11 +8,14 @@ best epoch is not the last one."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 
 import pytest
 
 from registry.store import ModelRegistry
-from tests.helpers import PAIRS
+from tests.helpers import PAIRS, free_port
 from trainer.config import parse_config
 from trainer.run import run_training
 
@@ -118,3 +121,32 @@ def test_the_curve_and_best_survive_a_resume(workspace, tiny_model_dir):
     for a, b in zip(resumed.curve, straight.curve):
         assert a["metrics"][METRIC] == pytest.approx(b["metrics"][METRIC], abs=1e-6)
     assert resumed.after[METRIC] == pytest.approx(straight.after[METRIC], abs=1e-6)
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_under_ddp_only_rank_0_evaluates_and_the_best_is_registered(workspace, tiny_model_dir):
+    """`torchrun --nproc_per_node 2`: rank 0 evaluates each epoch while rank 1 waits at the next
+    all-reduce; the registered version records one curve, its best point the one registered."""
+    cfg = {
+        "base_model": str(tiny_model_dir),
+        "train": [{"path": "train.jsonl"}],
+        "eval": [{"path": "dev.jsonl", "name": "dev"}],
+        "loss": {"name": "infonce"},
+        "batch_size": 4,  # 32 rows over 2 ranks: 4 steps per epoch
+        "epochs": 2,
+        "learning_rate": 1e-3,
+        "output": {"name": "tiny-ddp-best"},
+        "seed": 7,
+    }
+    (workspace / "ddp.json").write_text(json.dumps(cfg))
+    env = {**os.environ, "DUET_REGISTER_DEFAULT_MODELS": "false", "OMP_NUM_THREADS": "1"}
+    command = ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), "--no-python", "duet"]
+    command += ["train", str(workspace / "ddp.json"), "--data-dir", str(workspace / "data")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    registry = ModelRegistry.embedded(workspace / "data" / "registry")
+    [version] = registry.list_versions("tiny-ddp-best")
+    resolved = version.manifest.lineage.hyperparameters["resolved"]
+    assert [(p["step"], p["epoch"]) for p in resolved["curve"]] == [(4, 1.0), (8, 2.0)]  # rank 0 evaluated at each epoch end
+    best = next(p for p in resolved["curve"] if p["best"])
+    assert version.manifest.metrics[METRIC] == pytest.approx(best[METRIC], abs=1e-6)
