@@ -147,6 +147,6 @@ def test_under_ddp_only_rank_0_evaluates_and_the_best_is_registered(workspace, t
     registry = ModelRegistry.embedded(workspace / "data" / "registry")
     [version] = registry.list_versions("tiny-ddp-best")
     resolved = version.manifest.lineage.hyperparameters["resolved"]
-    assert [(p["step"], p["epoch"]) for p in resolved["curve"]] == [(4, 1.0), (8, 2.0)]  # rank 0 evaluated at each epoch end
+    assert [(p["step"], p["epoch"]) for p in resolved["curve"]] == [(4, 1.0), (8, 2.0)]  # rank 0, each epoch
     best = next(p for p in resolved["curve"] if p["best"])
     assert version.manifest.metrics[METRIC] == pytest.approx(best[METRIC], abs=1e-6)
