@@ -157,7 +157,8 @@ def main() -> None:
     if not args.no_write:
         from bench.results import write_section
 
-        write_section(f"wiseft-{args.genre}", body)  # one section per slice fine-tuned on
+        margin = "" if args.max_drop == 0.5 else f"-drop{args.max_drop:g}"
+        write_section(f"wiseft-{args.genre}{margin}", body)  # one section per slice and margin
     print(body)
 
 
