@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -26,6 +28,32 @@ PAIRS = [
     ("It is raining heavily.", "The weather is wet."),
     ("He reads a book.", "A person is reading."),
 ]
+
+
+def write_pairs(path: Path, pairs: list[tuple[str, str]]) -> Path:
+    """(anchor, positive) pairs as the trainer's JSONL rows."""
+    path.write_text("\n".join(json.dumps({"anchor": a, "positive": p}) for a, p in pairs))
+    return path
+
+
+def tiny_run_config(workspace: Path, model_dir: Path, settings: dict[str, Any]):
+    """A tiny training run's config: `train.jsonl` in `workspace`, evaluated on `dev.jsonl` (set `dev`),
+    InfoNCE at batch 8 and lr 1e-3, seed 7; `settings` add to or replace those keys. The training tests
+    share it so they differ only in what they are about."""
+    from trainer.config import parse_config
+
+    data = {
+        "base_model": str(model_dir),
+        "train": [{"path": "train.jsonl"}],
+        "eval": [{"path": "dev.jsonl", "name": "dev"}],
+        "loss": {"name": "infonce"},
+        "batch_size": 8,
+        "learning_rate": 1e-3,
+        "log_every_steps": 1,
+        "seed": 7,
+        **settings,
+    }
+    return parse_config(data, workspace)
 
 
 def free_port() -> int:

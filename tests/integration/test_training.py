@@ -12,35 +12,29 @@ import pytest
 import torch
 
 from registry.store import ModelRegistry
-from tests.helpers import PAIRS, free_port
+from tests.helpers import PAIRS, free_port, tiny_run_config, write_pairs
 from trainer.config import parse_config
 from trainer.run import run_training
 
 
 @pytest.fixture()
 def workspace(tmp_path, tiny_model_dir):
-    rows = [{"anchor": a, "positive": p} for a, p in PAIRS * 4]
-    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    (tmp_path / "dev.jsonl").write_text("\n".join(json.dumps({"anchor": a, "positive": p}) for a, p in PAIRS))
+    write_pairs(tmp_path / "train.jsonl", PAIRS * 4)
+    write_pairs(tmp_path / "dev.jsonl", PAIRS)
     return tmp_path
 
 
 def config(workspace, tiny_model_dir, **overrides):
-    data = {
-        "base_model": str(tiny_model_dir),
-        "train": [{"path": "train.jsonl"}],
-        "eval": [{"path": "dev.jsonl", "name": "dev"}],
-        "loss": {"name": "infonce"},
-        "batch_size": 8,
-        "max_steps": 6,
-        "learning_rate": 1e-3,
-        "checkpoint_every_steps": 2,
-        "log_every_steps": 1,
-        "output": {"name": "tiny-tuned", "promote": {"alias": "production", "metric": "dev/a_to_b/mrr@10"}},
-        "seed": 7,
-    }
-    data.update(overrides)
-    return parse_config(data, workspace)
+    return tiny_run_config(
+        workspace,
+        tiny_model_dir,
+        {
+            "max_steps": 6,
+            "checkpoint_every_steps": 2,
+            "output": {"name": "tiny-tuned", "promote": {"alias": "production", "metric": "dev/a_to_b/mrr@10"}},
+            **overrides,
+        },
+    )
 
 
 def test_training_registers_a_version_that_loads_anywhere(workspace, tiny_model_dir):

@@ -15,8 +15,7 @@ import subprocess
 import pytest
 
 from registry.store import ModelRegistry
-from tests.helpers import PAIRS, free_port
-from trainer.config import parse_config
+from tests.helpers import PAIRS, free_port, tiny_run_config, write_pairs
 from trainer.run import run_training
 
 METRIC = "dev/a_to_b/mrr@10"
@@ -25,26 +24,14 @@ METRIC = "dev/a_to_b/mrr@10"
 @pytest.fixture()
 def workspace(tmp_path):
     rotated = [(PAIRS[i][0], PAIRS[(i + 1) % len(PAIRS)][1]) for i in range(len(PAIRS))]
-    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps({"anchor": a, "positive": p}) for a, p in rotated * 4))
-    (tmp_path / "dev.jsonl").write_text("\n".join(json.dumps({"anchor": a, "positive": p}) for a, p in PAIRS))
+    write_pairs(tmp_path / "train.jsonl", rotated * 4)
+    write_pairs(tmp_path / "dev.jsonl", PAIRS)
     return tmp_path
 
 
 def config(workspace, tiny_model_dir, **overrides):
-    data = {
-        "base_model": str(tiny_model_dir),
-        "train": [{"path": "train.jsonl"}],
-        "eval": [{"path": "dev.jsonl", "name": "dev"}],
-        "loss": {"name": "infonce"},
-        "batch_size": 8,  # 32 rows: 4 steps per epoch
-        "epochs": 3,
-        "learning_rate": 1e-3,
-        "log_every_steps": 1,
-        "output": {"name": "tiny-best"},
-        "seed": 7,
-    }
-    data.update(overrides)
-    return parse_config(data, workspace)
+    # 32 rows at batch 8: 4 steps per epoch
+    return tiny_run_config(workspace, tiny_model_dir, {"epochs": 3, "output": {"name": "tiny-best"}, **overrides})
 
 
 def test_the_best_epoch_is_saved_and_registered_not_the_last(workspace, tiny_model_dir):

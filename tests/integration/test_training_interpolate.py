@@ -3,14 +3,11 @@ is recorded in the report, the result and the manifest, and `auto` keeps to its 
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from registry.store import ModelRegistry
-from tests.helpers import PAIRS
-from trainer.config import parse_config
+from tests.helpers import PAIRS, tiny_run_config, write_pairs
 from trainer.run import run_training
 
 OTHER = [
@@ -23,29 +20,18 @@ OTHER = [
 
 @pytest.fixture()
 def workspace(tmp_path):
-    def write(name, pairs):
-        (tmp_path / name).write_text("\n".join(json.dumps({"anchor": a, "positive": p}) for a, p in pairs))
-
-    write("train.jsonl", PAIRS * 4)
-    write("dev.jsonl", PAIRS)
-    write("other.jsonl", OTHER)
+    write_pairs(tmp_path / "train.jsonl", PAIRS * 4)
+    write_pairs(tmp_path / "dev.jsonl", PAIRS)
+    write_pairs(tmp_path / "other.jsonl", OTHER)
     return tmp_path
 
 
 def config(workspace, tiny_model_dir, **overrides):
-    data = {
-        "base_model": str(tiny_model_dir),
-        "train": [{"path": "train.jsonl"}],
-        "eval": [{"path": "dev.jsonl", "name": "dev"}],
-        "batch_size": 8,
-        "max_steps": 6,
-        "learning_rate": 1e-3,
-        "checkpoint_every_steps": 100,
-        "output": {"name": "tiny-wise"},
-        "seed": 7,
-    }
-    data.update(overrides)
-    return parse_config(data, workspace)
+    return tiny_run_config(
+        workspace,
+        tiny_model_dir,
+        {"max_steps": 6, "checkpoint_every_steps": 100, "output": {"name": "tiny-wise"}, **overrides},
+    )
 
 
 def _weights(folder):
