@@ -24,12 +24,8 @@ from __future__ import annotations
 
 import argparse
 import base64
-import datetime
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -40,8 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.jobs_e2e import TRANSCRIPT, duet_server, run_job, say, shapes_zip, upload  # noqa: E402
-from bench.results import write_section  # noqa: E402
+from bench.jobs_e2e import on_fresh_server, run_job, say, shapes_zip, upload  # noqa: E402
 
 TEMPLATES = ("a photo of a {c} {s}", "a {c} {s}", "an image of a {c} {s}")
 METRIC = "synthetic-test/text_to_image/recall@1"
@@ -188,39 +183,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temporary data dir")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix="duet-compat-e2e-"))
-    started = datetime.datetime.now().astimezone()
-    t0 = time.perf_counter()
-    server = duet_server(work / "data", work / "serve.log").start()
-    try:
-        server.wait_ready(300, poll=0.5)
-        say(f"duet serve on {server.base} (fresh data dir, embedded job store, local worker)")
-        with httpx.Client(base_url=server.base, timeout=300) as api:
-            checks = run(api, work, args.v1_steps, args.v2_steps)
-    finally:
-        server.stop(grace=60)
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
-    elapsed = (time.perf_counter() - t0) / 60
-    ok = all(c.endswith("True") for c in checks)
-    report = "\n".join(
-        [
-            "## Promote without re-embedding, end to end over HTTP (`bench/compat_e2e.py`)",
-            f"- Command: `python bench/compat_e2e.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
-            f"- Date: {started:%Y-%m-%d %H:%M %Z}, {elapsed:.1f} min; machine: nproc {os.cpu_count()}",
-            "",
-            "```",
-            *TRANSCRIPT,
-            "```",
-            "",
-            "Checks:",
-            *[f"- {c}" for c in checks],
-        ]
+    return on_fresh_server(
+        lambda api, work: run(api, work, args.v1_steps, args.v2_steps),
+        title="Promote without re-embedding, end to end over HTTP (`bench/compat_e2e.py`)",
+        command=f"python bench/compat_e2e.py {' '.join(argv if argv is not None else sys.argv[1:])}",
+        section="compat-e2e",
+        keep=args.keep,
+        write=not args.no_write,
+        timeout=300,
     )
-    print("\n" + report)
-    if not args.no_write:
-        write_section("compat-e2e", report)
-    return 0 if ok else 1
 
 
 if __name__ == "__main__":

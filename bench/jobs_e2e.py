@@ -34,6 +34,7 @@ import tempfile
 import time
 import zipfile
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -253,32 +254,36 @@ def task_shapes(api: httpx.Client, work: Path, epochs: int) -> list[str]:
     return checks
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("task", choices=["sts", "shapes"])
-    parser.add_argument("--epochs", type=int, default=4, help="shapes: training epochs")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary data dir")
-    parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix=f"duet-e2e-{args.task}-"))
+def on_fresh_server(
+    story: Callable[[httpx.Client, Path], list[str]],
+    *,
+    title: str,
+    command: str,
+    section: str,
+    keep: bool,
+    write: bool,
+    timeout: float = 120,
+) -> int:
+    """Run `story` (api, work dir) -> checks against a fresh `duet serve`, then print the transcript and
+    the checks as a RESULTS.md section (written unless `write` is false); 0 when every check holds."""
+    work = Path(tempfile.mkdtemp(prefix=f"duet-{section}-"))
     started = datetime.datetime.now().astimezone()
     t0 = time.perf_counter()
     server = duet_server(work / "data", work / "serve.log").start()
     try:
         server.wait_ready(300, poll=0.5)
         say(f"duet serve on {server.base} (fresh data dir, embedded job store, local worker)")
-        with httpx.Client(base_url=server.base, timeout=120) as api:
-            checks = task_sts(api, work) if args.task == "sts" else task_shapes(api, work, args.epochs)
+        with httpx.Client(base_url=server.base, timeout=timeout) as api:
+            checks = story(api, work)
     finally:
         server.stop(grace=60)
-        if not args.keep:
+        if not keep:
             shutil.rmtree(work, ignore_errors=True)
     elapsed = (time.perf_counter() - t0) / 60
-    ok = all(c.endswith("True") for c in checks)
     report = "\n".join(
         [
-            f"## Jobs end to end over HTTP: {args.task} (`bench/jobs_e2e.py`)",
-            f"- Command: `python bench/jobs_e2e.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+            f"## {title}",
+            f"- Command: `{command}`",
             f"- Date: {started:%Y-%m-%d %H:%M %Z}, {elapsed:.1f} min; machine: nproc {os.cpu_count()}",
             "",
             "```",
@@ -290,9 +295,26 @@ def main(argv: list[str] | None = None) -> int:
         ]
     )
     print("\n" + report)
-    if not args.no_write:
-        write_section(f"jobs-e2e-{args.task}", report)
-    return 0 if ok else 1
+    if write:
+        write_section(section, report)
+    return 0 if all(c.endswith("True") for c in checks) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("task", choices=["sts", "shapes"])
+    parser.add_argument("--epochs", type=int, default=4, help="shapes: training epochs")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary data dir")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args(argv)
+    return on_fresh_server(
+        lambda api, work: task_sts(api, work) if args.task == "sts" else task_shapes(api, work, args.epochs),
+        title=f"Jobs end to end over HTTP: {args.task} (`bench/jobs_e2e.py`)",
+        command=f"python bench/jobs_e2e.py {' '.join(argv if argv is not None else sys.argv[1:])}",
+        section=f"jobs-e2e-{args.task}",
+        keep=args.keep,
+        write=not args.no_write,
+    )
 
 
 if __name__ == "__main__":
