@@ -42,14 +42,6 @@ def lower_is_better(metric: str) -> bool:
     return metric.rsplit("/", 1)[-1].startswith(LOWER_IS_BETTER)
 
 
-def headline_metric(name: str, kind: str, a_modality: str | None = None, b_modality: str | None = None) -> str:
-    """An evaluation set's headline metric: Spearman for graded sets, MRR@10 from a to b for paired."""
-    if kind == "graded":
-        return f"{name}/spearman"
-    a, b = (a_modality, b_modality) if a_modality != b_modality else ("a", "b")
-    return f"{name}/{a}_to_{b}/mrr@10"
-
-
 class BestTracker:
     """The curve of evaluations during training and the weights of the best one."""
 

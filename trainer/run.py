@@ -29,7 +29,7 @@ from transformers import TrainerCallback
 from registry.manifest import AlphaScore, Compatibility, Interpolation, Manifest
 from registry.store import ModelRegistry, ModelVersionInfo
 from trainer.auto_recipe import Recipe, resolve_recipe
-from trainer.best import BestTracker, EvaluationCallback, format_curve, headline_metric
+from trainer.best import BestTracker, EvaluationCallback, format_curve
 from trainer.compat import CompatRun, pin_old_model
 from trainer.compat import prepare as prepare_compat
 from trainer.config import ConfigError, TrainConfig, load_config
@@ -478,8 +478,7 @@ def choose_recipe(run: RunContext, measured: dict[str, float]) -> Recipe:
 def best_metric(config: TrainConfig, eval_sets: list[EvalSet], measured: dict[str, float]) -> str:
     """`best_metric`, else the promotion metric when the evaluation sets measure it, else the
     first set's main metric. A `best_metric` they do not measure is a ConfigError naming those they do."""
-    first = eval_sets[0]
-    fallback = headline_metric(first.name, first.kind, first.a_modality, first.b_modality)
+    fallback = main_metric(eval_sets[0])
     if config.best_metric is not None:
         if config.best_metric not in measured:
             known = ", ".join(sorted(measured)) or "none"

@@ -14,7 +14,7 @@ from trainer.auto_recipe import (
     auto_learning_rate,
     resolve_recipe,
 )
-from trainer.best import BestTracker, evaluation_due, format_curve, headline_metric, lower_is_better
+from trainer.best import BestTracker, evaluation_due, format_curve, lower_is_better
 from trainer.config import ConfigError, parse_config
 
 GOOD = {
@@ -132,10 +132,16 @@ def test_evaluation_is_due_at_epoch_ends_every_n_steps_and_at_the_last_step():
     assert not any(evaluation_due(None, s, s / 4, 10) for s in range(1, 11))
 
 
-def test_headline_metrics_and_their_direction():
-    assert headline_metric("sts-dev", "graded") == "sts-dev/spearman"
-    assert headline_metric("dev", "paired", "text", "text") == "dev/a_to_b/mrr@10"
-    assert headline_metric("shapes", "paired", "text", "image") == "shapes/text_to_image/mrr@10"
+def test_main_metrics_and_their_direction():
+    from trainer.evaluation import EvalSet
+    from trainer.interpolate import main_metric
+
+    graded = EvalSet(name="sts-dev", kind="graded", a_inputs=["a"], b_inputs=["b"], scores=[1.0])
+    same = EvalSet(name="dev", kind="paired", a_inputs=["q"], b_inputs=["p"])
+    cross = EvalSet(name="shapes", kind="paired", a_inputs=["q"], b_inputs=["p"], a_modality="text", b_modality="image")
+    assert main_metric(graded) == "sts-dev/spearman"
+    assert main_metric(same) == "dev/a_to_b/mrr@10"
+    assert main_metric(cross) == "shapes/text_to_image/mrr@10"
     assert lower_is_better("dev/alignment") and lower_is_better("dev/uniformity_text")
     assert not lower_is_better("dev/spearman")
 
