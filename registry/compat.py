@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from registry.errors import VersionNotFoundError
+from registry.errors import UnusableMapError, VersionNotFoundError
 from registry.manifest import Compatibility, Manifest
 from registry.names import ModelRef
 
@@ -60,10 +60,28 @@ def alias_move(registry: ModelRegistry, new: ModelVersionInfo, alias: str) -> Qu
 
 
 def load_map(artifact_dir: Path, record: Compatibility) -> np.ndarray | None:
-    """The new -> old float32 map of `record`, or None when the vectors are used as they are."""
+    """The new -> old float32 map of `record`, or None when the vectors are used as they are.
+
+    `UnusableMapError` (saying why) when the file is not a finite 2-D matrix inside `artifact_dir`: a manifest
+    may come from anywhere (an import, a hand edit), so its map path and contents are checked, not trusted."""
     if record.map_file is None:
         return None
-    mapping: np.ndarray = np.load(artifact_dir / record.map_file).astype(np.float32, copy=False)
+    root = artifact_dir.resolve()
+    path = (root / record.map_file).resolve()
+    if Path(record.map_file).is_absolute() or not path.is_relative_to(root):
+        raise UnusableMapError(f"map file {record.map_file!r} is not inside the version's artifact folder")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise UnusableMapError(f"map file {record.map_file!r} is missing from the version's artifacts") from None
+    except (OSError, ValueError, EOFError) as exc:
+        raise UnusableMapError(f"map file {record.map_file!r} is not a readable .npy array ({exc})") from None
+    if not isinstance(loaded, np.ndarray) or loaded.ndim != 2 or not np.issubdtype(loaded.dtype, np.number):
+        shape = getattr(loaded, "shape", None)
+        raise UnusableMapError(f"map file {record.map_file!r} is not a 2-D numeric matrix (shape {shape})")
+    mapping: np.ndarray = loaded.astype(np.float32, copy=False)
+    if not np.isfinite(mapping).all():
+        raise UnusableMapError(f"map file {record.map_file!r} contains NaN or infinity")
     return mapping
 
 

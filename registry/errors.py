@@ -26,3 +26,8 @@ class IntegrityError(RegistryError):
 class IncompatibleVersionError(RegistryError):
     """An alias move asked to keep collections searchable (`require_compatible`) names a version whose
     queries cannot search the current holder's vectors."""
+
+
+class UnusableMapError(RegistryError, ValueError):
+    """A compatibility record's new -> old map file cannot be used: missing, unreadable, outside the version's
+    artifact folder, not a 2-D matrix, or not finite."""

@@ -37,7 +37,7 @@ from index.errors import BackendUnavailableError, CollectionBusyError, Collectio
 from index.items import HIT_DEFAULT, Hit, StoredItem
 from index.payloads import PayloadLimits, check_payload
 from registry.compat import QueryCompat, load_map, map_queries, query_compat
-from registry.errors import RegistryError, VersionNotFoundError
+from registry.errors import RegistryError, UnusableMapError, VersionNotFoundError
 from registry.manifest import Compatibility
 from registry.names import DEFAULT_ALIAS, LATEST
 from registry.store import ModelRegistry, ModelVersionInfo
@@ -492,7 +492,16 @@ class CollectionsService:
         if not answer.allowed:
             raise await self._incompatible(collection, info.ref, answer)
         record = cast(Compatibility, answer.record)
-        mapping = await self._map(info.ref, info.path, record)
+        try:
+            mapping = await self._map(info.ref, info.path, record)
+        except UnusableMapError as exc:
+            raise ApiError(
+                409,
+                f"{info.ref} claims compatibility with {pinned}, but {exc}: search with {pinned} "
+                f"(or re-register {info.ref} with a usable map)",
+                code="model_version_mismatch",
+                param="model",
+            ) from None
         dimension = info.manifest.contract.dimension
         mapped = dimension if mapping is None else mapping.shape[1]
         if (mapping is not None and mapping.shape[0] != dimension) or mapped != collection.config.dim:
