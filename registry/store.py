@@ -15,6 +15,7 @@ import logging
 import re
 import shutil
 import tempfile
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,10 @@ class RegisteredModelSummary:
 
 def _mlflow_error_code(exc: Exception) -> str | None:
     return getattr(exc, "error_code", None)
+
+
+# Alias moves in this process, one at a time: a require_compatible check and its move are one step.
+_ALIAS_MOVES = threading.Lock()
 
 
 class ModelRegistry:
@@ -226,24 +231,29 @@ class ModelRegistry:
     def set_alias(self, name: str, alias: str, version: int | str, require_compatible: bool = False) -> None:
         """Point `alias` at `version`. `require_compatible`: only if that version already holds it, or its
         manifest claims compatibility with the holder (`registry.compat.alias_move`), so collections pinned
-        to the holder stay searchable with the alias; else `IncompatibleVersionError` saying why."""
+        to the holder stay searchable with the alias; else `IncompatibleVersionError` saying why.
+
+        The check and the move hold `_ALIAS_MOVES` (as every alias move and delete in this process does), so
+        another move cannot change the holder between them. Moves from other processes are not covered."""
         validate_name(name)
         validate_alias(alias)
         number = validate_version(version)
         info = self.get_version(name, number)
-        if require_compatible:
-            answer = alias_move(self, info, alias)
-            if not answer.allowed:
-                raise IncompatibleVersionError(
-                    f"{name}@{alias} was not moved to {info.ref}: {answer.reason}. Register a version trained "
-                    "with compatible_with, re-embed the collections, or move the alias without require_compatible"
-                )
-        self._client.set_registered_model_alias(name, alias, str(number))
+        with _ALIAS_MOVES:
+            if require_compatible:
+                answer = alias_move(self, info, alias)
+                if not answer.allowed:
+                    raise IncompatibleVersionError(
+                        f"{name}@{alias} was not moved to {info.ref}: {answer.reason}. Register a version trained "
+                        "with compatible_with, re-embed the collections, or move the alias without require_compatible"
+                    )
+            self._client.set_registered_model_alias(name, alias, str(number))
 
     def delete_alias(self, name: str, alias: str) -> None:
         validate_alias(alias)
         self._require_model(name)
-        self._client.delete_registered_model_alias(name, alias)
+        with _ALIAS_MOVES:
+            self._client.delete_registered_model_alias(name, alias)
 
     # -- reading -----------------------------------------------------------------------
 

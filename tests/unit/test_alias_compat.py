@@ -82,3 +82,26 @@ def test_cli_alias_move_requiring_compatibility(tmp_path, tiny_model_dir):
     assert "tiny/2 is not registered compatible with tiny/1" in refused.output
     moved = runner.invoke(app, ["models", "alias", "tiny", "production", "2", "--data-dir", data], env=env)
     assert moved.exit_code == 0 and "tiny@production -> tiny/2" in moved.output
+
+
+def test_a_move_arriving_during_a_require_compatible_check_waits_for_it(registry, monkeypatch):
+    """The check and the move are one step: a plain move to m/3 that arrives while m/2's claim on m/1 is
+    being checked lands after m/2, instead of slipping in and leaving m/2 (not compatible with m/3) over
+    collections pinned to m/3."""
+    import threading
+
+    import registry.store as store
+
+    real = store.alias_move
+    other = threading.Thread(target=registry.set_alias, args=("m", "production", 3))
+
+    def check_while_another_move_arrives(*args, **kwargs):
+        answer = real(*args, **kwargs)
+        other.start()
+        other.join(timeout=2)  # it can only finish here if it did not wait for this move
+        return answer
+
+    monkeypatch.setattr(store, "alias_move", check_while_another_move_arrives)
+    registry.set_alias("m", "production", 2, require_compatible=True)
+    other.join()
+    assert registry.aliases("m") == {"production": 3}
