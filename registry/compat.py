@@ -51,12 +51,34 @@ def query_compat(query_ref: str, query_manifest: Manifest, pinned_ref: str, pinn
 def alias_move(registry: ModelRegistry, new: ModelVersionInfo, alias: str) -> QueryCompat:
     """May `alias` of `new`'s model move to `new` and keep every collection pinned to its holder searchable
     through the alias? Yes when nothing holds it yet, when `new` holds it, or when `new`'s queries may search
-    the holder's vectors (`query_compat`)."""
+    the holder's vectors (`query_compat`) through a usable map (if any) that reaches the holder's dimension."""
     try:
         holder = registry.resolve(ModelRef(new.name, alias=alias))
     except VersionNotFoundError:
         return QueryCompat(True, None, f"no version holds {new.name}@{alias} yet")
-    return query_compat(new.ref, new.manifest, holder.ref, holder.manifest.lineage.weights_sha256)
+    answer = query_compat(new.ref, new.manifest, holder.ref, holder.manifest.lineage.weights_sha256)
+    if not answer.allowed or answer.record is None:
+        return answer
+    problem = _fit_problem(new, holder.manifest.contract.dimension, answer.record)
+    return answer if problem is None else QueryCompat(False, answer.record, problem)
+
+
+def _fit_problem(new: ModelVersionInfo, old_dimension: int, record: Compatibility) -> str | None:
+    """Why `new`'s queries, through `record`'s map, cannot meet `old_dimension`-wide vectors (None: they can):
+    the search would refuse them, so the alias must not move on the claim alone."""
+    try:
+        mapping = load_map(new.path, record)
+    except UnusableMapError as exc:
+        return f"{new.ref} claims compatibility with {record.ref}, but {exc}"
+    dimension = new.manifest.contract.dimension
+    if mapping is None and dimension != old_dimension:
+        return f"{new.ref}'s {dimension}-dimension vectors do not fit {record.ref}'s {old_dimension} dimensions"
+    if mapping is not None and mapping.shape != (dimension, old_dimension):
+        return (
+            f"{new.ref}'s {mapping.shape[0]}x{mapping.shape[1]} map does not take its {dimension}-dimension vectors "
+            f"to {record.ref}'s {old_dimension} dimensions"
+        )
+    return None
 
 
 def load_map(artifact_dir: Path, record: Compatibility) -> np.ndarray | None:

@@ -31,3 +31,8 @@ class IncompatibleVersionError(RegistryError):
 class UnusableMapError(RegistryError, ValueError):
     """A compatibility record's new -> old map file cannot be used: missing, unreadable, outside the version's
     artifact folder, not a 2-D matrix, or not finite."""
+
+
+class ManifestError(RegistryError, ValueError):
+    """A registered version's manifest cannot be read (not JSON, or not a manifest): the version cannot be
+    used until it is registered again."""

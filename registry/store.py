@@ -21,11 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pydantic import ValidationError
+
 from registry.compat import alias_move
 from registry.errors import (
     IncompatibleVersionError,
     IntegrityError,
     InvalidNameError,
+    ManifestError,
     ModelNotFoundError,
     RegistryError,
     VersionNotFoundError,
@@ -85,6 +88,15 @@ class RegisteredModelSummary:
 
 def _mlflow_error_code(exc: Exception) -> str | None:
     return getattr(exc, "error_code", None)
+
+
+def _manifest_problem(exc: Exception) -> str:
+    """What is wrong with a manifest, in one short line: pydantic's first error with where it is."""
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "the file"
+        return f"{where}: {first['msg']}"[:200]
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
 
 
 # Alias moves in this process, one at a time: a require_compatible check and its move are one step.
@@ -308,7 +320,13 @@ class ModelRegistry:
         if found.source is None:  # every version registered here has one
             raise RegistryError(f"model {name!r} version {number} has no artifact source")
         path = self._local_path(name, number, found.source)
-        manifest = Manifest.read(path)
+        try:
+            manifest = Manifest.read(path)
+        except (OSError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+            reason = _manifest_problem(exc)
+            raise ManifestError(
+                f"{name}/{number}'s manifest cannot be read ({reason}); register the model again or use another version"
+            ) from None
         info = ModelVersionInfo(
             name=name,
             version=number,
@@ -371,7 +389,13 @@ class ModelRegistry:
     def list_versions(self, name: str) -> list[ModelVersionInfo]:
         self._require_model(name)
         versions = self._client.search_model_versions(f"name='{name}'")
-        return [self.get_version(name, n) for n in sorted(int(v.version) for v in versions)]
+        found = []
+        for number in sorted(int(v.version) for v in versions):
+            try:
+                found.append(self.get_version(name, number))
+            except ManifestError as exc:  # one unreadable version: left out (logged), not the whole listing
+                logger.warning("%s", exc)
+        return found
 
     # -- optimised variants (derived from a version, kept beside it) -----------------------
 

@@ -73,6 +73,12 @@ def running(tmp_path_factory, tiny_model_dir) -> Iterator[tuple[RunningServer, d
     refs["climbing"] = registry.register(
         "cm", tiny_model_dir, Manifest(contract=contract, trained=True, compatible_with=[record])
     ).ref
+    from registry.manifest import MANIFEST_FILE
+
+    for label, text in {"not-json": "{", "bad-claims": '{"compatible_with": "cm/1"}'}.items():
+        broken = registry.register("cm", tiny_model_dir, Manifest(contract=contract, trained=True))
+        (broken.path / MANIFEST_FILE).write_text(text)
+        refs[label] = broken.ref
     with RunningServer(settings) as server:
         yield server, refs
 
@@ -96,9 +102,10 @@ def search(http, name: str, model: object) -> httpx.Response:
     return http.post(f"/v1/collections/{name}/search", json={"query": {"text": "a cat"}, "k": 3, "model": model})
 
 
-@pytest.mark.parametrize(
-    "label", ["missing", "truncated", "vector", "wide", "tall", "nan", "garbage", "cube", "absolute", "climbing"]
-)
+UNUSABLE = ["missing", "truncated", "vector", "wide", "tall", "nan", "garbage", "cube", "absolute", "climbing"]
+
+
+@pytest.mark.parametrize("label", UNUSABLE)
 def test_an_unusable_map_is_a_409_naming_the_pinned_version(http, running, collection, label):
     ref = running[1][label]
     answer = search(http, collection, ref)
@@ -128,3 +135,38 @@ def test_an_unusable_map_is_a_409_naming_the_pinned_version(http, running, colle
 def test_garbage_model_references_are_client_errors(http, collection, model, status):
     answer = search(http, collection, model)
     assert answer.status_code == status, answer.text
+
+
+@pytest.mark.parametrize("label", ["not-json", "bad-claims"])
+def test_a_version_whose_manifest_cannot_be_read_is_a_409_naming_it(http, running, collection, label):
+    ref = running[1][label]
+    for answer in (
+        search(http, collection, ref),
+        http.post("/v1/embeddings", json={"model": ref, "input": ["a cat"]}),
+    ):
+        assert answer.status_code == 409, answer.text
+        assert answer.json()["error"]["code"] == "model_manifest_unreadable"
+        assert f"{ref}'s manifest cannot be read" in answer.json()["error"]["message"]
+    info = http.get(f"/v1/collections/{collection}")  # the same connection still answers; the scan skips it
+    assert info.status_code == 200, info.text
+    assert ref not in [m["model"] for m in info.json()["compatible_models"]]
+
+
+def test_the_versions_listing_leaves_out_unreadable_manifests(http, running):
+    answer = http.get("/v1/models/cm/versions")
+    assert answer.status_code == 200, answer.text
+    listed = {version["ref"] for version in answer.json()["data"]}
+    assert "cm/1" in listed and running[1]["nan"] in listed
+    assert not listed & {running[1]["not-json"], running[1]["bad-claims"]}
+
+
+@pytest.mark.parametrize("label", UNUSABLE)
+def test_a_require_compatible_move_to_a_version_with_an_unusable_map_is_refused(http, running, label):
+    assert http.put("/v1/models/cm/aliases/hostile", json={"version": 1}).status_code == 200
+    ref = running[1][label]
+    body = {"version": int(ref.split("/")[1]), "require_compatible": True}
+    answer = http.put("/v1/models/cm/aliases/hostile", json=body)
+    assert answer.status_code == 409, answer.text
+    assert answer.json()["error"]["code"] == "alias_move_refused"
+    assert ref in answer.json()["error"]["message"]
+    assert http.get("/v1/models/cm/aliases").json()["hostile"] == 1
