@@ -41,6 +41,7 @@ from jobs.records import (
 )
 from jobs.sse import encode_event
 from jobs.store import JobStore
+from registry.errors import ManifestError
 from service.deps import StateDep, require_json
 from service.errors import ApiError
 from service.schemas import RequestBody
@@ -131,7 +132,7 @@ def _base_model_problems(base: str, state: ServiceState, allow_local: bool, fiel
         return []
     try:
         state.registry.resolve(parsed)
-    except LookupError as exc:
+    except (LookupError, ManifestError) as exc:
         return [f"{field}: {exc}"]
     return []
 
