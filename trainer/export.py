@@ -12,7 +12,7 @@ from typing import Any
 
 from encoders.encoder import describe
 from encoders.provenance import code_version, library_versions
-from registry.errors import IncompatibleVersionError
+from registry.errors import IncompatibleVersionError, ManifestError
 from registry.manifest import Compatibility, Interpolation, Lineage, Manifest
 from registry.store import ModelRegistry, ModelVersionInfo
 from trainer.config import TrainConfig
@@ -142,7 +142,7 @@ def move_alias(
     not registered compatible with the alias's holder is not promoted, and the promotion says why."""
     try:
         registry.set_alias(info.name, promotion.alias, info.version, require_compatible=require_compatible)
-    except IncompatibleVersionError as exc:
+    except (IncompatibleVersionError, ManifestError) as exc:  # ManifestError: the holder's claim cannot be checked
         logger.info("promotion of %s@%s refused: %s", info.name, promotion.alias, exc)
         return dataclasses.replace(promotion, promoted=False, reason=f"{promotion.reason}; refused: {exc}")
     return promotion

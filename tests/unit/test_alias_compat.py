@@ -61,6 +61,20 @@ def test_promotion_requiring_compatibility_is_refused_with_the_reason(registry):
     assert moved == rule_passed and registry.aliases("m") == {"production": 2}
 
 
+def test_promotion_requiring_compatibility_with_an_unreadable_holder_is_refused(registry):
+    """The holder's manifest cannot be read, so the claim cannot be checked: the run's version stays
+    registered and unpromoted, saying why, instead of the job failing after training."""
+    from registry.manifest import MANIFEST_FILE
+    from trainer.export import Promotion, move_alias
+
+    (registry.get_version("m", 1).path / MANIFEST_FILE).write_text("{")
+    rule_passed = Promotion("production", "sts/spearman", 0.5, 0.6, True, "sts/spearman improved")
+    refused = move_alias(registry, registry.get_version("m", 2), rule_passed, require_compatible=True)
+    assert not refused.promoted
+    assert "m/1's manifest cannot be read" in refused.reason
+    assert registry.get_version("m", 2).aliases == ()
+
+
 def test_promote_spec_reads_require_compatible():
     from trainer.config import PromoteSpec
 
