@@ -39,7 +39,7 @@ def _bad_maps(dim: int) -> dict[str, object]:
 @pytest.fixture(scope="module")
 def running(tmp_path_factory, tiny_model_dir) -> Iterator[tuple[RunningServer, dict[str, str]]]:
     from encoders.encoder import describe, load_sentence_transformer
-    from registry.manifest import Compatibility, Manifest
+    from registry.manifest import MANIFEST_FILE, Compatibility, Manifest
     from service.state import open_registry
 
     settings = make_settings(
@@ -73,8 +73,12 @@ def running(tmp_path_factory, tiny_model_dir) -> Iterator[tuple[RunningServer, d
     refs["climbing"] = registry.register(
         "cm", tiny_model_dir, Manifest(contract=contract, trained=True, compatible_with=[record])
     ).ref
-    from registry.manifest import MANIFEST_FILE
-
+    # no map, and a contract of another width than cm/1's (as a compatible model of another size would have)
+    narrow = contract.model_copy(update={"dimension": contract.dimension // 2})
+    record = Compatibility(ref="cm/1", weights_sha256=v1.manifest.lineage.weights_sha256)
+    refs["narrow"] = registry.register(
+        "cm", tiny_model_dir, Manifest(contract=narrow, trained=True, compatible_with=[record])
+    ).ref
     for label, text in {"not-json": "{", "bad-claims": '{"compatible_with": "cm/1"}'}.items():
         broken = registry.register("cm", tiny_model_dir, Manifest(contract=contract, trained=True))
         (broken.path / MANIFEST_FILE).write_text(text)
@@ -102,7 +106,19 @@ def search(http, name: str, model: object) -> httpx.Response:
     return http.post(f"/v1/collections/{name}/search", json={"query": {"text": "a cat"}, "k": 3, "model": model})
 
 
-UNUSABLE = ["missing", "truncated", "vector", "wide", "tall", "nan", "garbage", "cube", "absolute", "climbing"]
+UNUSABLE = [
+    "missing",
+    "truncated",
+    "vector",
+    "wide",
+    "tall",
+    "nan",
+    "garbage",
+    "cube",
+    "absolute",
+    "climbing",
+    "narrow",
+]
 
 
 @pytest.mark.parametrize("label", UNUSABLE)
