@@ -290,10 +290,12 @@ class Batcher:
             self.metrics.queue_depth.labels(self.name).set(self._pending)
             self._cond.notify()
         results = await asyncio.gather(*(i.future for i in items), return_exceptions=True)
+        vectors: list[np.ndarray] = []
         for index, result in enumerate(results):
             if isinstance(result, BaseException):
                 raise ItemError(index, result)
-        return np.stack(results)
+            vectors.append(result)
+        return np.stack(vectors)
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._cond:

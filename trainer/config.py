@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import ErrorDetails
 
-from trainer.auto_recipe import MAX_EPOCHS as AUTO_MAX_EPOCHS
+from trainer import auto_recipe
 from trainer.tables import clip
 
 DatasetKind = Literal["pairs", "triplets", "graded", "texts", "multi_positive"]
@@ -42,6 +42,9 @@ LOSSES_FOR_KIND: dict[str, tuple[str, ...]] = {
 }
 CACHED_LOSSES = ("infonce", "moco")
 MAX_QUEUE = 262_144  # 2 queues x 262k x 1024-d float32 = 2 GiB: the most any caller may ask for
+
+# The most `epochs: auto` may choose: what the jobs API counts an auto run as against its epoch limit.
+AUTO_MAX_EPOCHS = auto_recipe.MAX_EPOCHS
 
 
 class ConfigError(ValueError):
