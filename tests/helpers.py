@@ -56,6 +56,33 @@ def tiny_run_config(workspace: Path, model_dir: Path, settings: dict[str, Any]):
     return parse_config(data, workspace)
 
 
+def register_trained(registry, name: str, folder: Path, claims=(), aliases: tuple[str, ...] = ()):
+    """Register `folder` as a trained version of `name`, its contract read from the model itself;
+    `claims` are `Compatibility` records for the manifest's `compatible_with`."""
+    from encoders.encoder import describe, load_sentence_transformer
+    from registry.manifest import Manifest
+
+    manifest = Manifest(
+        contract=describe(load_sentence_transformer(folder)), trained=True, compatible_with=list(claims)
+    )
+    return registry.register(name, folder, manifest, aliases=aliases)
+
+
+def perturbed_copy(model_dir: Path, out: Path, seed: int) -> Path:
+    """`model_dir`'s model with noise added to every weight, saved to `out`: the same contract
+    (dimension, tokenizer), other vectors."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    torch.manual_seed(seed)
+    model = SentenceTransformer(str(model_dir), device="cpu")
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    model.save(str(out))
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

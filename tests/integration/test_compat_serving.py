@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.helpers import RunningServer
+from tests.helpers import RunningServer, perturbed_copy, register_trained
 from tests.integration.backends import backend_settings, serving
 
 TEXTS = {
@@ -33,29 +33,13 @@ METRICS = {"sts-dev/new-old/spearman": 61.5, "sts-dev/old-old/spearman": 60.0}
 @pytest.fixture(scope="module")
 def v2_dir(tmp_path_factory, tiny_model_dir) -> Path:
     """The tiny model's shape with other weights, and a random orthogonal new -> old map beside them."""
-    import torch
     from sentence_transformers import SentenceTransformer
 
-    torch.manual_seed(4321)
-    model = SentenceTransformer(str(tiny_model_dir), device="cpu")
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn_like(parameter))
-    out = tmp_path_factory.mktemp("compat-v2") / "model"
-    model.save(str(out))
-    dim = model.get_embedding_dimension()
+    out = perturbed_copy(tiny_model_dir, tmp_path_factory.mktemp("compat-v2") / "model", seed=4321)
+    dim = SentenceTransformer(str(out), device="cpu").get_embedding_dimension()
     rotation, _ = np.linalg.qr(np.random.default_rng(7).normal(size=(dim, dim)))
     np.save(out / MAP_FILE, rotation.astype(np.float32))
     return out
-
-
-def register(registry, name: str, folder: Path, claims=(), aliases: tuple[str, ...] = ()):
-    from encoders.encoder import describe, load_sentence_transformer
-    from registry.manifest import Manifest
-
-    contract = describe(load_sentence_transformer(folder))
-    manifest = Manifest(contract=contract, trained=True, compatible_with=list(claims))
-    return registry.register(name, folder, manifest, aliases=aliases)
 
 
 def claim(ref: str, sha: str | None, map_file: str | None = MAP_FILE):
@@ -81,16 +65,16 @@ def running(request, backend, tmp_path_factory, tiny_model_dir, v2_dir) -> Itera
         milvus_timeout_seconds=5.0,
     )
     registry = open_registry(settings)
-    v1 = register(registry, "cm", tiny_model_dir, aliases=("production",))
+    v1 = register_trained(registry, "cm", tiny_model_dir, aliases=("production",))
     sha = v1.manifest.lineage.weights_sha256
     assert sha
-    register(registry, "cm", v2_dir, [claim("cm/1", sha)])
-    register(registry, "cm", v2_dir)
-    register(registry, "cm", v2_dir, [claim("cm/1", "0" * 64)])
-    register(registry, "al", tiny_model_dir, aliases=("production",))
-    register(registry, "al", v2_dir, [claim("al/1", sha)])
-    register(registry, "al", v2_dir)
-    unreadable = register(registry, "zz", tiny_model_dir)
+    register_trained(registry, "cm", v2_dir, [claim("cm/1", sha)])
+    register_trained(registry, "cm", v2_dir)
+    register_trained(registry, "cm", v2_dir, [claim("cm/1", "0" * 64)])
+    register_trained(registry, "al", tiny_model_dir, aliases=("production",))
+    register_trained(registry, "al", v2_dir, [claim("al/1", sha)])
+    register_trained(registry, "al", v2_dir)
+    unreadable = register_trained(registry, "zz", tiny_model_dir)
     (unreadable.path / MANIFEST_FILE).write_text("{")  # the registry scan leaves it out instead of failing
     with serving(backend, settings) as server:
         yield server

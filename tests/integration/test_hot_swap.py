@@ -11,18 +11,10 @@ from pathlib import Path
 
 import httpx
 
-from tests.helpers import RunningServer, make_settings
+from tests.helpers import RunningServer, make_settings, register_trained
 
 CLIENTS = 4
 DEADLINE_SECONDS = 180  # a guard against hanging, not a performance assertion
-
-
-def register(registry, name: str, folder: Path, aliases: tuple[str, ...] = ()):
-    from encoders.encoder import describe, load_sentence_transformer
-    from registry.manifest import Manifest
-
-    manifest = Manifest(contract=describe(load_sentence_transformer(folder)), trained=True)
-    return registry.register(name, folder, manifest, aliases=aliases)
 
 
 def serve(tmp_path: Path, model: str):
@@ -77,8 +69,8 @@ class Hammer:
 def test_alias_move_under_load_fails_no_request(tmp_path, tiny_model_dir, caplog):
     caplog.set_level(logging.INFO, logger="service.model_pool")
     settings, registry = serve(tmp_path, "hot")
-    register(registry, "hot", tiny_model_dir, aliases=("production",))
-    register(registry, "hot", tiny_model_dir)
+    register_trained(registry, "hot", tiny_model_dir, aliases=("production",))
+    register_trained(registry, "hot", tiny_model_dir)
     with RunningServer(settings) as running, Hammer(running.url, "hot") as hammer:
         wait_for(lambda: all(len(a) >= 5 for a in hammer.answers), "every client to get answers from hot/1")
         moved = httpx.put(f"{running.url}/v1/models/hot/aliases/production", json={"version": 2})
@@ -100,9 +92,9 @@ def test_alias_move_under_load_fails_no_request(tmp_path, tiny_model_dir, caplog
 def test_incompatible_version_is_refused_and_a_later_move_retries(tmp_path, tiny_model_dir, minilm_path, caplog):
     caplog.set_level(logging.INFO, logger="service.model_pool")
     settings, registry = serve(tmp_path, "mixed")
-    register(registry, "mixed", tiny_model_dir, aliases=("production",))  # 32-d
-    register(registry, "mixed", minilm_path)  # 384-d: another space
-    register(registry, "mixed", tiny_model_dir)  # 32-d again
+    register_trained(registry, "mixed", tiny_model_dir, aliases=("production",))  # 32-d
+    register_trained(registry, "mixed", minilm_path)  # 384-d: another space
+    register_trained(registry, "mixed", tiny_model_dir)  # 32-d again
     failure = 'duet_alias_swap_failures_total{alias="mixed@production",reason="contract"} 1.0'
     with RunningServer(settings) as running, httpx.Client(base_url=running.url, timeout=60) as http:
         assert http.post("/v1/embeddings", json={"model": "mixed", "input": "x"}).json()["model"] == "mixed/1"
@@ -124,8 +116,8 @@ def test_incompatible_version_is_refused_and_a_later_move_retries(tmp_path, tiny
 
 def test_an_alias_never_served_resolves_on_first_use(tmp_path, tiny_model_dir):
     settings, registry = serve(tmp_path, "fresh/1")
-    register(registry, "fresh", tiny_model_dir, aliases=("production",))
-    register(registry, "fresh", tiny_model_dir)
+    register_trained(registry, "fresh", tiny_model_dir, aliases=("production",))
+    register_trained(registry, "fresh", tiny_model_dir)
     with RunningServer(settings) as running, httpx.Client(base_url=running.url, timeout=60) as http:
         registry.set_alias("fresh", "production", 2)
         assert http.post("/v1/embeddings", json={"model": "fresh", "input": "x"}).json()["model"] == "fresh/2"

@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.helpers import RunningServer, cosine
+from tests.helpers import RunningServer, cosine, perturbed_copy, register_trained
 from tests.integration.backends import backend_settings, reembed_leftovers, serving
 
 TEXTS = {
@@ -31,25 +31,7 @@ DEADLINE_SECONDS = 180  # a guard against hanging, not a performance assertion
 @pytest.fixture(scope="module")
 def other_tiny_dir(tmp_path_factory, tiny_model_dir) -> Path:
     """The tiny model's shape with other weights: same contract, different vectors."""
-    import torch
-    from sentence_transformers import SentenceTransformer
-
-    torch.manual_seed(1234)
-    model = SentenceTransformer(str(tiny_model_dir), device="cpu")
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn_like(parameter))
-    out = tmp_path_factory.mktemp("other-tiny") / "model"
-    model.save(str(out))
-    return out
-
-
-def register(registry, name: str, folder: Path, aliases: tuple[str, ...] = ()):
-    from encoders.encoder import describe, load_sentence_transformer
-    from registry.manifest import Manifest
-
-    manifest = Manifest(contract=describe(load_sentence_transformer(folder)), trained=True)
-    return registry.register(name, folder, manifest, aliases=aliases)
+    return perturbed_copy(tiny_model_dir, tmp_path_factory.mktemp("other-tiny") / "model", seed=1234)
 
 
 @pytest.fixture(scope="module")
@@ -68,13 +50,13 @@ def running(request, backend, tmp_path_factory, tiny_model_dir, other_tiny_dir) 
         milvus_timeout_seconds=5.0,
     )
     registry = open_registry(settings)
-    register(registry, "re", tiny_model_dir, aliases=("production",))
-    register(registry, "re", other_tiny_dir)
-    broken = register(registry, "re", tiny_model_dir)
+    register_trained(registry, "re", tiny_model_dir, aliases=("production",))
+    register_trained(registry, "re", other_tiny_dir)
+    broken = register_trained(registry, "re", tiny_model_dir)
     with (broken.path / "modules.json").open("a") as f:
         f.write(" ")  # re/3's files no longer match their registered hash: it will not load
-    register(registry, "plain", tiny_model_dir)  # no production alias: re-embeds default to @latest
-    register(registry, "plain", other_tiny_dir)
+    register_trained(registry, "plain", tiny_model_dir)  # no production alias: re-embeds default to @latest
+    register_trained(registry, "plain", other_tiny_dir)
     with serving(backend, settings) as server:
         yield server
 

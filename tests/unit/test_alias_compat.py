@@ -3,22 +3,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from typer.testing import CliRunner
 
-from tests.helpers import embedded_registry
-
-
-def register(registry, name: str, folder: Path, claims=(), aliases: tuple[str, ...] = ()):
-    from encoders.encoder import describe, load_sentence_transformer
-    from registry.manifest import Manifest
-
-    manifest = Manifest(
-        contract=describe(load_sentence_transformer(folder)), trained=True, compatible_with=list(claims)
-    )
-    return registry.register(name, folder, manifest, aliases=aliases)
+from tests.helpers import embedded_registry, register_trained
 
 
 @pytest.fixture()
@@ -27,11 +15,11 @@ def registry(tmp_path, tiny_model_dir):
     from registry.manifest import Compatibility
 
     registry = embedded_registry(tmp_path / "registry")
-    v1 = register(registry, "m", tiny_model_dir, aliases=("production",))
-    register(
+    v1 = register_trained(registry, "m", tiny_model_dir, aliases=("production",))
+    register_trained(
         registry, "m", tiny_model_dir, [Compatibility(ref="m/1", weights_sha256=v1.manifest.lineage.weights_sha256)]
     )
-    register(registry, "m", tiny_model_dir)
+    register_trained(registry, "m", tiny_model_dir)
     return registry
 
 
