@@ -23,7 +23,6 @@ Steps, all through one fresh `duet serve` (embedded job store, local worker):
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import sys
 import time
@@ -36,7 +35,15 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.jobs_e2e import on_fresh_server, run_job, say, shapes_zip, upload  # noqa: E402
+from bench.jobs_e2e import (  # noqa: E402
+    on_fresh_server,
+    run_job,
+    say,
+    shapes_collection,
+    shapes_datasets,
+    shapes_zip,
+    upload,
+)
 
 TEMPLATES = ("a photo of a {c} {s}", "a {c} {s}", "an image of a {c} {s}")
 METRIC = "synthetic-test/text_to_image/recall@1"
@@ -45,17 +52,7 @@ METRIC = "synthetic-test/text_to_image/recall@1"
 def job_config(folder: str, base: str, *, steps: int, lr: float, freeze: list[str], extra: dict[str, Any]) -> dict:
     return {
         "base_model": base,
-        "train": [{"path": f"{folder}/train.jsonl", "kind": "pairs", "anchor": "text", "positive": "image"}],
-        "eval": [
-            {
-                "path": f"{folder}/test.jsonl",
-                "kind": "pairs",
-                "anchor": "text",
-                "positive": "image",
-                "name": "synthetic-test",
-                "same_content": ["colour", "shape", "size", "position"],
-            }
-        ],
+        **shapes_datasets(folder),
         "loss": {"name": "infonce", "temperature": 0.05},
         "freeze": freeze,
         "batch_size": 64,
@@ -66,21 +63,6 @@ def job_config(folder: str, base: str, *, steps: int, lr: float, freeze: list[st
         "log_every_steps": 5,
         **extra,
     }
-
-
-def build_gallery(api: httpx.Client, work: Path, name: str, model: str) -> None:
-    created = api.post("/v1/collections", json={"name": name, "model": model})
-    say(f"POST /v1/collections name={name} model={model} -> {created.status_code}")
-    created.raise_for_status()
-    rows = [json.loads(line) for line in (work / "synthetic" / "test.jsonl").read_text().splitlines()]
-    for start in range(0, len(rows), 100):
-        items = []
-        for i, row in enumerate(rows[start : start + 100], start):
-            png = (work / "synthetic" / row["image"]).read_bytes()
-            uri = "data:image/png;base64," + base64.b64encode(png).decode()
-            items.append({"id": f"img-{i}", "image": uri, "payload": {k: row[k] for k in ("colour", "shape")}})
-        api.put(f"/v1/collections/{name}/items", json={"items": items}).raise_for_status()
-    say(f"PUT /v1/collections/{name}/items: {len(rows)} held-out test images, embedded by {model}")
 
 
 def precision_at_5(api: httpx.Client, work: Path, collection: str, model: str | None) -> tuple[float, dict | None]:
@@ -121,7 +103,7 @@ def run(api: httpx.Client, work: Path, v1_steps: int, v2_steps: int) -> list[str
     say(f"job {final['state']}: registered {v1}; {METRIC} {final['metrics']['after'].get(METRIC)}")
     checks.append(f"v1 job succeeded: {final['state'] == 'succeeded'}")
 
-    build_gallery(api, work, "gallery", v1)
+    shapes_collection(api, work, "gallery", v1)
     p_v1, pair = precision_at_5(api, work, "gallery", None)
     say(f"v1 queries on the v1 gallery: precision@5 {p_v1:.3f} (pair {pair})")
 
@@ -166,7 +148,7 @@ def run(api: httpx.Client, work: Path, v1_steps: int, v2_steps: int) -> list[str
     holds = p_v2_on_v1 >= p_v1
     checks.append(f"precision@5 of v2 queries on the v1 gallery >= v1's own ({p_v2_on_v1:.3f} >= {p_v1:.3f}): {holds}")
 
-    build_gallery(api, work, "gallery-v2", v2)
+    shapes_collection(api, work, "gallery-v2", v2)
     p_v2, _ = precision_at_5(api, work, "gallery-v2", None)
     say(f"for contrast, v2 on a gallery re-embedded with v2: precision@5 {p_v2:.3f}")
     write = api.put("/v1/collections/gallery/items", json={"model": v2, "items": [{"id": "t", "text": "a red cross"}]})

@@ -180,13 +180,10 @@ def shapes_zip(work: Path) -> Path:
     return archive
 
 
-def task_shapes(api: httpx.Client, work: Path, epochs: int) -> list[str]:
-    checks = []
-    archive = shapes_zip(work)
-    info = upload(api, archive)
-    folder = info["path"].rsplit("/", 1)[0]
-    config = {
-        "base_model": "minilm-dual",
+def shapes_datasets(folder: str) -> dict[str, Any]:
+    """A job's `train` and `eval` for the uploaded shapes set: the eval set holds the held-out
+    colour-shape combinations, scored with same-content images counted as right."""
+    return {
         "train": [{"path": f"{folder}/train.jsonl", "kind": "pairs", "anchor": "text", "positive": "image"}],
         "eval": [
             {
@@ -198,6 +195,35 @@ def task_shapes(api: httpx.Client, work: Path, epochs: int) -> list[str]:
                 "same_content": ["colour", "shape", "size", "position"],
             }
         ],
+    }
+
+
+def shapes_collection(api: httpx.Client, work: Path, name: str, model: str) -> None:
+    """A collection pinned to `model` holding the shapes set's held-out test images, their
+    description as payload."""
+    created = api.post("/v1/collections", json={"name": name, "model": model})
+    say(f"POST /v1/collections name={name} model={model} -> {created.status_code}")
+    created.raise_for_status()
+    rows = [json.loads(line) for line in (work / "synthetic" / "test.jsonl").read_text().splitlines()]
+    for start in range(0, len(rows), 100):
+        items = []
+        for i, row in enumerate(rows[start : start + 100], start):
+            png = (work / "synthetic" / row["image"]).read_bytes()
+            uri = "data:image/png;base64," + base64.b64encode(png).decode()
+            payload = {k: row[k] for k in ("colour", "shape", "size", "position")}
+            items.append({"id": f"img-{i}", "image": uri, "payload": payload})
+        api.put(f"/v1/collections/{name}/items", json={"items": items}).raise_for_status()
+    say(f"PUT /v1/collections/{name}/items: {len(rows)} held-out test images, embedded by {model}")
+
+
+def task_shapes(api: httpx.Client, work: Path, epochs: int) -> list[str]:
+    checks = []
+    archive = shapes_zip(work)
+    info = upload(api, archive)
+    folder = info["path"].rsplit("/", 1)[0]
+    config = {
+        "base_model": "minilm-dual",
+        **shapes_datasets(folder),
         "loss": {"name": "infonce", "temperature": 0.05, "learnable_temperature": True},
         "freeze": ["text"],
         "batch_size": 64,
@@ -225,18 +251,7 @@ def task_shapes(api: httpx.Client, work: Path, epochs: int) -> list[str]:
 
     body = wait_for_model(api, "minilm-dual-shapes", model, "a red cross")
     say(f"POST /v1/embeddings model=minilm-dual-shapes -> answered by {body['model']}")
-    created = api.post("/v1/collections", json={"name": "shapes", "model": model})
-    say(f"POST /v1/collections name=shapes model={model} -> {created.status_code}")
-    rows = [json.loads(line) for line in (work / "synthetic" / "test.jsonl").read_text().splitlines()]
-    for start in range(0, len(rows), 100):
-        items = []
-        for i, row in enumerate(rows[start : start + 100], start):
-            png = (work / "synthetic" / row["image"]).read_bytes()
-            uri = "data:image/png;base64," + base64.b64encode(png).decode()
-            payload = {k: row[k] for k in ("colour", "shape", "size", "position")}
-            items.append({"id": f"img-{i}", "image": uri, "payload": payload})
-        api.put("/v1/collections/shapes/items", json={"items": items}).raise_for_status()
-    say(f"PUT /v1/collections/shapes/items: {len(rows)} held-out test images")
+    shapes_collection(api, work, "shapes", model)
     hits_ok, total = 0, 0
     for colour, shape in [
         tuple(pair) for pair in json.loads((work / "synthetic" / "manifest.json").read_text())["held_out"]
