@@ -59,24 +59,25 @@ def alias_move(registry: ModelRegistry, new: ModelVersionInfo, alias: str) -> Qu
     answer = query_compat(new.ref, new.manifest, holder.ref, holder.manifest.lineage.weights_sha256)
     if not answer.allowed or answer.record is None:
         return answer
-    problem = _fit_problem(new, holder.manifest.contract.dimension, answer.record)
+    # the search would refuse queries whose map is unusable or misses the holder's width: not on the claim alone
+    try:
+        mapping = load_map(new.path, answer.record)
+    except UnusableMapError as exc:
+        return QueryCompat(False, answer.record, f"{new.ref} claims compatibility with {holder.ref}, but {exc}")
+    problem = fit_problem(new, mapping, holder.ref, holder.manifest.contract.dimension)
     return answer if problem is None else QueryCompat(False, answer.record, problem)
 
 
-def _fit_problem(new: ModelVersionInfo, old_dimension: int, record: Compatibility) -> str | None:
-    """Why `new`'s queries, through `record`'s map, cannot meet `old_dimension`-wide vectors (None: they can):
-    the search would refuse them, so the alias must not move on the claim alone."""
-    try:
-        mapping = load_map(new.path, record)
-    except UnusableMapError as exc:
-        return f"{new.ref} claims compatibility with {record.ref}, but {exc}"
+def fit_problem(new: ModelVersionInfo, mapping: np.ndarray | None, old_ref: str, old_dimension: int) -> str | None:
+    """Why `new`'s queries, through `mapping` (None: as they are), cannot meet `old_ref`'s `old_dimension`-wide
+    vectors; None when they can. Both the search and the alias move ask this."""
     dimension = new.manifest.contract.dimension
     if mapping is None and dimension != old_dimension:
-        return f"{new.ref}'s {dimension}-dimension vectors do not fit {record.ref}'s {old_dimension} dimensions"
+        return f"{new.ref}'s {dimension}-dimension vectors do not fit {old_ref}'s {old_dimension} dimensions"
     if mapping is not None and mapping.shape != (dimension, old_dimension):
         return (
             f"{new.ref}'s {mapping.shape[0]}x{mapping.shape[1]} map does not take its {dimension}-dimension vectors "
-            f"to {record.ref}'s {old_dimension} dimensions"
+            f"to {old_ref}'s {old_dimension} dimensions"
         )
     return None
 

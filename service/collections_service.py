@@ -36,7 +36,7 @@ from index.engine import IndexSpec
 from index.errors import BackendUnavailableError, CollectionBusyError, CollectionNotFoundError, InvalidVectorError
 from index.items import HIT_DEFAULT, Hit, StoredItem
 from index.payloads import PayloadLimits, check_payload
-from registry.compat import QueryCompat, load_map, map_queries, query_compat
+from registry.compat import QueryCompat, fit_problem, load_map, map_queries, query_compat
 from registry.errors import RegistryError, UnusableMapError, VersionNotFoundError
 from registry.manifest import Compatibility
 from registry.names import DEFAULT_ALIAS, LATEST
@@ -502,14 +502,11 @@ class CollectionsService:
                 code="model_version_mismatch",
                 param="model",
             ) from None
-        dimension = info.manifest.contract.dimension
-        mapped = dimension if mapping is None else mapping.shape[1]
-        if (mapping is not None and mapping.shape[0] != dimension) or mapped != collection.config.dim:
+        problem = fit_problem(info, mapping, f"collection '{collection.name}'", collection.config.dim)
+        if problem is not None:
             raise ApiError(
                 409,
-                f"{info.ref} claims compatibility with {pinned}, but its {dimension}-dimension vectors"
-                f"{'' if mapping is None else f' through its {mapping.shape[0]}x{mapping.shape[1]} map'} do not fit "
-                f"the collection's {collection.config.dim} dimensions: search with {pinned}",
+                f"{info.ref} claims compatibility with {pinned}, but {problem}: search with {pinned}",
                 code="model_version_mismatch",
                 param="model",
             )
