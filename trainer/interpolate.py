@@ -12,7 +12,7 @@ choice (:func:`sweep`), and the table of the model card (:func:`format_sweep`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -95,6 +95,12 @@ def main_metric(eval_set: EvalSet) -> str:
     return metric_keys(eval_set)[0]
 
 
+def default_metric(promote_metric: str | None, measured: Iterable[str], eval_sets: list[EvalSet]) -> str:
+    """The metric a run optimises when none is named: the promotion metric when the evaluation sets measure
+    it, else the first set's main metric. Picking the best checkpoint and the WiSE-FT target both use it."""
+    return promote_metric if promote_metric in set(measured) else main_metric(eval_sets[0])
+
+
 def target_metric(spec: InterpolateSpec, promote_metric: str | None, eval_sets: list[EvalSet]) -> str | None:
     """The configured target, else the promotion metric when an eval set has it, else the first
     eval set's main metric (None without eval sets). A ValueError names the keys there are."""
@@ -103,9 +109,7 @@ def target_metric(spec: InterpolateSpec, promote_metric: str | None, eval_sets: 
         if spec.metric not in keys:
             raise ValueError(f"interpolate.metric {spec.metric!r} is not measured; use one of: {', '.join(keys)}")
         return spec.metric
-    if promote_metric in keys:
-        return promote_metric
-    return main_metric(eval_sets[0]) if eval_sets else None
+    return default_metric(promote_metric, keys, eval_sets) if eval_sets else None
 
 
 Measure = Callable[[float], AlphaScore]

@@ -36,7 +36,15 @@ from trainer.config import ConfigError, TrainConfig, load_config
 from trainer.data import LoadedData, load_data
 from trainer.evaluation import EvalSet, compare, evaluate, format_table
 from trainer.export import Promotion, register, write_card
-from trainer.interpolate import blend_state_dicts, format_sweep, main_metric, sweep, target_metric, verdict
+from trainer.interpolate import (
+    blend_state_dicts,
+    default_metric,
+    format_sweep,
+    main_metric,
+    sweep,
+    target_metric,
+    verdict,
+)
 from trainer.losses import no_weight_decay_parameter_names
 from trainer.losses_factory import build_loss
 from trainer.mining import add_hard_negatives
@@ -478,14 +486,13 @@ def choose_recipe(run: RunContext, measured: dict[str, float]) -> Recipe:
 def best_metric(config: TrainConfig, eval_sets: list[EvalSet], measured: dict[str, float]) -> str:
     """`best_metric`, else the promotion metric when the evaluation sets measure it, else the
     first set's main metric. A `best_metric` they do not measure is a ConfigError naming those they do."""
-    fallback = main_metric(eval_sets[0])
     if config.best_metric is not None:
         if config.best_metric not in measured:
             known = ", ".join(sorted(measured)) or "none"
             raise ConfigError([f"best_metric {clip(config.best_metric)} is not measured; use one of: {known}"])
         return config.best_metric
     promote = config.output.promote.metric if config.output.promote else None
-    return promote if promote in measured else fallback
+    return default_metric(promote, measured, eval_sets)
 
 
 def evaluate_in_eval_mode(run: RunContext) -> dict[str, float]:
