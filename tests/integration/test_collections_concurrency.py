@@ -21,9 +21,9 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.helpers import RunningServer, make_settings
+from tests.helpers import RunningServer, make_settings, register_trained
 from tests.integration.backends import backend_settings, milvus_generations, serving
-from tests.integration.test_reembed import other_tiny_dir, register  # noqa: F401 - a fixture, and its helper
+from tests.integration.test_reembed import other_tiny_dir  # noqa: F401 - a fixture
 
 DIM = 8
 NAMES = ("k0", "k1", "k2")  # vector-only collections, created and dropped over and over
@@ -46,8 +46,8 @@ def running(request, backend, tmp_path_factory, tiny_model_dir, other_tiny_dir) 
         register_default_models=False,
     )
     registry = open_registry(settings)
-    register(registry, "cc", tiny_model_dir)
-    register(registry, "cc", other_tiny_dir)
+    register_trained(registry, "cc", tiny_model_dir)
+    register_trained(registry, "cc", other_tiny_dir)
     with serving(backend, settings) as server:
         yield server
 

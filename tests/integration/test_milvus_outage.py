@@ -18,9 +18,8 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.helpers import MilvusLiteServer, RunningServer
+from tests.helpers import MilvusLiteServer, RunningServer, register_trained
 from tests.integration.backends import backend_settings, milvus_prefix, serving
-from tests.integration.test_reembed import register
 
 pytestmark = pytest.mark.milvus
 
@@ -108,7 +107,7 @@ def running(request, tmp_path, milvus, tiny_model_dir) -> Iterator[RunningServer
         preload_models=["tiny/1"],
         register_default_models=False,
     )
-    register(open_registry(settings), "tiny", tiny_model_dir)
+    register_trained(open_registry(settings), "tiny", tiny_model_dir)
     with serving("milvus", settings) as server:
         yield server
 
